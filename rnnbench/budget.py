@@ -1,0 +1,69 @@
+"""Parameter counts per cell, and the hidden size that meets a parameter budget.
+
+Chung et al. 2014 (Table 1) count the recurrent layer only:
+    tanh  DH + H² + H,   GRU (reset before)  3(DH + H² + H),   peephole LSTM  4(DH + H² + H) + 3H.
+The "total" convention adds the output layer Linear(H, O) with bias: HO + O.
+"""
+
+from __future__ import annotations
+
+from rnnbench.cells import get_cell
+from rnnbench.errors import RnnbenchError
+
+PRESETS: dict[str, int] = {"music": 20_000, "speech": 168_500}
+"""Chung et al. 2014, Table 1 budgets, recurrent layer only (output layer excluded):
+music ≈20K (tanh 100 units ≈20.1K, GRU 46 ≈20.2K, LSTM 36 ≈19.8K; fits D ≈ 100) and
+speech ≈170K with D = 20 (tanh 400 units 168,400; GRU 227 168,888; peephole LSTM 195 169,065)."""
+
+CONVENTIONS = ("recurrent", "total")
+
+
+def count_params(cell: str, input_size: int, hidden_size: int, num_layers: int = 1) -> int:
+    """Trainable parameters of the recurrent layer only (the Chung Table 1 convention)."""
+    return get_cell(cell).count_params(input_size, hidden_size, num_layers)
+
+
+def param_counts(cell: str, input_size: int, hidden_size: int, output_size: int, num_layers: int = 1) -> dict[str, int]:
+    """{"recurrent": recurrent layer only, "total": plus the output Linear(H, O) with bias, HO + O}."""
+    recurrent = count_params(cell, input_size, hidden_size, num_layers)
+    return {"recurrent": recurrent, "total": recurrent + hidden_size * output_size + output_size}
+
+
+def hidden_size_for_budget(
+    cell: str,
+    input_size: int,
+    budget: int,
+    *,
+    convention: str = "recurrent",
+    output_size: int | None = None,
+    num_layers: int = 1,
+) -> int:
+    """The hidden size whose count (recurrent-only or total) is nearest `budget`; ties go to the smaller."""
+    if convention not in CONVENTIONS:
+        raise RnnbenchError(f"unknown budget convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
+    if convention == "total" and output_size is None:
+        raise RnnbenchError("the 'total' budget convention needs output_size")
+    if num_layers < 1 or input_size < 1:
+        raise RnnbenchError(f"need num_layers >= 1 and input_size >= 1, got {num_layers} and {input_size}")
+
+    def count(h: int) -> int:
+        if convention == "total":
+            return param_counts(cell, input_size, h, output_size, num_layers)["total"]  # type: ignore[arg-type]
+        return count_params(cell, input_size, h, num_layers)
+
+    smallest = count(1)
+    if budget < smallest:
+        raise RnnbenchError(f"budget {budget:,} is below the smallest {cell} model ({smallest:,} parameters at hidden size 1)")
+    if budget == smallest:
+        return 1
+    # count grows with h: find the smallest h with count(h) >= budget by doubling then bisection.
+    lo, hi = 1, 2  # invariant: count(lo) < budget
+    while count(hi) < budget:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count(mid) >= budget:
+            hi = mid
+        else:
+            lo = mid
+    return lo if budget - count(lo) <= count(hi) - budget else hi

@@ -1,0 +1,99 @@
+"""The `rnnbench` command line: train, sweep, report, ui, data, bench.
+
+Typer (on click) parses the command line. Heavy libraries are imported inside each command so that
+`--help` and input errors answer at once. Every RnnbenchError becomes one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from rnnbench.errors import RnnbenchError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Benchmark recurrent cells: train, sweep seed grids, report, all recorded in MLflow.",
+)
+
+OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. model.cell=gru train.lr=1e-3", show_default=False)
+
+
+@app.command()
+def train(
+    spec: Path = typer.Argument(..., help="YAML run spec (see experiments/)"),
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Train one configuration and record it as an MLflow run."""
+    from rnnbench.config import load_config
+
+    config = load_config(spec, overrides or [])
+    from rnnbench.train import train as run_training
+    from rnnbench.tracking import resolve_tracking_uri
+
+    result = run_training(config)
+    uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    if result.status != "FINISHED":
+        typer.echo(f"run {result.run_id} FAILED: {result.reason}", err=True)
+        raise typer.Exit(1)
+    shown = {k: v for k, v in result.metrics.items() if k.startswith("test_") or k in ("best_epoch", "seconds_per_epoch")}
+    typer.echo(f"run {result.run_id} FINISHED in {uri}")
+    for k, v in sorted(shown.items()):
+        typer.echo(f"  {k:24s} {v:.6g}")
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, help="port to serve on"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; the default keeps it on this machine"),
+    tracking_uri: Optional[str] = typer.Option(None, help="store to browse (default: $MLFLOW_TRACKING_URI or ./mlflow.db)"),
+) -> None:
+    """Serve the MLflow UI for the same store the runs go to."""
+    import os
+
+    from rnnbench.tracking import check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    typer.echo(f"MLflow UI for {uri} on http://{host}:{port}")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    os.execv(sys.executable, cmd)
+
+
+def _mount_optional() -> None:
+    """Sub-commands that live in their own modules (each added by one line)."""
+    try:
+        from rnnbench.datasets.cli import data_app
+
+        app.add_typer(data_app, name="data", help="Fetch, verify and describe the datasets.")
+    except ImportError:  # pragma: no cover
+        pass
+    for module, name in (("rnnbench.sweep.cli", "sweep"), ("rnnbench.analysis.cli", "report"), ("rnnbench.bench", "bench")):
+        try:
+            mod = __import__(module, fromlist=["command"])
+        except ImportError:  # pragma: no cover
+            continue
+        app.command(name=name)(mod.command)
+
+
+_mount_optional()
+
+
+def main() -> None:
+    try:
+        app()
+    except RnnbenchError as e:
+        typer.echo(f"rnnbench: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("rnnbench: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

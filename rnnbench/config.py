@@ -1,0 +1,212 @@
+"""Typed run configuration: YAML spec + `key=value` overrides -> one validated `Config`.
+
+pydantic does the checking (unknown keys, wrong types, out-of-range values) so each mistake comes
+back as one line naming the key. The task block is validated by the chosen task's own options
+class, so `task.seq_len` is known to `copy` and unknown to `jsb`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+
+from rnnbench.errors import RnnbenchError
+
+BUDGET_PRESETS = {"music": 20_000, "speech": 168_500}  # Chung et al. 2014 Table 1 (≈20K, ≈169K)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    cell: str = "lstm"
+    hidden_size: int | None = Field(None, ge=1, description="units per layer; or give a budget")
+    budget: int | Literal["music", "speech"] | None = Field(
+        None, description="parameter budget (or a Chung 2014 preset); picks hidden_size"
+    )
+    budget_convention: Literal["recurrent", "total"] = "recurrent"  # recurrent: Chung Table 1
+    num_layers: int = Field(1, ge=1)
+    forget_bias: float = 1.0  # LSTMs only (Jozefowicz et al. 2015)
+    init: Literal["default", "uniform"] = "default"  # uniform: U(-init_scale, init_scale), Chung's code
+    init_scale: float = Field(0.1, gt=0)
+
+    @model_validator(mode="after")
+    def _size_given(self) -> "ModelConfig":
+        if self.hidden_size is None and self.budget is None:
+            raise ValueError("set model.hidden_size or model.budget")
+        return self
+
+
+class TrainConfig(_Strict):
+    seed: int = Field(0, ge=0)
+    optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    rmsprop_alpha: float = Field(0.99, gt=0, lt=1)  # the squared-gradient averaging constant
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    max_epochs: int = Field(100, ge=1)
+    max_steps: int = Field(-1, ge=-1, description="-1: no limit")
+    limit_train_batches: int | None = Field(None, ge=1)
+    limit_eval_batches: int | None = Field(None, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0, description="rescale the gradient norm to this; null: off")
+    weight_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on the recurrent weights")
+    early_stopping_patience: int | None = Field(10, ge=1, description="epochs; null: off")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["32", "64"] = "32"
+    progress_bar: bool = True
+
+
+class TrackingConfig(_Strict):
+    experiment: str = "rnnbench"
+    run_name: str | None = None
+    tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+    checkpoint_dir: str = "rnnbench_runs"
+
+
+class Config(_Strict):
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(hidden_size=32))
+    task: SerializeAsAny[Any] = None  # a TaskOptions subclass, chosen by task.name
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        """Validate a nested dict; raises RnnbenchError with one line naming the first bad key."""
+        from rnnbench.cells import CELLS
+        from rnnbench.tasks import get_task
+
+        if not isinstance(raw, dict):
+            raise RnnbenchError("config must be a mapping of sections (model, task, train, tracking)")
+        raw = dict(raw)
+        task_raw = raw.get("task") or {"name": "copy"}
+        if isinstance(task_raw, str):
+            task_raw = {"name": task_raw}
+        if not isinstance(task_raw, dict) or "name" not in task_raw:
+            raise RnnbenchError("task: needs a name, e.g. task: {name: copy}")
+        options_cls = get_task(str(task_raw["name"])).Options
+        try:
+            raw["task"] = options_cls.model_validate(task_raw)
+            config = cls.model_validate(raw)
+        except ValidationError as e:
+            raise RnnbenchError(_one_line(e, prefix="task" if not isinstance(raw["task"], BaseModel) else "")) from None
+        if config.model.cell not in CELLS:
+            raise RnnbenchError(f"unknown cell {config.model.cell!r}; valid cells: {', '.join(sorted(CELLS))}")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """{'model.cell': 'lstm', 'train.lr': 0.001, ...}: the form logged as MLflow params."""
+        return flatten(self.to_dict())
+
+    def config_hash(self, exclude: tuple[str, ...] = ("tracking",)) -> str:
+        """Stable id of what determines a run's numbers (tracking settings left out)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _one_line(e: ValidationError, prefix: str = "") -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(err["loc"]))
+    if err["type"] == "extra_forbidden":
+        return f"unknown config key {loc!r}" + _suggest(e, err)
+    if err["type"] == "missing":
+        return f"missing config key {loc!r}"
+    value = err.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, (dict, BaseModel)) else ""
+    return f"config {loc}: {err['msg']}{shown}" if loc else f"config: {err['msg']}"
+
+
+def _suggest(e: ValidationError, err: dict) -> str:
+    title = e.title
+    name = str(err["loc"][-1])
+    known: list[str] = []
+    for model in (Config, ModelConfig, TrainConfig, TrackingConfig):
+        if model.__name__ == title:
+            known = list(model.model_fields)
+    if not known:  # a task options class
+        from rnnbench.tasks import TASKS
+
+        for t in TASKS.values():
+            if t.Options.__name__ == title:
+                known = list(t.Options.model_fields)
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(known)}" if known else "")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['train.lr=1e-3', 'model.cell=gru'] -> nested dict. Values are read as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise RnnbenchError(f"override {item!r} is not key=value (e.g. train.lr=0.001)")
+        key, _, text = item.partition("=")
+        if not key or any(not part for part in key.split(".")):
+            raise RnnbenchError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError:
+            value = text
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RnnbenchError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A spec file as a dict; one-line errors for a missing file or bad YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise RnnbenchError(f"spec file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RnnbenchError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RnnbenchError(f"{path}: top level must be a mapping")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a run spec and apply overrides. A spec may hold one run or be a sweep spec's `base`."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    return Config.from_dict(raw)

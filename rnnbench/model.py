@@ -1,0 +1,168 @@
+"""One LightningModule for any cell and any task: cell -> Linear head at every step -> task loss.
+
+Metrics of a split are exact: each step returns (sum, count) pairs that are added up over the
+whole split and divided once at the end, so batching and padding never change a reported number.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+
+from rnnbench.budget import param_counts
+from rnnbench.cells import get_cell
+from rnnbench.config import Config
+from rnnbench.tasks.base import Batch, Task
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class SequenceModel(L.LightningModule):
+    def __init__(self, config: Config, task: Task, hidden_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.task = task
+        m = config.model
+        self.rnn = get_cell(m.cell)(task.input_size, hidden_size, num_layers=m.num_layers, forget_bias=m.forget_bias)
+        self.head = nn.Linear(hidden_size, task.output_size)
+        if m.init == "uniform":
+            self.rnn.init_uniform_(m.init_scale)
+            nn.init.uniform_(self.head.weight, -m.init_scale, m.init_scale)
+            nn.init.zeros_(self.head.bias)
+        self.counts = param_counts(m.cell, task.input_size, hidden_size, task.output_size, m.num_layers)
+        self.eval_prefix = "val"
+        self._sums: dict[str, list[torch.Tensor]] = defaultdict(lambda: [torch.zeros(()), torch.zeros(())])
+        self._noise: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.train_time_steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out)
+
+    # --- training -------------------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self._add_weight_noise()
+        out = self(batch["x"])
+        loss = self.task.loss(out, batch)
+        if not torch.isfinite(loss):
+            self._remove_weight_noise()
+            raise DivergedError(f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}")
+        self._accumulate("train", out.detach(), batch)
+        self.train_time_steps += self.task.time_steps(batch)
+        return loss
+
+    def on_after_backward(self) -> None:
+        # Graves 2011 weight noise: the gradient is taken at the noisy weights, the update applied
+        # to the clean ones. Lightning clips and steps after this hook.
+        self._remove_weight_noise()
+
+    def _add_weight_noise(self) -> None:
+        std = self.config.train.weight_noise
+        if std <= 0:
+            return
+        with torch.no_grad():
+            for p in self.rnn.parameters():
+                if p.requires_grad:
+                    noise = torch.randn_like(p) * std
+                    p.add_(noise)
+                    self._noise.append((p, noise))
+
+    def _remove_weight_noise(self) -> None:
+        with torch.no_grad():
+            for p, noise in self._noise:
+                p.sub_(noise)
+        self._noise.clear()
+
+    # --- evaluation (validation during fit; any split afterwards via eval_prefix) ----------------
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._accumulate(self.eval_prefix, self(batch["x"]), batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            # Lightning validates before on_train_epoch_end: log this epoch's train metrics here
+            # so both reach the epoch's record together.
+            self._log_split("train")
+        self._log_split(self.eval_prefix)
+
+    def _accumulate(self, split: str, out: torch.Tensor, batch: Batch) -> None:
+        for name, (s, n) in self.task.metric_sums(out, batch).items():
+            acc = self._sums[f"{split}_{name}"]
+            acc[0] = acc[0] + s.detach().double().cpu()
+            acc[1] = acc[1] + torch.as_tensor(n).double().cpu()
+
+    def _log_split(self, split: str) -> None:
+        values = {}
+        for key in [k for k in self._sums if k.startswith(split + "_")]:
+            s, n = self._sums.pop(key)
+            values[key] = (s / n).item() if n > 0 else math.nan
+        task_split = {"final_train": "train", "final_val": "val"}.get(split, split)
+        for name, value in self.task.baselines(task_split).items():
+            values[f"{split}_{name}"] = value
+        for key, value in values.items():
+            self.log(key, value, on_step=False, on_epoch=True, prog_bar=key.endswith(self.task.primary_metric))
+
+    # --- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        t = self.config.train
+        params = [p for p in self.parameters() if p.requires_grad]
+        if t.optimizer == "adam":
+            return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        if t.optimizer == "rmsprop":
+            return torch.optim.RMSprop(params, lr=t.lr, alpha=t.rmsprop_alpha, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+class EpochRecorder(Callback):
+    """One MLflow write per epoch, step = epoch (per-step logging slows the MLflow UI), plus timings."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self.epochs = 0
+        self.train_seconds = 0.0  # time inside training batches only
+        self.epoch_seconds: list[float] = []
+        self.history: list[dict[str, float]] = []
+        self._t0 = self._b0 = 0.0
+        self._fit_t0 = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._b0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.train_seconds += time.perf_counter() - self._b0
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        from mlflow.entities import Metric
+
+        self.epochs += 1
+        seconds = time.perf_counter() - self._t0
+        self.epoch_seconds.append(seconds)
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train_", "val_"))}
+        values.update(epoch_seconds=seconds, wall_seconds=time.perf_counter() - self._fit_t0)
+        self.history.append(values)
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, trainer.current_epoch) for k, v in values.items()])
+
+    def best_epoch(self, monitor: str) -> int:
+        scores = [h.get(monitor, float("inf")) for h in self.history]
+        return min(range(len(scores)), key=scores.__getitem__) if scores else -1
+
+    def seconds_per_epoch(self) -> float:
+        return sum(self.epoch_seconds) / len(self.epoch_seconds) if self.epoch_seconds else float("nan")
+
+    def seconds_to(self, epoch: int) -> float:
+        return self.history[epoch]["wall_seconds"] if 0 <= epoch < len(self.history) else float("nan")

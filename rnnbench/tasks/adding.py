@@ -1,0 +1,71 @@
+"""Adding problem (Hochreiter & Schmidhuber 1997; the form of Le et al. 2015 and Arjovsky et al. 2016).
+
+Two input channels over T steps: values drawn from U(0, 1), and a marker channel with exactly two
+ones, one uniform in each half. The target is the sum of the two marked values, read at the last
+step; loss is the mean squared error. Always predicting 1 scores Var(a + b) = 1/6 ≈ 0.167.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch.utils.data import TensorDataset
+
+from rnnbench.tasks import register_task
+from rnnbench.tasks.base import Batch, Task, TaskOptions
+
+
+class AddingOptions(TaskOptions):
+    name: str = "adding"
+    seq_len: int = Field(100, ge=2, description="T: sequence length")
+    n_train: int = Field(10_000, ge=1)
+    n_val: int = Field(1_000, ge=1)
+    n_test: int = Field(1_000, ge=1)
+
+
+def make_adding(n: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs (n, T, 2), targets (n,))."""
+    values = torch.rand(n, seq_len, generator=generator)
+    half = seq_len // 2
+    first = torch.randint(0, half, (n,), generator=generator)
+    second = torch.randint(half, seq_len, (n,), generator=generator)
+    markers = torch.zeros(n, seq_len)
+    rows = torch.arange(n)
+    markers[rows, first] = 1.0
+    markers[rows, second] = 1.0
+    target = values[rows, first] + values[rows, second]
+    return torch.stack([values, markers], dim=-1), target
+
+
+@register_task
+class AddingTask(Task):
+    name = "adding"
+    Options = AddingOptions
+    primary_metric = "mse"
+    input_size = 2
+    output_size = 1
+
+    def datasets(self) -> dict[str, TensorDataset]:
+        o = self.options
+        out = {}
+        for offset, (split, n) in enumerate([("train", o.n_train), ("val", o.n_val), ("test", o.n_test)]):
+            g = torch.Generator().manual_seed(self.seed * 1000 + offset)
+            out[split] = TensorDataset(*make_adding(n, o.seq_len, g))
+        return out
+
+    def collate(self, items: list) -> Batch:
+        return {"x": torch.stack([i[0] for i in items]), "y": torch.stack([i[1] for i in items])}
+
+    def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.mse_loss(out[:, -1, 0], batch["y"])
+
+    def metric_sums(self, out: torch.Tensor, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        se = F.mse_loss(out[:, -1, 0], batch["y"], reduction="sum")
+        return {"mse": (se, torch.tensor(float(batch["y"].numel())))}
+
+    def baselines(self, split: str) -> dict[str, float]:
+        return {"mse_baseline": ADDING_BASELINE}
+
+
+ADDING_BASELINE = 1 / 6  # MSE of always predicting 1: Var(U + U) = 2/12

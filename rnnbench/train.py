@@ -1,0 +1,199 @@
+"""Train one configuration and record it in MLflow: the loop every entry point (train, sweep) shares.
+
+A run ends FINISHED, FAILED (with a `failure_reason` tag) or KILLED; a run killed from outside stays
+RUNNING in MLflow with its last checkpoint on disk, and `train(config, run_id=...)` resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rnnbench.config import BUDGET_PRESETS, Config
+from rnnbench.errors import RnnbenchError
+from rnnbench.tracking import git_commit, prepare_store, resolve_tracking_uri
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str  # FINISHED | FAILED
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+
+
+def resolve_hidden_size(config: Config, input_size: int, output_size: int) -> int:
+    """hidden_size as given, or the size whose parameter count is nearest model.budget."""
+    from rnnbench.budget import hidden_size_for_budget
+
+    m = config.model
+    if m.budget is None:
+        assert m.hidden_size is not None
+        return m.hidden_size
+    budget = BUDGET_PRESETS[m.budget] if isinstance(m.budget, str) else m.budget
+    return hidden_size_for_budget(
+        m.cell, input_size, budget, convention=m.budget_convention, output_size=output_size, num_layers=m.num_layers
+    )
+
+
+def _quiet_lightning() -> None:
+    # Lightning's per-start adverts and summaries drown the progress bar.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*TreeSpec.*")
+
+
+def train(
+    config: Config,
+    *,
+    run_id: str | None = None,
+    experiment_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> RunResult:
+    """Train `config`; record params, per-epoch metrics, best-checkpoint test metrics into MLflow."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+    from torch.utils.data import DataLoader
+
+    from rnnbench.model import DivergedError, EpochRecorder, SequenceModel
+    from rnnbench.tasks import get_task
+
+    _quiet_lightning()
+    t_setup = time.perf_counter()
+    uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    experiment_id = experiment_id or prepare_store(uri, config.tracking.experiment)
+    client = MlflowClient(tracking_uri=uri)
+
+    t = config.train
+    task = get_task(config.task.name)(config.task, seed=t.seed)
+    hidden = resolve_hidden_size(config, task.input_size, task.output_size)
+    config = config.model_copy(deep=True)
+    config.model.hidden_size = hidden  # the resolved config is what gets recorded
+
+    use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise RnnbenchError("train.device=cuda but no CUDA device is available")
+    device_name = torch.cuda.get_device_name(0) if use_cuda else "cpu"
+
+    resuming = run_id is not None
+    if run_id is None:
+        run_tags = {
+            "git_commit": git_commit(),
+            "torch_version": torch.__version__,
+            "device": device_name,
+            "cell": config.model.cell,
+            "task": config.task.name,
+            "seed": str(t.seed),
+            "config_hash": config.config_hash(),
+            **(tags or {}),
+        }
+        run = client.create_run(experiment_id, tags=run_tags, run_name=config.tracking.run_name)
+        run_id = run.info.run_id
+    else:
+        client.update_run(run_id, status="RUNNING")
+
+    try:
+        L.seed_everything(t.seed, workers=True, verbose=False)
+        model = SequenceModel(config, task, hidden)
+        if not resuming:
+            params = {**config.flat(), **{f"task.{k}": v for k, v in task.describe().items()}}
+            params.update(n_params_recurrent=model.counts["recurrent"], n_params_total=model.counts["total"])
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            client.log_text(run_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
+
+        data = task.datasets()
+        gen = torch.Generator().manual_seed(t.seed)
+        kw: dict[str, Any] = dict(batch_size=t.batch_size, collate_fn=task.collate)
+        train_loader = DataLoader(data["train"], shuffle=True, generator=gen, drop_last=False, **kw)
+        eval_loaders = {
+            "val": DataLoader(data["val"], **kw),
+            "test": DataLoader(data["test"], **kw),
+            "final_train": DataLoader(data["train"], **kw),
+        }
+
+        ckpt_dir = Path(config.tracking.checkpoint_dir) / run_id
+        monitor = f"val_{task.primary_metric}"
+        callbacks: list[Any] = [
+            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_last=True),
+            EpochRecorder(client, run_id),
+        ]
+        if t.early_stopping_patience is not None:
+            callbacks.append(EarlyStopping(monitor=monitor, mode="min", patience=t.early_stopping_patience))
+        trainer = L.Trainer(
+            accelerator="gpu" if use_cuda else "cpu",
+            devices=1,
+            max_epochs=t.max_epochs,
+            max_steps=t.max_steps,
+            limit_train_batches=t.limit_train_batches,
+            limit_val_batches=t.limit_eval_batches,
+            gradient_clip_val=t.grad_clip,
+            gradient_clip_algorithm="norm",
+            precision="64-true" if t.precision == "64" else "32-true",
+            deterministic=not use_cuda,
+            callbacks=callbacks,
+            logger=False,
+            enable_progress_bar=t.progress_bar,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=str(ckpt_dir),
+        )
+        last = ckpt_dir / "last.ckpt"
+        setup_seconds = time.perf_counter() - t_setup
+        trainer.fit(model, train_loader, eval_loaders["val"], ckpt_path=str(last) if resuming and last.exists() else None)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+
+        # Test (and re-score train and val) with the best-validation checkpoint, as Chung et al.
+        best = callbacks[0].best_model_path or None
+        final: dict[str, float] = {}
+        for split in ("test", "final_val", "final_train"):
+            model.eval_prefix = split
+            loader = eval_loaders["val" if split == "final_val" else split]
+            for results in trainer.validate(model, loader, ckpt_path=best, verbose=False):
+                final.update({k: float(v) for k, v in results.items()})
+        timer = callbacks[1]
+        final.update(
+            epochs=float(timer.epochs),
+            best_epoch=float(timer.best_epoch(monitor)),
+            best_val=float(callbacks[0].best_model_score) if callbacks[0].best_model_score is not None else float("nan"),
+            seconds_per_epoch=timer.seconds_per_epoch(),
+            seconds_to_best=timer.seconds_to(timer.best_epoch(monitor)),
+            time_steps_per_second=model.train_time_steps / max(timer.train_seconds, 1e-9),
+            setup_seconds=setup_seconds,
+            n_params_recurrent=float(model.counts["recurrent"]),
+            n_params_total=float(model.counts["total"]),
+            hidden_size=float(hidden),
+        )
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in final.items()])
+        client.set_terminated(run_id, "FINISHED")
+        return RunResult(run_id, "FINISHED", final)
+    except DivergedError as e:
+        return _fail(client, run_id, str(e), RunTag)
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except RnnbenchError as e:
+        _fail(client, run_id, str(e), RunTag)
+        raise
+    except Exception as e:  # noqa: BLE001 - recorded, then reported to the caller
+        return _fail(client, run_id, f"{type(e).__name__}: {e}".strip(), RunTag)
+
+
+def _fail(client: Any, run_id: str, reason: str, RunTag: Any) -> RunResult:
+    reason = " ".join(reason.split())[:500]
+    client.log_batch(run_id, tags=[RunTag("failure_reason", reason)])
+    client.set_terminated(run_id, "FAILED")
+    return RunResult(run_id, "FAILED", reason=reason)

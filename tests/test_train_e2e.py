@@ -1,0 +1,110 @@
+"""`rnnbench train` end to end: a subprocess per task against a real SQLite store, read back via MLflow."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "rnnbench.cli"]
+TINY = ["model.hidden_size=8", "train.max_epochs=2", "train.batch_size=16", "train.progress_bar=false"]
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(CLI + args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def write_spec(tmp_path: Path, text: str) -> Path:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    return spec
+
+
+@pytest.mark.parametrize(
+    "task, cell, metric, baseline",
+    [
+        ("copy", "lstm", "ce", "ce_baseline"),
+        ("adding", "gru_reset_before", "mse", "mse_baseline"),
+    ],
+)
+def test_train_records_everything(tmp_path: Path, store: str, task: str, cell: str, metric: str, baseline: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    spec = write_spec(tmp_path, f"model: {{cell: {cell}}}\ntask: {{name: {task}, seq_len: 6, n_train: 64, n_val: 32, n_test: 32}}\n")
+    out = run_cli(["train", str(spec), *TINY, "tracking.experiment=e2e"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "FINISHED" in out.stdout
+
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("e2e")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    p, m, tags = run.data.params, run.data.metrics, run.data.tags
+    assert p["model.cell"] == cell and p["task.name"] == task and p["model.hidden_size"] == "8"
+    assert int(p["n_params_recurrent"]) > 0 and int(p["n_params_total"]) > int(p["n_params_recurrent"])
+    for key in (f"test_{metric}", f"test_{baseline}", f"final_train_{metric}", "seconds_per_epoch", "best_epoch"):
+        assert key in m and math.isfinite(m[key]), key
+    if task == "copy":
+        assert 0.0 <= m["test_recall_acc"] <= 1.0
+    history = client.get_metric_history(run.info.run_id, f"val_{metric}")
+    assert [h.step for h in history] == [0, 1]  # one value per epoch
+    assert len(client.get_metric_history(run.info.run_id, f"val_{baseline}")) == 2
+    assert len(client.get_metric_history(run.info.run_id, f"train_{metric}")) == 2
+    assert {"git_commit", "torch_version", "device"} <= set(tags)
+    assert tags["device"] == "cpu" and tags["cell"] == cell
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "config.yaml" in artifacts
+    # artifacts stay beside the store, not in the working directory's ./mlruns
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_same_seed_same_numbers(tmp_path: Path, store: str) -> None:
+    from rnnbench.config import load_config
+    from rnnbench.train import train
+
+    over = ["task.seq_len=5", "task.n_train=32", "task.n_val=16", "task.n_test=16", "model.cell=gru", *TINY]
+    a = train(load_config(None, over))
+    b = train(load_config(None, over))
+    c = train(load_config(None, over + ["train.seed=1"]))
+    assert a.status == b.status == "FINISHED"
+    assert a.metrics["test_ce"] == b.metrics["test_ce"] and a.metrics["final_train_ce"] == b.metrics["final_train_ce"]
+    assert c.metrics["test_ce"] != a.metrics["test_ce"]
+
+
+def test_divergence_ends_run_failed_not_crash(tmp_path: Path, store: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    spec = write_spec(tmp_path, "model: {cell: tanh}\ntask: {name: adding, seq_len: 5, n_train: 64, n_val: 16, n_test: 16}\n")
+    # SGD with an absurd step and no clipping overflows to inf within a few updates.
+    out = run_cli(["train", str(spec), *TINY, "train.optimizer=sgd", "train.lr=1e30", "train.grad_clip=null"], tmp_path)
+    assert out.returncode == 1
+    assert "FAILED" in out.stderr and "Traceback" not in out.stderr
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("rnnbench").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "training loss became" in run.data.tags["failure_reason"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "missing.yaml"], "spec file not found: missing.yaml"),
+        (["train", "spec.yaml", "model.cell=lstmm"], "unknown cell 'lstmm'"),
+        (["train", "spec.yaml", "task.name=nope"], "unknown task 'nope'"),
+        (["train", "spec.yaml", "train.lrr=1"], "unknown config key 'train.lrr'"),
+        (["train", "spec.yaml", "train.max_epochs=zero"], "config train.max_epochs"),
+        (["train", "spec.yaml", "train.batch_size=0"], "config train.batch_size"),
+        (["train", "spec.yaml", "tracking.tracking_uri=http://127.0.0.1:9"], "tracking server http://127.0.0.1:9 is unreachable"),
+    ],
+)
+def test_cli_bad_input_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    write_spec(tmp_path, "model: {cell: lstm, hidden_size: 4}\ntask: {name: copy}\n")
+    out = run_cli(args, tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
