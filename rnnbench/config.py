@@ -27,7 +27,7 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     cell: str = "lstm"
-    hidden_size: int | None = Field(None, ge=1, description="units per layer; or give a budget")
+    hidden_size: int | None = Field(32, ge=1, description="units per layer (a budget, when set, overrides it)")
     budget: int | Literal["music", "speech"] | None = Field(
         None, description="parameter budget (or a Chung 2014 preset); picks hidden_size"
     )
@@ -72,7 +72,7 @@ class TrackingConfig(_Strict):
 
 
 class Config(_Strict):
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig(hidden_size=32))
+    model: ModelConfig = Field(default_factory=ModelConfig)
     task: SerializeAsAny[Any] = None  # a TaskOptions subclass, chosen by task.name
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -89,8 +89,9 @@ class Config(_Strict):
         task_raw = raw.get("task") or {"name": "copy"}
         if isinstance(task_raw, str):
             task_raw = {"name": task_raw}
-        if not isinstance(task_raw, dict) or "name" not in task_raw:
-            raise RnnbenchError("task: needs a name, e.g. task: {name: copy}")
+        if not isinstance(task_raw, dict):
+            raise RnnbenchError("task: must be a mapping, e.g. task: {name: copy, seq_len: 100}")
+        task_raw = {"name": "copy", **task_raw}
         options_cls = get_task(str(task_raw["name"])).Options
         try:
             raw["task"] = options_cls.model_validate(task_raw)
@@ -138,19 +139,16 @@ def _one_line(e: ValidationError, prefix: str = "") -> str:
 
 
 def _suggest(e: ValidationError, err: dict) -> str:
-    title = e.title
-    name = str(err["loc"][-1])
-    known: list[str] = []
-    for model in (Config, ModelConfig, TrainConfig, TrackingConfig):
-        if model.__name__ == title:
-            known = list(model.model_fields)
-    if not known:  # a task options class
-        from rnnbench.tasks import TASKS
+    """'; did you mean ...' from the keys of the section the unknown key was found in."""
+    from rnnbench.tasks import TASKS
 
-        for t in TASKS.values():
-            if t.Options.__name__ == title:
-                known = list(t.Options.model_fields)
-    close = difflib.get_close_matches(name, known, n=1)
+    roots = {m.__name__: m for m in (Config, *(t.Options for t in TASKS.values()))}
+    section: Any = roots.get(e.title)
+    for part in err["loc"][:-1]:  # walk down to the section holding the unknown key
+        field = section.model_fields.get(str(part)) if section is not None else None
+        section = field.annotation if field is not None and isinstance(field.annotation, type) else None
+    known = list(section.model_fields) if section is not None and issubclass(section, BaseModel) else []
+    close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
     return f"; did you mean {close[0]!r}?" if close else (f"; valid keys: {', '.join(known)}" if known else "")
 
 

@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 import pickle
-import shutil
 import socket
 import tarfile
 import threading
@@ -81,7 +80,8 @@ def test_embedded_hashes_match_sha256sums(data_dir: Path) -> None:
     for spec in DATASETS.values():
         for f in spec.files:
             assert sums[f.path] == f.sha256, f.path
-    lines = sorted(line + "\n" for line in (data_dir / "SHA256SUMS").read_text().splitlines() if "/recordings/" in line)
+    # `grep '/recordings/' SHA256SUMS | sha256sum` (SOURCES.md §2a); the file is sorted by path.
+    lines = [line + "\n" for line in (data_dir / "SHA256SUMS").read_text().splitlines() if "/recordings/" in line]
     assert hashlib.sha256("".join(lines).encode()).hexdigest() == DATASETS["fsdd"].archive.manifest_sha256
 
 
@@ -247,8 +247,7 @@ def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             data = (data_dir / f.path).read_bytes()
             dst.write_bytes(_altered(data) if prefix == "altered" else data)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", root
     httpd.shutdown()
     httpd.server_close()
@@ -321,8 +320,8 @@ def _tar_gz(members: dict[str, bytes]) -> bytes:
 @pytest.fixture(scope="module")
 def fsdd_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Serves GitHub-style tag archives of FSDD under /<case>/speech/fsdd/...tar.gz:
-    good (all 3000 wavs + README), truncated (the good one cut short), partial (2 wavs, one altered),
-    unsafe (a `..` member)."""
+    good (all 3000 wavs + README), cut (the good file cut in half), truncated (the good file, but
+    the body stops half-way), partial (2 wavs, one altered), unsafe (a `..` member)."""
     root = tmp_path_factory.mktemp("fsdd-served")
     recordings = data_dir / "speech" / "fsdd" / "recordings"
     wavs = {f"{FSDD_TOP}/recordings/{p.name}": p.read_bytes() for p in sorted(recordings.glob("*.wav"))}
@@ -330,7 +329,8 @@ def fsdd_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     first, second = list(wavs)[:2]
     cases = {
         "good": good,
-        "truncated": good[: len(good) // 2],
+        "cut": good[: len(good) // 2],
+        "truncated": good,
         "partial": _tar_gz({first: wavs[first], second: _altered(wavs[second])}),
         "unsafe": _tar_gz({f"{FSDD_TOP}/recordings/../../evil.wav": b"RIFF"}),
     }
@@ -339,7 +339,7 @@ def fsdd_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         path.parent.mkdir(parents=True)
         path.write_bytes(data)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
@@ -356,7 +356,8 @@ def test_fsdd_archive_download(fsdd_server: str, cache: Path) -> None:
 @pytest.mark.parametrize(
     ("case", "problem"),
     [
-        ("truncated", "archive is not a readable .tar.gz"),
+        ("cut", "not a readable .tar.gz"),
+        ("truncated", "download truncated"),
         ("partial", "contents do not match the manifest (2 .wav files, expected 3000"),
         ("unsafe", "unsafe member path"),
         ("missing", "HTTP error 404"),

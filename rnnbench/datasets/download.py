@@ -24,9 +24,13 @@ import tempfile
 import zlib
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from rnnbench.datasets.sources import DATASETS, DatasetSource, RemoteArchive, RemoteFile, get_source
 from rnnbench.errors import RnnbenchError
+
+if TYPE_CHECKING:
+    import pooch
 
 ENV_DATA_DIR = "RNNBENCH_DATA_DIR"
 ENV_CACHE_DIR = "RNNBENCH_CACHE_DIR"
@@ -98,24 +102,25 @@ def _still_verified(path: Path) -> bool:
         return False
 
 
-def _file_problem(name: str, f: RemoteFile, path: Path) -> str | None:
+def _file_problem(f: RemoteFile, path: Path) -> str | None:
     """None if `path` holds the right bytes, else a one-line description."""
     got = sha256_file(path)
     if got == f.sha256:
         _verified[path] = _signature(path)
         return None
     _verified.pop(path, None)
-    return f"{name}: {f.path}: wrong SHA-256 (expected {f.sha256}, got {got})"
+    return f"{f.path}: wrong SHA-256 (expected {f.sha256}, got {got})"
 
 
-def _archive_problem(name: str, a: RemoteArchive, directory: Path) -> str | None:
+def _archive_problem(a: RemoteArchive, directory: Path) -> str | None:
+    """None if `directory` holds exactly the manifest's .wav files, else a one-line description."""
     got, count = manifest_sha256(directory, a.path)
     if got == a.manifest_sha256:
         _verified[directory] = _signature(directory)
         return None
     _verified.pop(directory, None)
     return (
-        f"{name}: {a.path}: contents do not match the manifest "
+        f"{a.path}: contents do not match the manifest "
         f"({count} .wav files, expected {a.count}; manifest {got}, expected {a.manifest_sha256})"
     )
 
@@ -153,8 +158,8 @@ def fetch(name: str, *, base_url: str | None = None) -> Path:
             continue
         if mirror:
             _check_in_mirror(name, f.path, root)
-            if problem := _file_problem(name, f, path):
-                raise RnnbenchError(f"{problem} in the offline mirror {ENV_DATA_DIR}={root}")
+            if problem := _file_problem(f, path):
+                raise RnnbenchError(f"{name}: {problem} in the offline mirror {ENV_DATA_DIR}={root}")
         else:
             _download_file(name, f, path, _url(f.url, f.path, base_url))
 
@@ -164,9 +169,9 @@ def fetch(name: str, *, base_url: str | None = None) -> Path:
         if not _still_verified(directory):
             if mirror:
                 _check_in_mirror(name, a.path, root)
-                if problem := _archive_problem(name, a, directory):
-                    raise RnnbenchError(f"{problem} in the offline mirror {ENV_DATA_DIR}={root}")
-            elif not (directory.is_dir() and _archive_problem(name, a, directory) is None):
+                if problem := _archive_problem(a, directory):
+                    raise RnnbenchError(f"{name}: {problem} in the offline mirror {ENV_DATA_DIR}={root}")
+            elif not (directory.is_dir() and _archive_problem(a, directory) is None):
                 _download_archive(name, a, directory, _url(a.url, a.mirror_path, base_url))
         return directory
     return root / source.files[0].path
@@ -184,7 +189,7 @@ def _url(canonical: str, layout_path: str, base_url: str | None) -> str:
     return canonical if base_url is None else f"{base_url.rstrip('/')}/{layout_path}"
 
 
-def _downloader():
+def _downloader() -> pooch.HTTPDownloader:
     import pooch
 
     # Bigger chunks than pooch's 1 KiB default: the fsdd archive is ~20 MB.
@@ -260,9 +265,10 @@ def _download_archive(name: str, a: RemoteArchive, directory: Path, url: str) ->
                 raise
             raise error from exc
         extracted = staging / directory.name
-        _extract_wavs(name, archive, a.member_dir, extracted)
-        if problem := _archive_problem(name, a, extracted):
-            raise RnnbenchError(f"fetch {name}: archive from {url} refused: {problem}")
+        label = f"fetch {name}: archive from {url}"
+        _extract_wavs(label, archive, a.member_dir, extracted)
+        if problem := _archive_problem(a, extracted):
+            raise RnnbenchError(f"{label} refused: {problem}")
         if directory.exists():  # a stale or damaged copy: move it aside, it goes with staging
             directory.rename(staging / "old")
         extracted.rename(directory)
@@ -274,7 +280,7 @@ def _download_archive(name: str, a: RemoteArchive, directory: Path, url: str) ->
 _WAV_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.wav")
 
 
-def _extract_wavs(name: str, archive: Path, member_dir: str, out: Path) -> None:
+def _extract_wavs(label: str, archive: Path, member_dir: str, out: Path) -> None:
     """Copy the regular files `<top>/<member_dir>/<NAME>.wav` of a .tar.gz into `out`.
 
     Nothing is extracted by tarfile itself: each wanted member's bytes are copied to
@@ -288,19 +294,19 @@ def _extract_wavs(name: str, archive: Path, member_dir: str, out: Path) -> None:
             for member in tar:
                 parts = PurePosixPath(member.name).parts
                 if member.name.startswith(("/", "\\")) or ".." in parts:
-                    raise RnnbenchError(f"fetch {name}: archive refused: unsafe member path {member.name!r}")
+                    raise RnnbenchError(f"{label} refused: unsafe member path {member.name!r}")
                 if len(parts) != 3 or parts[1] != member_dir or not parts[2].endswith(".wav"):
                     continue
                 if not member.isreg():
-                    raise RnnbenchError(f"fetch {name}: archive refused: {member.name!r} is not a regular file")
+                    raise RnnbenchError(f"{label} refused: {member.name!r} is not a regular file")
                 if not _WAV_NAME.fullmatch(parts[2]):
-                    raise RnnbenchError(f"fetch {name}: archive refused: unexpected file name {member.name!r}")
+                    raise RnnbenchError(f"{label} refused: unexpected file name {member.name!r}")
                 src = tar.extractfile(member)
                 assert src is not None  # regular files always have data
                 with src, open(out / parts[2], "wb") as dst:
                     shutil.copyfileobj(src, dst, _CHUNK)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise RnnbenchError(f"fetch {name}: archive is not a readable .tar.gz ({type(exc).__name__}: {exc})") from exc
+        raise RnnbenchError(f"{label}: not a readable .tar.gz ({type(exc).__name__}: {exc})") from exc
 
 
 # ----------------------------------------------------------------------------- verifying
@@ -318,12 +324,12 @@ def verify(names: Iterable[str] | None = None) -> list[str]:
     for source in sources:
         for f in source.files:
             path = root / f.path
-            if path.is_file() and (problem := _file_problem(source.name, f, path)):
-                problems.append(problem)
+            if path.is_file() and (problem := _file_problem(f, path)):
+                problems.append(f"{source.name}: {problem}")
             elif path.exists() and not path.is_file():
                 problems.append(f"{source.name}: {f.path}: not a regular file")
         if source.archive is not None:
             directory = root / source.archive.path
-            if directory.is_dir() and (problem := _archive_problem(source.name, source.archive, directory)):
-                problems.append(problem)
+            if directory.is_dir() and (problem := _archive_problem(source.archive, directory)):
+                problems.append(f"{source.name}: {problem}")
     return problems

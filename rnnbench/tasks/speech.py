@@ -178,6 +178,7 @@ class SpeechTask(Task):
         self.output_size = options.n_components * (1 + 2 * options.frame_out)
         self._waves: dict[str, WaveformDataset] | None = None
         self._baselines: dict[str, dict[str, float]] = {}
+        self._fits: tuple[torch.Tensor, ...] | None = None
         self.norm_mean = self.norm_std = float("nan")
 
     def crop_length(self, rate: int) -> int | None:
@@ -243,9 +244,11 @@ class SpeechTask(Task):
         """
         if split not in self._baselines:
             data, fo = self.datasets(), self.options.frame_out
-            train = torch.cat(data["train"].waves).double()
-            mean, std = train.mean(), train.std(correction=0)
-            w, res_std = fit_linear_predictor([data["train"][i] for i in range(len(data["train"]))])
+            if self._fits is None:  # fitted once per instance, on train
+                train = torch.cat(data["train"].waves).double()
+                linear = fit_linear_predictor([data["train"][i] for i in range(len(data["train"]))])
+                self._fits = (train.mean(), train.std(correction=0), *linear)
+            mean, std, w, res_std = self._fits
             sums, frames = {"gaussian": 0.0, "linear": 0.0}, 0
             for i in range(len(data[split])):  # one recording at a time: memory stays small
                 x, y = (t.double() for t in data[split][i])

@@ -1,0 +1,236 @@
+"""Polyphonic music tasks: batching, masks, step counts, layouts, the metric and the baselines.
+
+Data-backed tests read RNNBENCH_DATA_DIR (e.g. /work/shared/data) and skip without it. The fast
+set reads only JSB; the other three corpora are read whole under `slow`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from rnnbench.tasks import TASKS, get_task
+from rnnbench.tasks.polyphonic import (
+    PolyphonicTask,
+    bernoulli_step_nll,
+    marginal_bernoulli_nll,
+    markov_nll,
+    to_layout,
+)
+
+CHUNG_SIZES = {"jsb": 96, "nottingham": 93, "musedata": 105, "pianomidi": 108}
+# SOURCES.md §1e: test-split sequences and steps of each corpus.
+TEST_SPLIT = {"jsb": (77, 4725), "nottingham": (170, 44463), "musedata": (124, 64339), "pianomidi": (25, 19036)}
+
+
+def _data_dir() -> Path:
+    value = os.environ.get("RNNBENCH_DATA_DIR")
+    if not value:
+        pytest.skip("RNNBENCH_DATA_DIR is not set (point it at the staged data, e.g. /work/shared/data)")
+    if not (Path(value) / "polyphonic" / "mat").is_dir():
+        pytest.skip(f"RNNBENCH_DATA_DIR={value} has no polyphonic/mat folder")
+    return Path(value)
+
+
+needs_data = pytest.fixture(_data_dir, name="data_dir")
+
+
+def make(name: str, **options) -> PolyphonicTask:
+    cls = get_task(name)
+    return cls(cls.Options(**options), seed=0)
+
+
+def whole_split(task: PolyphonicTask, split: str) -> dict[str, torch.Tensor]:
+    data = task.datasets()[split]
+    return task.collate([data[i] for i in range(len(data))])
+
+
+# --- no data needed -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(CHUNG_SIZES))
+def test_registered_with_sizes_and_options(name: str) -> None:
+    cls = TASKS[name]
+    assert issubclass(cls, PolyphonicTask) and cls.primary_metric == "nll"
+    assert cls.Options().name == name
+    assert make(name).input_size == make(name).output_size == 88
+    assert make(name, layout="chung").input_size == make(name, layout="chung").output_size == CHUNG_SIZES[name]
+    with pytest.raises(ValidationError):
+        cls.Options(seq_len=3)  # unknown keys are errors
+    with pytest.raises(ValidationError):
+        cls.Options(layout="key96")
+
+
+def test_describe_states_layout_and_first_frame() -> None:
+    d = make("jsb", layout="chung", first_frame="skip").describe()
+    assert d == {"layout": "chung", "first_frame": "skip", "input_size": "96"}
+
+
+def test_step_nll_matches_the_bernoulli_formula_and_ignores_padding() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    y = (torch.rand(2, 5, 7, generator=g) < 0.3).double()
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    p = torch.sigmoid(logits)
+    by_hand = -(y * p.log() + (1 - y) * (1 - p).log()).sum(-1) * mask
+    got = bernoulli_step_nll(logits, y, mask)
+    torch.testing.assert_close(got, by_hand)
+    logits[1, 2:] = float("nan")  # anything at padded steps stays out
+    y[1, 2:] = 7.0
+    torch.testing.assert_close(bernoulli_step_nll(logits, y, mask), by_hand)
+
+
+def test_to_layout_chung_puts_midi_p_in_column_p_minus_1() -> None:
+    roll = np.zeros((3, 88), dtype=np.uint8)
+    roll[0, 0] = roll[1, 75] = 1  # MIDI 21 and MIDI 96
+    chung = to_layout(roll, "chung", 96)
+    assert chung.shape == (3, 96)
+    assert chung[0, 20] == chung[1, 95] == 1 and chung.sum() == 2
+    roll[2, 76] = 1  # MIDI 97 does not fit a 96-wide chung roll
+    with pytest.raises(Exception, match="drop notes"):
+        to_layout(roll, "chung", 96)
+
+
+def test_baselines_by_hand_on_a_tiny_roll() -> None:
+    # One key: train frames 1,1,0,1 -> marginal P(on) = (3 + 1) / (4 + 2) = 2/3;
+    # transitions 1->1, 1->0, 0->1: P(on | on) = (1 + 1) / (2 + 2), P(on | off) = (1 + 1) / (1 + 2).
+    train = [np.array([[1], [1], [0], [1]], dtype=np.uint8)]
+    test = [np.array([[0], [1]], dtype=np.uint8)]
+    m = 2 / 3
+    assert marginal_bernoulli_nll(train, test, "zero") == pytest.approx(-(math.log(1 - m) + math.log(m)) / 2)
+    assert marginal_bernoulli_nll(train, test, "skip") == pytest.approx(-math.log(m))
+    p_on_after_off = 2 / 3
+    assert markov_nll(train, test, "zero") == pytest.approx(-(math.log(1 - m) + math.log(p_on_after_off)) / 2)
+    assert markov_nll(train, test, "skip") == pytest.approx(-math.log(p_on_after_off))
+
+
+# --- JSB (small: the fast set) ----------------------------------------------------------------------
+def test_jsb_first_frame_conventions_count_steps(data_dir: Path) -> None:
+    n_seq, n_steps = TEST_SPLIT["jsb"]
+    for first_frame, expected in (("zero", n_steps), ("skip", n_steps - n_seq)):
+        task = make("jsb", first_frame=first_frame)
+        batch = whole_split(task, "test")
+        assert batch["x"].shape[0] == n_seq
+        assert int(batch["mask"].sum()) == int(batch["lengths"].sum()) == expected
+        out = torch.zeros(*batch["y"].shape)
+        _, count = task.metric_sums(out, batch)["nll"]
+        assert int(count) == expected
+        # With all logits 0 every key costs ln 2, whatever the roll.
+        assert task.loss(out, batch).item() == pytest.approx(88 * math.log(2))
+
+
+def test_jsb_batch_shapes_and_shift(data_dir: Path) -> None:
+    for first_frame in ("zero", "skip"):
+        task = make("jsb", first_frame=first_frame, max_sequences=4)
+        data = task.datasets()
+        assert {k: len(v) for k, v in data.items()} == {"train": 4, "val": 4, "test": 4}
+        rolls = [data["train"][i] for i in range(4)]
+        batch = task.collate(rolls)
+        B, T, D = batch["x"].shape
+        assert batch["y"].shape == (B, T, D) and batch["mask"].shape == (B, T) and batch["mask"].dtype == torch.bool
+        assert D == 88 and B == 4 and T == max(len(r) for r in rolls) - (first_frame == "skip")
+        for b, r in enumerate(rolls):
+            r = r.float()
+            n = int(batch["lengths"][b])
+            if first_frame == "zero":
+                assert n == len(r)
+                assert not batch["x"][b, 0].any()
+                torch.testing.assert_close(batch["x"][b, 1:n], r[:-1])
+                torch.testing.assert_close(batch["y"][b, :n], r)
+            else:
+                assert n == len(r) - 1
+                torch.testing.assert_close(batch["x"][b, :n], r[:-1])
+                torch.testing.assert_close(batch["y"][b, :n], r[1:])
+            assert not batch["x"][b, n:].any() and not batch["y"][b, n:].any()
+
+
+def test_jsb_chung_layout_shifts_columns(data_dir: Path) -> None:
+    key88, chung = make("jsb", max_sequences=5), make("jsb", layout="chung", max_sequences=5)
+    for a, b in zip(key88.rolls()["test"], chung.rolls()["test"]):
+        assert b.shape == (len(a), 96)
+        np.testing.assert_array_equal(b[:, 20:], a[:, :76])  # MIDI 21..96
+        assert not b[:, :20].any() and not a[:, 76:].any()
+    batch = whole_split(chung, "test")
+    assert batch["x"].shape[-1] == 96
+
+
+@pytest.mark.parametrize("first_frame", ["zero", "skip"])
+def test_jsb_batched_nll_equals_per_sequence_and_ignores_padding(data_dir: Path, first_frame: str) -> None:
+    torch.manual_seed(0)
+    task = make("jsb", first_frame=first_frame, max_sequences=6)
+    data = task.datasets()["val"]
+    items = [data[i] for i in range(6)]
+    assert len({len(r) for r in items}) > 1, "want sequences of different lengths"
+    rnn = torch.nn.GRU(88, 16, batch_first=True)
+    head = torch.nn.Linear(16, task.output_size)
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return head(rnn(x)[0])
+
+    batch = task.collate(items)
+    out = model(batch["x"])
+    total, count = task.metric_sums(out, batch)["nll"]
+    sums = [task.metric_sums(model(b["x"]), b)["nll"] for b in (task.collate([r]) for r in items)]
+    torch.testing.assert_close(total, sum(s for s, _ in sums))
+    assert int(count) == sum(int(n) for _, n in sums)
+    loss = task.loss(out, batch)
+    torch.testing.assert_close(loss, total / count)
+
+    # Garbage in the padding changes neither the metric nor the gradient of the loss.
+    grads = torch.autograd.grad(loss, list(rnn.parameters()) + list(head.parameters()))
+    pad = ~batch["mask"]
+    noisy = {k: v.clone() for k, v in batch.items()}
+    noisy["x"][pad] = 5.0 * torch.randn(int(pad.sum()), 88)
+    noisy["y"][pad] = torch.rand(int(pad.sum()), 88)
+    out2 = model(noisy["x"])
+    torch.testing.assert_close(task.metric_sums(out2, noisy)["nll"][0], total)
+    grads2 = torch.autograd.grad(task.loss(out2, noisy), list(rnn.parameters()) + list(head.parameters()))
+    for g1, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g1, g2)
+
+
+def test_jsb_baselines_finite_markov_beats_marginal_and_cached(data_dir: Path) -> None:
+    task = make("jsb")
+    for split in ("train", "val", "test"):
+        b = task.baselines(split)
+        assert set(b) == {"nll_marginal", "nll_markov"}
+        assert all(math.isfinite(v) and v > 0 for v in b.values())
+        assert b["nll_markov"] < b["nll_marginal"]
+    # Computed once per instance: the cache answers, and a caller's edit does not reach it.
+    first = task.baselines("test")
+    first["nll_markov"] = -1.0
+    assert task.baselines("test")["nll_markov"] > 0 and task._baselines["test"] is not first
+    # The public functions on the task's own rolls give the same numbers.
+    r = task.rolls()
+    assert task.baselines("test")["nll_markov"] == pytest.approx(markov_nll(r["train"], r["test"], "zero"))
+    # The marginal sits well above the published RNN result (8.71) and well below 88 ln 2.
+    assert 9.0 < task.baselines("test")["nll_marginal"] < 88 * math.log(2)
+
+
+def test_jsb_pickle_source_equals_mat(data_dir: Path) -> None:
+    if not (data_dir / "polyphonic" / "JSB_Chorales.pickle").is_file():
+        pytest.skip("the JSB pickle is not staged")
+    mat, pkl = make("jsb", max_sequences=10), make("jsb", max_sequences=10, source="pickle")
+    for split in ("train", "val", "test"):
+        for a, b in zip(mat.rolls()[split], pkl.rolls()[split], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+# --- the other corpora, read whole --------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["nottingham", "musedata", "pianomidi", "jsb"])
+def test_corpus_chung_size_is_its_highest_pitch_and_counts(data_dir: Path, name: str) -> None:
+    task = make(name, layout="chung")
+    rolls = task.rolls()
+    top = max(int(np.flatnonzero(np.concatenate(r).any(0)).max()) for r in rolls.values())
+    assert top + 1 == CHUNG_SIZES[name]  # column j is MIDI 1 + j; the corpus's highest note is the last column
+    n_seq, n_steps = TEST_SPLIT[name]
+    assert len(rolls["test"]) == n_seq and sum(len(r) for r in rolls["test"]) == n_steps
+    skip = make(name, first_frame="skip", max_sequences=None)
+    assert sum(len(r) - 1 for r in skip.rolls()["test"]) == n_steps - n_seq
+    b = task.baselines("test")
+    assert all(math.isfinite(v) for v in b.values()) and b["nll_markov"] < b["nll_marginal"]
