@@ -23,10 +23,6 @@ def get_task(name: str) -> type[Task]:
 
 
 # Registration: importing each module runs its @register_task.
-from rnnbench.tasks import adding, copy  # noqa: E402,F401
-try:  # the data-backed tasks (polyphonic music, speech) live beside these
-    from rnnbench.tasks import polyphonic, speech  # noqa: E402,F401
-except ImportError:  # pragma: no cover - while they are being written
-    pass
+from rnnbench.tasks import adding, copy, polyphonic, speech  # noqa: E402,F401
 
 __all__ = ["TASKS", "Batch", "Task", "TaskOptions", "get_task", "register_task"]

@@ -26,7 +26,7 @@ Chung's Table 2 speech numbers are on an unknown (private) scale and cannot be c
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from torch.utils.data import Dataset
 from rnnbench.errors import RnnbenchError
 from rnnbench.tasks import register_task
 from rnnbench.tasks.base import Batch, Task, TaskOptions
+
+if TYPE_CHECKING:
+    from rnnbench.datasets import Recording
 
 # On the z-scored scale. FSDD's train std is 0.061 (of full scale), so one int16 step is 5e-4 there:
 # the floor exp(-7) = 9e-4 keeps a density on quantised data from growing without bound.
@@ -143,13 +146,15 @@ class WaveformDataset(Dataset):
         return frame_waveform(self.waves[i], self.frame_in, self.frame_out)
 
 
-def split_recordings(recordings: list, split: str, test_speaker: str = "theo", val_speaker: str = "lucas") -> dict[str, list]:
+def split_recordings(
+    recordings: list[Recording], split: str, test_speaker: str = "theo", val_speaker: str = "lucas"
+) -> dict[str, list[Recording]]:
     """{'train','val','test'} -> recordings, sorted by (speaker, digit, index).
 
     official (FSDD README): index 0-4 test; of the README's train (5-49), index 5-9 is val.
     speaker: every recording of test_speaker is test, of val_speaker val, the rest train.
     """
-    out: dict[str, list] = {"train": [], "val": [], "test": []}
+    out: dict[str, list[Recording]] = {"train": [], "val": [], "test": []}
     for r in sorted(recordings, key=lambda r: (r.speaker, r.digit, r.index)):
         if split == "official":
             key = "test" if r.index < 5 else "val" if r.index < 10 else "train"
@@ -186,7 +191,10 @@ class SpeechTask(Task):
         return o.max_samples if o.max_seconds is None else int(round(o.max_seconds * rate))
 
     def datasets(self) -> dict[str, Dataset]:
-        """Read FSDD once (cached), split, crop, normalise with train statistics."""
+        """Read FSDD once (cached), split, crop, normalise with train statistics.
+
+        max_recordings keeps the first N of each split in (speaker, digit, index) order.
+        """
         if self._waves is None:
             from rnnbench.datasets import load_fsdd
 
@@ -196,6 +204,9 @@ class SpeechTask(Task):
             ids: dict[str, list[str]] = {}
             for key, recs in splits.items():
                 recs = recs[: o.max_recordings]
+                crop = self.crop_length(recs[0].rate) if recs else None
+                if crop is not None and crop < o.frame_in + o.frame_out:
+                    raise RnnbenchError(f"fsdd: a crop of {crop} samples is shorter than one step ({o.frame_in + o.frame_out})")
                 raw[key] = [r.samples[: self.crop_length(r.rate)].astype(np.float64) / INT16_SCALE for r in recs]
                 ids[key] = [f"{r.digit}_{r.speaker}_{r.index}" for r in recs]
             if not raw["train"]:
@@ -270,7 +281,7 @@ class SpeechTask(Task):
 
     def describe(self) -> dict[str, str]:
         o = self.options
-        crop = "none" if o.max_samples is None and o.max_seconds is None else f"{o.max_samples or o.max_seconds}"
+        crop = f"{o.max_samples} samples" if o.max_samples else f"{o.max_seconds} s" if o.max_seconds else "none"
         return {
             "frame_in": str(o.frame_in),
             "frame_out": str(o.frame_out),
