@@ -85,7 +85,8 @@ def mog_step_nll(params: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, n_co
     """
     K, F = n_components, y.shape[-1]
     if params.shape[-1] != K * (1 + 2 * F):
-        raise ValueError(f"expected {K * (1 + 2 * F)} outputs for {K} components of {F} samples, got {params.shape[-1]}")
+        want = K * (1 + 2 * F)
+        raise ValueError(f"expected {want} outputs for {K} components of {F} samples, got {params.shape[-1]}")
     lead = params.shape[:-1]
     logits = params[..., :K]
     mu = params[..., K : K + K * F].reshape(*lead, K, F)
@@ -206,7 +207,8 @@ class SpeechTask(Task):
                 recs = recs[: o.max_recordings]
                 crop = self.crop_length(recs[0].rate) if recs else None
                 if crop is not None and crop < o.frame_in + o.frame_out:
-                    raise RnnbenchError(f"fsdd: a crop of {crop} samples is shorter than one step ({o.frame_in + o.frame_out})")
+                    step = o.frame_in + o.frame_out
+                    raise RnnbenchError(f"fsdd: a crop of {crop} samples is shorter than one step ({step})")
                 raw[key] = [r.samples[: self.crop_length(r.rate)].astype(np.float64) / INT16_SCALE for r in recs]
                 ids[key] = [f"{r.digit}_{r.speaker}_{r.index}" for r in recs]
             if not raw["train"]:
