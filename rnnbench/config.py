@@ -18,9 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from rnnbench.errors import RnnbenchError
 
-BUDGET_PRESETS = {"music": 20_000, "speech": 168_500}  # Chung et al. 2014 Table 1 (≈20K, ≈169K)
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -29,7 +26,7 @@ class ModelConfig(_Strict):
     cell: str = "lstm"
     hidden_size: int | None = Field(32, ge=1, description="units per layer (a budget, when set, overrides it)")
     budget: int | Literal["music", "speech"] | None = Field(
-        None, description="parameter budget (or a Chung 2014 preset); picks hidden_size"
+        None, description="parameter budget, or a Chung 2014 preset (rnnbench.budget.PRESETS); picks hidden_size"
     )
     budget_convention: Literal["recurrent", "total"] = "recurrent"  # recurrent: Chung Table 1
     num_layers: int = Field(1, ge=1)

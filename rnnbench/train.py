@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from rnnbench.config import BUDGET_PRESETS, Config
+from rnnbench.config import Config
 from rnnbench.errors import RnnbenchError
 from rnnbench.tracking import git_commit, prepare_store, resolve_tracking_uri
 
@@ -31,13 +31,13 @@ class RunResult:
 
 def resolve_hidden_size(config: Config, input_size: int, output_size: int) -> int:
     """hidden_size as given, or the size whose parameter count is nearest model.budget."""
-    from rnnbench.budget import hidden_size_for_budget
+    from rnnbench.budget import PRESETS, hidden_size_for_budget
 
     m = config.model
     if m.budget is None:
         assert m.hidden_size is not None
         return m.hidden_size
-    budget = BUDGET_PRESETS[m.budget] if isinstance(m.budget, str) else m.budget
+    budget = PRESETS[m.budget] if isinstance(m.budget, str) else m.budget
     return hidden_size_for_budget(
         m.cell, input_size, budget, convention=m.budget_convention, output_size=output_size, num_layers=m.num_layers
     )
