@@ -59,6 +59,7 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["32", "64"] = "32"
     progress_bar: bool = True
+    gradient_flow: bool = Field(True, description="probe ‖∂L_T/∂h_t‖ and gate saturation at init and after training")
 
 
 class TrackingConfig(_Strict):

@@ -150,6 +150,9 @@ def train(
             default_root_dir=str(ckpt_dir),
         )
         last = ckpt_dir / "last.ckpt"
+        probe = probe_batch(task, data["test"]) if t.gradient_flow else None
+        if probe is not None and not resuming:
+            _gradient_flow(client, run_id, model, task, probe, "init")
         setup_seconds = time.perf_counter() - t_setup
         trainer.fit(model, train_loader, eval_loaders["val"], ckpt_path=str(last) if resuming and last.exists() else None)
         if trainer.interrupted:
@@ -163,6 +166,8 @@ def train(
             loader = eval_loaders["val" if split == "final_val" else split]
             for results in trainer.validate(model, loader, ckpt_path=best, verbose=False):
                 final.update({k: float(v) for k, v in results.items()})
+        if probe is not None:  # the model now holds the best-validation weights
+            _gradient_flow(client, run_id, model, task, probe, "trained")
         timer = callbacks[1]
         final.update(
             epochs=float(timer.epochs),
@@ -190,6 +195,25 @@ def train(
         raise
     except Exception as e:  # noqa: BLE001 - recorded, then reported to the caller
         return _fail(client, run_id, f"{type(e).__name__}: {e}".strip(), RunTag)
+
+
+def probe_batch(task: Any, dataset: Any, n: int = 16) -> dict[str, Any]:
+    """The first `n` test items: the same inputs for the probe at initialisation and after training."""
+    return task.collate([dataset[i] for i in range(min(n, len(dataset)))])
+
+
+def _gradient_flow(client: Any, run_id: str, model: Any, task: Any, batch: dict[str, Any], tag: str) -> None:
+    import torch
+
+    from rnnbench.analysis.gradient_flow import log_gradient_flow
+
+    dtype = next(model.parameters()).dtype
+    batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+    was_training = model.training
+    model.eval()
+    with torch.enable_grad():
+        log_gradient_flow(client, run_id, model.rnn, model.head, task, batch, tag)
+    model.train(was_training)
 
 
 def _fail(client: Any, run_id: str, reason: str, RunTag: Any) -> RunResult:

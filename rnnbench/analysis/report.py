@@ -1,0 +1,409 @@
+"""`rnnbench report`: regenerate REPORT.md, tables, figures and CSV exports from an MLflow store.
+
+Everything is computed from the runs; nothing is typed in by hand except Chung et al.'s published
+numbers (tables.CHUNG2014_TABLE2). The output is byte-identical for the same store: no timestamps
+or paths in any file, every table sorted, fixed float formats, fixed seeds for bootstrap bands.
+
+Layout of the out directory:
+  REPORT.md                      tables, figures and one computed paragraph of findings per task setting
+  runs.csv                       every run: ids, tags, params, final metrics (no per-epoch curves)
+  histories.csv                  per-epoch curves, long form: run_id, key, epoch, value
+  gradient_flow.csv, gates.csv   the gradient-flow probes' curves and gate statistics (when logged)
+  tables/*.csv, tables/*.md      summary, pairwise, chung2014, candidates, gradient_flow
+  figures/*.png, figures/*.svg
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from math import comb
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rnnbench.analysis import tables as T
+from rnnbench.analysis.runs import load_artifact_csvs, load_histories, load_runs
+
+ALPHA = 0.05
+ID_COLUMNS = [
+    "run_id", "experiment_id", "experiment", "sweep", "task", "setting", "variant", "cell", "candidate", "seed",
+    "status", "point_id", "sample", "parent_run_id", "config_hash", "git_commit", "torch_version", "device",
+    "failure_reason",
+]
+GENERATED = {"tables": ("*.csv", "*.md"), "figures": ("*.png", "*.svg")}
+
+
+def export_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """runs.csv: identity and tag columns, then params (sorted), then final metrics (sorted); stable rows."""
+    ids = [c for c in ID_COLUMNS if c in runs]
+    params = sorted(c for c in runs.columns if "." in c and c not in ids)
+    metrics = sorted(c for c in runs.columns if c not in ids and c not in params and c not in ("start_time", "metric"))
+    out = runs[ids + ["metric"] + params + metrics] if "metric" in runs else runs[ids + params + metrics]
+    keys = [c for c in ("task", "setting", "variant", "cell", "train.lr", "seed", "run_id") if c in out]
+    return out.sort_values(keys, kind="mergesort", na_position="last").reset_index(drop=True)
+
+
+def _clean_out(out: Path) -> None:
+    """Remove what an earlier report generated (only our own file kinds in our own folders)."""
+    for folder, patterns in GENERATED.items():
+        d = out / folder
+        if d.is_dir():
+            for pattern in patterns:
+                for f in d.glob(pattern):
+                    f.unlink()
+
+
+def success_frame(chosen: pd.DataFrame, rules: dict[str, T.SolvedRule]) -> pd.DataFrame:
+    """Per task (with a solved rule) x variant x cell x sequence length: fraction of seeds solved."""
+    fin = chosen[(chosen["status"] == "FINISHED") & chosen["task"].isin(list(rules))]
+    if fin.empty or "task.seq_len" not in fin:
+        return pd.DataFrame(columns=["task", "variant", "cell", "seq_len", "n_seeds", "solved", "solved_fraction"])
+    rows = []
+    for (task, variant, cell, seq_len), g in fin.groupby(["task", "variant", "cell", "task.seq_len"], sort=True):
+        solved = int(rules[task].solved(g).sum())
+        label = f"{cell} [{variant}]" if variant else cell
+        rows.append(dict(task=task, variant=variant, cell=label, seq_len=int(seq_len), n_seeds=len(g), solved=solved,
+                         solved_fraction=solved / len(g)))
+    return pd.DataFrame(rows)
+
+
+def gradient_flow_table(chosen: pd.DataFrame) -> pd.DataFrame:
+    """Per task setting x variant x cell x probe tag: the logged gradflow_<tag>_* metrics over seeds."""
+    fin = chosen[chosen["status"] == "FINISHED"]
+    tags = sorted({m.group(1) for c in fin.columns if (m := re.fullmatch(r"gradflow_(.+)_vanish_distance", c))})
+    rows = []
+    for tag in tags:
+        for key, g in fin.groupby(T.GROUP, sort=True, dropna=False):
+            d = g[f"gradflow_{tag}_vanish_distance"].astype(float)
+            steps = g.get(f"gradflow_{tag}_steps", pd.Series(np.nan, index=g.index)).astype(float)
+            if steps.notna().sum() == 0:
+                continue
+            row: dict[str, Any] = dict(zip(T.GROUP, key))
+            row.update(
+                probe=tag, n_seeds=int(steps.notna().sum()), steps=float(steps.mean()),
+                vanished=int(d.notna().sum()),
+                vanish_distance_mean=float(d.mean()) if d.notna().any() else math.nan,
+                log10_first_over_last=float(g[f"gradflow_{tag}_log10_first_over_last"].astype(float).mean()),
+            )
+            for col in sorted(c for c in g.columns if c.startswith(f"gradflow_{tag}_sat_")):
+                row[f"sat_{col.rsplit('_sat_', 1)[1]}"] = float(g[col].astype(float).mean())
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --- findings, computed from the tables ------------------------------------------------------------
+
+
+def _min_mwu_p(na: int, nb: int) -> float:
+    """Smallest two-sided exact Mann-Whitney p attainable with na and nb values (no ties)."""
+    return min(1.0, 2 / comb(na + nb, na)) if na and nb else math.nan
+
+
+def _pair(pairs: pd.DataFrame, a: str, b: str) -> tuple[pd.Series | None, float]:
+    """The pairwise row of cells a and b, and the sign that makes its differences read a - b."""
+    hit = pairs[(pairs["cell_a"] == a) & (pairs["cell_b"] == b)]
+    if len(hit):
+        return hit.iloc[0], 1.0
+    hit = pairs[(pairs["cell_a"] == b) & (pairs["cell_b"] == a)]
+    return (hit.iloc[0], -1.0) if len(hit) else (None, 1.0)
+
+
+def findings(summary: pd.DataFrame, pairs: pd.DataFrame, chung: pd.DataFrame, candidates: pd.DataFrame,
+             tuned: Sequence[str]) -> str:
+    """One paragraph for one task setting x variant, every statement computed from the numbers."""
+    s = summary[summary["n_seeds"] > 0].sort_values(["test_mean", "cell"], kind="mergesort")
+    if s.empty:
+        return "No finished runs: nothing to compare."
+    metric = str(s["metric"].iloc[0])
+    out = []
+    ranking = " < ".join(
+        f"{r.cell} {T.pm(r.test_mean, r.test_ci_half)} (n={r.n_seeds})" for r in s.itertuples()
+    )
+    out.append(f"Mean test {metric} at each cell's chosen learning rate, best first: {ranking}.")
+    best = s.iloc[0]
+    if len(s) > 1:
+        parts, mwu_floor = [], []
+        for other in s.iloc[1:].itertuples():
+            row, sign = _pair(pairs, best["cell"], other.cell)
+            if row is None:
+                continue
+            sig = [name for name, p in (("Welch", row["welch_p_holm"]), ("Mann-Whitney", row["mwu_p_holm"]))
+                   if math.isfinite(p) and p < ALPHA]
+            verdict = f"significant at {ALPHA:g} by {' and '.join(sig)}" if sig else "not significant with either test"
+            parts.append(
+                f"{best['cell']} vs {other.cell}: difference {sign * row['diff']:+.4g}, Holm-corrected p = "
+                f"{T.fmt(row['welch_p_holm'], '.3g') or 'n/a'} (Welch) / {T.fmt(row['mwu_p_holm'], '.3g') or 'n/a'} "
+                f"(Mann-Whitney), Hedges' g = {T.fmt(sign * row['hedges_g'], '+.2f') or 'n/a'}: {verdict}"
+            )
+            mwu_floor.append(_min_mwu_p(int(row["n_a"]), int(row["n_b"])))
+        if parts:
+            out.append("; ".join(parts) + ".")
+        if mwu_floor and all(math.isfinite(p) and p >= ALPHA for p in mwu_floor):
+            out.append(
+                f"With these seed counts the smallest attainable two-sided Mann-Whitney p is {min(mwu_floor):.3g}, "
+                f"so that test cannot reach {ALPHA:g} here; more seeds are needed for a rank-based verdict."
+            )
+    for col in sorted(c for c in s.columns if c.startswith("ref_")):
+        name = col[4:]
+        ref = s[col].astype(float)
+        if ref.notna().sum() == 0:
+            continue
+        losers = [r["cell"] for _, r in s.iterrows() if r.get(f"beats_{name}") is False or r.get(f"beats_{name}") is np.False_]
+        value = float(ref.mean())
+        if losers:
+            out.append(f"Not better than the {name} reference ({value:.4g}): {', '.join(sorted(losers))}.")
+        else:
+            out.append(f"Every cell's mean is below the {name} reference ({value:.4g}).")
+    if "solved" in s and s["solved"].notna().any():
+        rule = s["solved_rule"].dropna().iloc[0]
+        solved = ", ".join(f"{r['cell']} {int(r['solved'])}/{int(r['n_seeds'])}" for _, r in s.sort_values("cell").iterrows())
+        out.append(f"Seeds solved ({rule}): {solved}.")
+    edges = []
+    for name in tuned:
+        if name not in candidates:
+            continue
+        for cell, c in candidates.groupby("cell", sort=True):
+            values = pd.to_numeric(c[name], errors="coerce")
+            if values.nunique() < 2 or not c["chosen"].any():
+                continue
+            chosen_value = float(pd.to_numeric(c.loc[c["chosen"], name], errors="coerce").iloc[0])
+            if chosen_value in (values.min(), values.max()):
+                edges.append(f"{cell} ({name.split('.')[-1]}={chosen_value:g})")
+    if edges:
+        out.append(f"Chosen value at the edge of the searched range, so the optimum may lie outside it: {', '.join(edges)}.")
+    fastest = s.sort_values(["seconds_per_epoch", "cell"], kind="mergesort").iloc[0]
+    if math.isfinite(fastest["seconds_per_epoch"]):
+        out.append(
+            f"Fastest per epoch: {fastest['cell']} ({fastest['seconds_per_epoch']:.3g} s/epoch, "
+            f"{fastest['time_steps_per_second']:,.0f} time steps/s in training)."
+        )
+    if not chung.empty:
+        ours_best = chung.sort_values(["test", "cell"], kind="mergesort").iloc[0]
+        paper = T.CHUNG2014_TABLE2[str(chung["task"].iloc[0])]
+        paper_best = min(paper, key=lambda k: paper[k][1])
+        diffs = ", ".join(
+            f"{r.cell} {r.test:.3f} vs {r.chung_test:.2f} ({r.test_diff:+.3f}"
+            + ("; Chung inside our CI" if r.chung_inside_ci is True else "; Chung outside our CI" if r.chung_inside_ci is False else "")
+            + ")"
+            for r in chung.sort_values("cell").itertuples()
+        )
+        agree = "agrees with" if T.CHUNG_CELL[ours_best["cell"]][0] == paper_best else "differs from"
+        out.append(
+            f"Chung et al. 2014 Table 2 (test NLL, one run each): best {paper_best}; here best {ours_best['cell']}, "
+            f"which {agree} the paper. Ours vs Chung: {diffs}."
+        )
+    return " ".join(out)
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+
+def _constant_task_options(chosen: pd.DataFrame) -> str:
+    cols = sorted(c for c in chosen.columns if c.startswith("task.") and c != "task.name")
+    parts = []
+    for c in cols:
+        values = chosen[c].dropna().astype(str).unique()
+        if len(values) == 1:
+            parts.append(f"{c.split('.', 1)[1]}={values[0]}")
+    return ", ".join(parts)
+
+
+def _method(runs: pd.DataFrame, rules: dict[str, T.SolvedRule], tuned: Sequence[str]) -> list[str]:
+    metric_by_task = ", ".join(f"{t}: {m}" for t, m in sorted(runs.groupby("task")["metric"].first().items()))
+    lines = [
+        "## Method",
+        "",
+        f"- Primary metric per task (minimised): {metric_by_task}. Music: Bernoulli NLL in nats summed over keys, "
+        "averaged over every predicted time step of the split (Boulanger-Lewandowski et al. 2012 convention); "
+        "how the first frame is treated is the task option `first_frame`, listed with each task below.",
+        f"- Selection: per task setting x cell, each value of {', '.join(f'`{t}`' for t in tuned)} is a candidate; "
+        "the chosen one has the fewest failed seeds, then the lowest mean best-checkpoint validation metric over seeds "
+        "(Chung et al. chose the best of their learning-rate samples on validation, one run each). Test, train and "
+        "timings are the chosen candidate's finished seeds, each re-scored at its best-validation checkpoint.",
+        "- Intervals: mean ± 95% Student t half-width over seeds, t(0.975, n-1) s / sqrt(n).",
+        "- Pairwise tests on the test metric at each cell's chosen candidate: Welch's t-test (unequal variances) and "
+        "two-sided Mann-Whitney U; p-values Holm-corrected within each task setting, separately per test. Effect "
+        "sizes: Cohen's d (pooled SD), Hedges' g (d x (1 - 3/(4(n_a+n_b)-9))), rank-biserial r = 2U/(n_a n_b) - 1; "
+        "positive means the first cell scores higher (worse).",
+        "- References: any logged `test_<metric>_<name>` beside the metric (copy/adding memoryless baseline; music "
+        "per-key marginal Bernoulli and first-order Markov chain fitted on the training split; speech Gaussian and "
+        "linear predictor). A cell 'beats' a reference when its mean test metric is below it.",
+    ]
+    solved = [f"{task}: {rule.describe()}" for task, rule in sorted(rules.items()) if task in set(runs["task"])]
+    if solved:
+        lines.append(f"- Solved (per seed): {'; '.join(solved)}.")
+    lines.append("")
+    return lines
+
+
+def build_report(
+    out: str | Path = "results",
+    sweeps: Sequence[str] | None = None,
+    tracking_uri: str | None = None,
+    experiments: Sequence[str] | None = None,
+    tuned: Sequence[str] = ("train.lr",),
+    spec_dir: str | Path = "experiments",
+    figures: bool = True,
+) -> Path:
+    """Read the runs, write every table, figure and export, and REPORT.md into `out`; return its path."""
+    from rnnbench.analysis import figures as F
+    from rnnbench.errors import RnnbenchError
+
+    runs = load_runs(tracking_uri, sweeps=sweeps, experiments=experiments)
+    if runs.empty:
+        what = f"sweep(s) {', '.join(sweeps)}" if sweeps else "the store"
+        raise RnnbenchError(f"no training runs found in {what}")
+    tuned = tuple(tuned)
+    rules = T.solved_rules_from_specs(spec_dir, sweeps)
+    runs = T.annotate(runs, tuned)
+    candidates = T.candidates_table(runs, tuned)
+    chosen = T.chosen_runs(runs, tuned)
+    summary = T.summary_table(runs, tuned, rules)
+    pairs = T.pairwise_table(runs, tuned)
+    chung = T.chung_table(summary)
+    flow = gradient_flow_table(chosen)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_out(out)
+    finished = sorted(runs.loc[runs["status"] == "FINISHED", "run_id"])
+    histories = load_histories(finished, tracking_uri)
+    T.write_csv(export_runs(runs), out / "runs.csv")
+    T.write_csv(histories, out / "histories.csv", float_format="%.8g")
+    artifacts = load_artifact_csvs(chosen.loc[chosen["status"] == "FINISHED", "run_id"], "gradient_flow", tracking_uri)
+    curves = gates = pd.DataFrame()
+    if not artifacts.empty:
+        is_gates = artifacts["artifact"].str.endswith("_gates")
+        curves = artifacts[~is_gates].dropna(axis=1, how="all").rename(columns={"artifact": "probe"})
+        gates = artifacts[is_gates].dropna(axis=1, how="all").assign(artifact=lambda d: d["artifact"].str[:-6])
+        gates = gates.rename(columns={"artifact": "probe"})
+        T.write_csv(curves.sort_values(["run_id", "probe", "t"], kind="mergesort"), out / "gradient_flow.csv", "%.8g")
+        if not gates.empty:
+            T.write_csv(gates.sort_values(["run_id", "probe", "layer", "gate"], kind="mergesort"), out / "gates.csv")
+
+    tdir = out / "tables"
+    for name, frame in (("summary", summary), ("pairwise", pairs), ("chung2014", chung), ("candidates", candidates),
+                        ("gradient_flow", flow)):
+        T.write_csv(frame, tdir / f"{name}.csv")
+        (tdir / f"{name}.md").write_text(T.markdown_table(frame, {**T.PAIRWISE_FORMATS, **T.CHUNG_FORMATS}))
+
+    figs: dict[str, list[Path]] = {}
+    success = success_frame(chosen, rules)
+    if figures:
+        fdir = out / "figures"
+        figs["curves"] = F.learning_curves(chosen, histories, fdir)
+        figs["test"] = F.test_metric_figure(summary, chosen, fdir)
+        if not curves.empty:
+            figs["flow"] = F.gradient_flow_figure(curves.rename(columns={"probe": "artifact"}), chosen, fdir)
+        figs["success"] = F.success_figure(success, fdir)
+
+    report = _render(runs, summary, pairs, chung, candidates, flow, success, rules, tuned, figs, out, sweeps)
+    path = out / "REPORT.md"
+    path.write_text(report)
+    return path
+
+
+def _img(paths: list[Path], out: Path, stem: str) -> str:
+    for p in paths:
+        if p.suffix == ".png" and p.stem == stem:
+            return f"![{stem}]({p.relative_to(out).as_posix()})"
+    return ""
+
+
+def _render(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame, chung: pd.DataFrame,
+            candidates: pd.DataFrame, flow: pd.DataFrame, success: pd.DataFrame, rules: dict[str, T.SolvedRule],
+            tuned: Sequence[str], figs: dict[str, list[Path]], out: Path, sweeps: Sequence[str] | None) -> str:
+    from rnnbench.analysis.figures import slug
+
+    status = runs["status"].value_counts().sort_index()
+    def listing(col: str) -> str:
+        return ", ".join(sorted(runs[col].dropna().astype(str).unique())) or "unknown"
+
+    lines = [
+        "# rnnbench report",
+        "",
+        "Regenerated from the MLflow store by `rnnbench report`: every number and sentence below is computed from the "
+        "recorded runs (exports: `runs.csv`, `histories.csv`; tables under `tables/`).",
+        "",
+        f"- Sweeps: {', '.join(sorted(sweeps)) if sweeps else listing('sweep') if runs['sweep'].notna().any() else 'all runs'}",
+        f"- Experiments: {listing('experiment')}",
+        f"- Runs: {len(runs)} ({', '.join(f'{k} {v}' for k, v in status.items())})",
+        f"- Code: git {listing('git_commit')}; torch {listing('torch_version')}; devices: {listing('device')}",
+        "",
+    ]
+    lines += _method(runs, rules, tuned)
+    all_figs = [p for ps in figs.values() for p in ps]
+    for (task, setting, variant), s in summary.groupby(["task", "setting", "variant"], sort=True, dropna=False):
+        title = f"{setting} [{variant}]" if variant else setting
+        sel = (runs["setting"] == setting) & (runs["variant"] == variant)
+        lines += [f"## {title}", ""]
+        options = _constant_task_options(runs[sel])
+        if options:
+            lines += [f"Task options: {options}.", ""]
+        lines += [T.markdown_table(T.summary_display(s.sort_values("cell")), default=""), ""]
+        p = pairs[(pairs["setting"] == setting) & (pairs["variant"] == variant)]
+        c = chung[(chung["setting"] == setting) & (chung["variant"] == variant)]
+        cand = candidates[(candidates["setting"] == setting) & (candidates["variant"] == variant)]
+        lines += ["**Findings.** " + findings(s, p, c, cand, tuned), ""]
+        stem = f"curves_{slug(setting)}" + (f"_{slug(variant)}" if variant else "")
+        img = _img(all_figs, out, stem)
+        if img:
+            lines += [img, ""]
+    if figs.get("test"):
+        lines += ["## Test metric per cell", "", _img(figs["test"], out, "test_metric"), ""]
+    if not success.empty and figs.get("success"):
+        lines += ["## Copy and adding: success against sequence length", "",
+                  T.markdown_table(success[["task", "cell", "seq_len", "n_seeds", "solved"]]), "",
+                  _img(figs["success"], out, "success_vs_length"), ""]
+    if not pairs.empty:
+        shown = pairs.drop(columns=["task"]).copy()
+        if (shown["variant"] == "").all():
+            shown = shown.drop(columns=["variant"])
+        lines += ["## Pairwise comparisons (test metric, chosen learning rates)", "",
+                  T.markdown_table(shown, T.PAIRWISE_FORMATS), ""]
+    lines += ["## Chung et al. 2014, Table 2, side by side", "", f"Source: {T.CHUNG2014_CITATION}. Chung et al. report "
+              "one run per cell (no seeds, no intervals), sizes of Table 1 (≈20K recurrent parameters on music). "
+              "Their LSTM has peepholes and their GRU applies the reset before the recurrent product; the `form` "
+              "column says where our cell differs. Their Ubisoft speech sets are private, so the speech task here "
+              "(a different corpus and scale) is not compared.", ""]
+    if chung.empty:
+        lines += ["No music runs in this report: nothing to compare.", ""]
+    else:
+        shown = chung.drop(columns=["task"])
+        if (shown["variant"] == "").all():
+            shown = shown.drop(columns=["variant"])
+        lines += [T.markdown_table(shown, T.CHUNG_FORMATS), ""]
+        differ = chung[chung["chung_inside_ci"] == False]  # noqa: E712 - pandas element-wise
+        if len(differ):
+            lines += ["Where Chung's test value lies outside our 95% interval: " + "; ".join(
+                f"{r.setting} {r.cell}: {r.test:.3f} vs {r.chung_test:.2f} ({r.test_diff:+.3f})"
+                for r in differ.itertuples()) + ".", ""]
+    if not flow.empty:
+        lines += ["## Gradient flow", "", "‖∂L_T/∂h_t‖ with the loss at the last step only (Pascanu et al. 2013), "
+                  "probed per step through the true recurrent path; `vanish_distance_mean` is the mean over seeds "
+                  "(that vanished) of the distance T - t at which the norm falls below 1e-3 of its value at t = T, "
+                  "`vanished` how many seeds got there within the sequence; `sat_<gate>` the fraction of gate "
+                  "activations below 0.1 or above 0.9 (Karpathy et al. 2015).", ""]
+        shown = flow.drop(columns=["task"])
+        if (shown["variant"] == "").all():
+            shown = shown.drop(columns=["variant"])
+        lines += [T.markdown_table(shown, {"steps": ".0f", "vanish_distance_mean": ".1f",
+                                           "log10_first_over_last": ".2f"}, default=".3f"), ""]
+        for p in figs.get("flow", []):
+            if p.suffix == ".png":
+                lines += [f"![{p.stem}]({p.relative_to(out).as_posix()})", ""]
+    if len(candidates):
+        shown = candidates.drop(columns=["task"])
+        if (shown["variant"] == "").all():
+            shown = shown.drop(columns=["variant"])
+        lines += ["## All candidates (validation, mean over finished seeds)", "",
+                  T.markdown_table(shown, {"val_mean": ".4f"}), ""]
+    failed = runs[runs["status"] != "FINISHED"]
+    if len(failed):
+        cols = ["run_id", "setting", "cell", "candidate", "seed", "status", "failure_reason"]
+        lines += ["## Runs that did not finish", "", T.markdown_table(failed[cols]), ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
