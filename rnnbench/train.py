@@ -67,6 +67,7 @@ def train(
     from mlflow.tracking import MlflowClient
     from torch.utils.data import DataLoader
 
+    from rnnbench.analysis.gradient_flow import probe_batch
     from rnnbench.model import DivergedError, EpochRecorder, SequenceModel
     from rnnbench.tasks import get_task
 
@@ -150,6 +151,7 @@ def train(
             default_root_dir=str(ckpt_dir),
         )
         last = ckpt_dir / "last.ckpt"
+        # The same test inputs for the probe at initialisation and after training.
         probe = probe_batch(task, data["test"]) if t.gradient_flow else None
         if probe is not None and not resuming:
             _gradient_flow(client, run_id, model, task, probe, "init")
@@ -195,11 +197,6 @@ def train(
         raise
     except Exception as e:  # noqa: BLE001 - recorded, then reported to the caller
         return _fail(client, run_id, f"{type(e).__name__}: {e}".strip(), RunTag)
-
-
-def probe_batch(task: Any, dataset: Any, n: int = 16) -> dict[str, Any]:
-    """The first `n` test items: the same inputs for the probe at initialisation and after training."""
-    return task.collate([dataset[i] for i in range(min(n, len(dataset)))])
 
 
 def _gradient_flow(client: Any, run_id: str, model: Any, task: Any, batch: dict[str, Any], tag: str) -> None:
