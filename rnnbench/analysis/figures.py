@@ -146,7 +146,7 @@ def test_metric_figure(summary: pd.DataFrame, chosen: pd.DataFrame, out_dir: Pat
 
     if summary.empty:
         return []
-    panels = [(s, v) for (s, v), _ in summary.groupby(["setting", "variant"], sort=True, dropna=False)]
+    panels = list(summary[["setting", "variant"]].drop_duplicates().itertuples(index=False, name=None))  # table order
     fin = chosen[chosen["status"] == "FINISHED"]
     cols = min(len(panels), 4)
     rows = math.ceil(len(panels) / cols)
@@ -184,10 +184,9 @@ def gradient_flow_figure(curves: pd.DataFrame, runs: pd.DataFrame, out_dir: Path
 
     if curves.empty or runs.empty:
         return []
-    data = curves.merge(runs[["run_id", "setting", "variant", "cell", "seed"]], on="run_id")
+    data = curves.merge(runs[["run_id", "setting", "variant", "cell", "seed"]], on="run_id")  # curves: run_id, probe, ...
     if data.empty:
         return []
-    data = data.rename(columns={"artifact": "probe"})
     data = data.assign(relative=data["relative"].where(data["relative"] > 0))
     data = data.sort_values(["setting", "variant", "cell", "probe", "seed", "distance"], kind="mergesort")
     files: list[Path] = []

@@ -35,6 +35,7 @@ from __future__ import annotations
 import io
 import math
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -166,6 +167,7 @@ def _run_gates(rnn: nn.Module, x: torch.Tensor) -> tuple[dict[tuple[int, str], t
 
 
 GATED_CELLS = ("lstm", "lstm_peephole", "gru", "gru_reset_before")
+GATE_COLUMNS = ["layer", "gate", "frac_low", "frac_high", "frac_saturated", "mean"]
 
 
 @torch.no_grad()
@@ -177,15 +179,14 @@ def gate_statistics(rnn: nn.Module, x: torch.Tensor, mask: torch.Tensor | None =
     asserts that the re-run reproduces the layer's own output, so a changed layout cannot go
     unnoticed. `mask` (B, T) bool restricts the counts to valid steps. Empty for ungated cells.
     """
-    cols = ["layer", "gate", "frac_low", "frac_high", "frac_saturated", "mean"]
     if getattr(rnn, "name", "") not in GATED_CELLS:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=GATE_COLUMNS)
     param = next(rnn.parameters())
     x = x.to(device=param.device, dtype=param.dtype)
     gates, h = _run_gates(rnn, x)
     if check:
         out, _ = rnn(x)
-        if not torch.allclose(out, h, atol=1e-4 if x.dtype == torch.float32 else 1e-8, rtol=1e-3):
+        if not torch.allclose(out, h, atol=1e-3 if x.dtype == torch.float32 else 1e-8, rtol=1e-3):
             raise AssertionError(f"re-run of {rnn.name} equations differs from the layer's output: weight layout changed?")
     keep = None if mask is None else mask.to(param.device).bool()
     rows = []
@@ -195,15 +196,25 @@ def gate_statistics(rnn: nn.Module, x: torch.Tensor, mask: torch.Tensor | None =
         low = float((vals < LOW).double().mean())
         high = float((vals > HIGH).double().mean())
         rows.append(dict(layer=k, gate=g, frac_low=low, frac_high=high, frac_saturated=low + high, mean=float(vals.mean())))
-    return pd.DataFrame(rows, columns=cols)
+    return pd.DataFrame(rows, columns=GATE_COLUMNS)
 
 
 # --- what train.py calls ---------------------------------------------------------------------------
 
 
 def probe_batch(task: Any, dataset: Any, n: int = 16) -> dict[str, torch.Tensor]:
-    """The first `n` items of `dataset` collated by the task: a fixed probe batch (no randomness)."""
-    return task.collate([dataset[i] for i in range(min(n, len(dataset)))])
+    """A fixed probe batch (no randomness): `n` items of `dataset` collated by the task.
+
+    Fixed-length tasks (copy, adding): the first n items. Variable-length tasks (a `mask` in the
+    batch: music, speech): the n longest items (ties by index), since the probe crops the batch to
+    its shortest sequence.
+    """
+    first = task.collate([dataset[i] for i in range(min(n, len(dataset)))])
+    if "mask" not in first:
+        return first
+    lengths = [int(task.collate([dataset[i]])["mask"].sum()) for i in range(len(dataset))]
+    longest = sorted(range(len(dataset)), key=lambda i: (-lengths[i], i))[:n]
+    return task.collate([dataset[i] for i in sorted(longest)])
 
 
 def crop_to_common_length(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -245,7 +256,11 @@ def log_gradient_flow(client: Any, run_id: str, rnn: nn.Module, head: nn.Module,
         "t": np.arange(1, T + 1), "distance": np.arange(T - 1, -1, -1), "grad_norm": norms,
         "relative": norms / norms[-1] if norms[-1] > 0 else np.full(T, np.nan),
     })
-    gates = gate_statistics(rnn, batch["x"], batch.get("mask"))
+    try:
+        gates = gate_statistics(rnn, batch["x"], batch.get("mask"))
+    except AssertionError as e:  # the probe must not fail a training run: no gate numbers, and say why
+        warnings.warn(str(e), stacklevel=2)
+        gates = pd.DataFrame(columns=GATE_COLUMNS)
     for gate, part in gates.groupby("gate", sort=True):
         summary[f"gradflow_{tag}_sat_{gate}"] = float(part["frac_saturated"].mean())
     now = int(time.time() * 1000)

@@ -6,7 +6,8 @@ or paths in any file, every table sorted, fixed float formats, fixed seeds for b
 
 Layout of the out directory:
   REPORT.md                      tables, figures and one computed paragraph of findings per task setting
-  runs.csv                       every run: ids, tags, params, final metrics (no per-epoch curves)
+  runs.csv                       every run: ids, tags, params, final metrics (no per-epoch curves);
+                                 `repeat` marks reruns of one config and seed, left out of the analysis
   histories.csv                  per-epoch curves, long form: run_id, key, epoch, value
   gradient_flow.csv, gates.csv   the gradient-flow probes' curves and gate statistics (when logged)
   tables/*.csv, tables/*.md      summary, pairwise, chung2014, candidates, gradient_flow
@@ -34,6 +35,9 @@ ID_COLUMNS = [
     "status", "point_id", "sample", "parent_run_id", "config_hash", "git_commit", "torch_version", "device",
     "failure_reason",
 ]
+SUBSET_OPTIONS = ("task.max_sequences", "task.max_recordings", "task.max_samples", "task.max_seconds")
+"""Task options that take a subset of a corpus: a comparison with published numbers says so."""
+TOP_FILES = ("REPORT.md", "runs.csv", "histories.csv", "gradient_flow.csv", "gates.csv")
 GENERATED = {"tables": ("*.csv", "*.md"), "figures": ("*.png", "*.svg")}
 
 
@@ -48,7 +52,9 @@ def export_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _clean_out(out: Path) -> None:
-    """Remove what an earlier report generated (only our own file kinds in our own folders)."""
+    """Remove what an earlier report generated (only our own file names and kinds)."""
+    for name in TOP_FILES:
+        (out / name).unlink(missing_ok=True)
     for folder, patterns in GENERATED.items():
         d = out / folder
         if d.is_dir():
@@ -92,7 +98,7 @@ def gradient_flow_table(chosen: pd.DataFrame) -> pd.DataFrame:
             for col in sorted(c for c in g.columns if c.startswith(f"gradflow_{tag}_sat_")):
                 row[f"sat_{col.rsplit('_sat_', 1)[1]}"] = float(g[col].astype(float).mean())
             rows.append(row)
-    return pd.DataFrame(rows)
+    return T.ordered(pd.DataFrame(rows), ["probe", "task", "setting", "variant", "cell"])
 
 
 # --- findings, computed from the tables ------------------------------------------------------------
@@ -112,9 +118,18 @@ def _pair(pairs: pd.DataFrame, a: str, b: str) -> tuple[pd.Series | None, float]
     return (hit.iloc[0], -1.0) if len(hit) else (None, 1.0)
 
 
+def _is_false(value: Any) -> bool:
+    return value is not None and value is not pd.NA and not pd.isna(value) and not bool(value)
+
+
 def findings(summary: pd.DataFrame, pairs: pd.DataFrame, chung: pd.DataFrame, candidates: pd.DataFrame,
-             tuned: Sequence[str]) -> str:
-    """One paragraph for one task setting x variant, every statement computed from the numbers."""
+             tuned: Sequence[str], qualifiers: dict[str, Any] | None = None) -> str:
+    """One paragraph for one task setting x variant, every statement computed from the numbers.
+
+    `qualifiers`: task options that make a comparison with Chung et al. unfair when set (e.g.
+    `task.max_sequences`), with their values in these runs.
+    """
+    qualifiers = qualifiers or {}
     s = summary[summary["n_seeds"] > 0].sort_values(["test_mean", "cell"], kind="mergesort")
     if s.empty:
         return "No finished runs: nothing to compare."
@@ -152,7 +167,7 @@ def findings(summary: pd.DataFrame, pairs: pd.DataFrame, chung: pd.DataFrame, ca
         ref = s[col].astype(float)
         if ref.notna().sum() == 0:
             continue
-        losers = [r["cell"] for _, r in s.iterrows() if r.get(f"beats_{name}") is False or r.get(f"beats_{name}") is np.False_]
+        losers = [r["cell"] for _, r in s.iterrows() if _is_false(r.get(f"beats_{name}"))]
         value = float(ref.mean())
         if losers:
             out.append(f"Not better than the {name} reference ({value:.4g}): {', '.join(sorted(losers))}.")
@@ -192,9 +207,11 @@ def findings(summary: pd.DataFrame, pairs: pd.DataFrame, chung: pd.DataFrame, ca
             for r in chung.sort_values("cell").itertuples()
         )
         agree = "agrees with" if T.CHUNG_CELL[ours_best["cell"]][0] == paper_best else "differs from"
+        subset = [f"{c.split('.', 1)[1]}={v}" for c, v in sorted(qualifiers.items()) if v is not None and v == v]
         out.append(
             f"Chung et al. 2014 Table 2 (test NLL, one run each): best {paper_best}; here best {ours_best['cell']}, "
             f"which {agree} the paper. Ours vs Chung: {diffs}."
+            + (f" Caution: these runs use {', '.join(subset)} (a subset of the corpus), not Chung's full data." if subset else "")
         )
     return " ".join(out)
 
@@ -259,7 +276,8 @@ def build_report(
         raise RnnbenchError(f"no training runs found in {what}")
     tuned = tuple(tuned)
     rules = T.solved_rules_from_specs(spec_dir, sweeps)
-    runs = T.annotate(runs, tuned)
+    everything = T.annotate(runs, tuned)
+    runs, repeats = T.drop_repeats(everything)
     candidates = T.candidates_table(runs, tuned)
     chosen = T.chosen_runs(runs, tuned)
     summary = T.summary_table(runs, tuned, rules)
@@ -272,15 +290,17 @@ def build_report(
     _clean_out(out)
     finished = sorted(runs.loc[runs["status"] == "FINISHED", "run_id"])
     histories = load_histories(finished, tracking_uri)
-    T.write_csv(export_runs(runs), out / "runs.csv")
+    T.write_csv(export_runs(everything.assign(repeat=everything["run_id"].isin(repeats["run_id"]))), out / "runs.csv",
+                float_format="%.10g")
     T.write_csv(histories, out / "histories.csv", float_format="%.8g")
     artifacts = load_artifact_csvs(chosen.loc[chosen["status"] == "FINISHED", "run_id"], "gradient_flow", tracking_uri)
     curves = gates = pd.DataFrame()
     if not artifacts.empty:
         is_gates = artifacts["artifact"].str.endswith("_gates")
-        curves = artifacts[~is_gates].dropna(axis=1, how="all").rename(columns={"artifact": "probe"})
-        gates = artifacts[is_gates].dropna(axis=1, how="all").assign(artifact=lambda d: d["artifact"].str[:-6])
-        gates = gates.rename(columns={"artifact": "probe"})
+        probes = artifacts.rename(columns={"artifact": "probe"})
+        curves = probes[~is_gates].dropna(axis=1, how="all")
+        gates = probes[is_gates].dropna(axis=1, how="all")
+        gates = gates.assign(probe=gates["probe"].str.replace(r"_gates$", "", regex=True))
         T.write_csv(curves.sort_values(["run_id", "probe", "t"], kind="mergesort"), out / "gradient_flow.csv", "%.8g")
         if not gates.empty:
             T.write_csv(gates.sort_values(["run_id", "probe", "layer", "gate"], kind="mergesort"), out / "gates.csv")
@@ -289,7 +309,7 @@ def build_report(
     for name, frame in (("summary", summary), ("pairwise", pairs), ("chung2014", chung), ("candidates", candidates),
                         ("gradient_flow", flow)):
         T.write_csv(frame, tdir / f"{name}.csv")
-        (tdir / f"{name}.md").write_text(T.markdown_table(frame, {**T.PAIRWISE_FORMATS, **T.CHUNG_FORMATS}))
+        (tdir / f"{name}.md").write_text(T.markdown_table(frame, {**T.PAIRWISE_FORMATS, **T.CHUNG_FORMATS}), newline="\n")
 
     figs: dict[str, list[Path]] = {}
     success = success_frame(chosen, rules)
@@ -298,12 +318,12 @@ def build_report(
         figs["curves"] = F.learning_curves(chosen, histories, fdir)
         figs["test"] = F.test_metric_figure(summary, chosen, fdir)
         if not curves.empty:
-            figs["flow"] = F.gradient_flow_figure(curves.rename(columns={"probe": "artifact"}), chosen, fdir)
+            figs["flow"] = F.gradient_flow_figure(curves, chosen, fdir)
         figs["success"] = F.success_figure(success, fdir)
 
-    report = _render(runs, summary, pairs, chung, candidates, flow, success, rules, tuned, figs, out, sweeps)
+    report = _render(runs, summary, pairs, chung, candidates, flow, success, rules, tuned, figs, out, sweeps, repeats)
     path = out / "REPORT.md"
-    path.write_text(report)
+    path.write_text(report, newline="\n")
     return path
 
 
@@ -316,7 +336,8 @@ def _img(paths: list[Path], out: Path, stem: str) -> str:
 
 def _render(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame, chung: pd.DataFrame,
             candidates: pd.DataFrame, flow: pd.DataFrame, success: pd.DataFrame, rules: dict[str, T.SolvedRule],
-            tuned: Sequence[str], figs: dict[str, list[Path]], out: Path, sweeps: Sequence[str] | None) -> str:
+            tuned: Sequence[str], figs: dict[str, list[Path]], out: Path, sweeps: Sequence[str] | None,
+            repeats: pd.DataFrame) -> str:
     from rnnbench.analysis.figures import slug
 
     status = runs["status"].value_counts().sort_index()
@@ -333,11 +354,16 @@ def _render(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame, chun
         f"- Experiments: {listing('experiment')}",
         f"- Runs: {len(runs)} ({', '.join(f'{k} {v}' for k, v in status.items())})",
         f"- Code: git {listing('git_commit')}; torch {listing('torch_version')}; devices: {listing('device')}",
-        "",
     ]
+    if len(repeats):
+        lines.append(f"- Left out as repeats of the same config and seed (the newest finished run kept): "
+                     f"{len(repeats)} run(s): {', '.join(sorted(repeats['run_id']))}")
+    lines.append("")
     lines += _method(runs, rules, tuned)
     all_figs = [p for ps in figs.values() for p in ps]
-    for (task, setting, variant), s in summary.groupby(["task", "setting", "variant"], sort=True, dropna=False):
+    sections = summary[["task", "setting", "variant"]].drop_duplicates()  # summary is already in natural order
+    for task, setting, variant in sections.itertuples(index=False):
+        s = summary[(summary["setting"] == setting) & (summary["variant"] == variant)]
         title = f"{setting} [{variant}]" if variant else setting
         sel = (runs["setting"] == setting) & (runs["variant"] == variant)
         lines += [f"## {title}", ""]
@@ -348,7 +374,8 @@ def _render(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame, chun
         p = pairs[(pairs["setting"] == setting) & (pairs["variant"] == variant)]
         c = chung[(chung["setting"] == setting) & (chung["variant"] == variant)]
         cand = candidates[(candidates["setting"] == setting) & (candidates["variant"] == variant)]
-        lines += ["**Findings.** " + findings(s, p, c, cand, tuned), ""]
+        qual = {k: runs.loc[sel, k].dropna().iloc[0] for k in SUBSET_OPTIONS if k in runs and runs.loc[sel, k].notna().any()}
+        lines += ["**Findings.** " + findings(s, p, c, cand, tuned, qual), ""]
         stem = f"curves_{slug(setting)}" + (f"_{slug(variant)}" if variant else "")
         img = _img(all_figs, out, stem)
         if img:

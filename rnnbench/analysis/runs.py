@@ -20,7 +20,6 @@ left out.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -249,31 +248,38 @@ def wide_histories(histories: pd.DataFrame) -> pd.DataFrame:
 
 def load_artifact_csvs(run_ids: Iterable[str], folder: str, tracking_uri: str | None = None) -> pd.DataFrame:
     """Concatenate every `<folder>/*.csv` artifact of the runs, with `run_id` and `artifact` columns."""
-    import tempfile
-    from pathlib import Path
+    import os
 
     client = client_for(tracking_uri)
-    frames = []
-    for run_id in sorted(set(run_ids)):
-        try:
-            infos = client.list_artifacts(run_id, folder)
-        except Exception:  # noqa: BLE001 - a run without artifacts, or an unreachable artifact store
-            continue
-        for info in sorted(infos, key=lambda i: i.path):
-            if info.is_dir or not info.path.endswith(".csv"):
-                continue
-            with tempfile.TemporaryDirectory() as tmp:
-                local = client.download_artifacts(run_id, info.path, tmp)
-                part = pd.read_csv(Path(local))
-            part.insert(0, "artifact", Path(info.path).stem)
-            part.insert(0, "run_id", run_id)
-            frames.append(part)
+    frames: list[pd.DataFrame] = []
+    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # else one progress bar per file
+    try:
+        for run_id in sorted(set(run_ids)):
+            frames.extend(_run_csvs(client, run_id, folder))
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "artifact"])
 
 
-def finite(x: Any) -> bool:
-    """True for a real, finite number."""
+def _run_csvs(client: Any, run_id: str, folder: str) -> list[pd.DataFrame]:
+    import tempfile
+    from pathlib import Path
+
     try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
+        infos = client.list_artifacts(run_id, folder)
+    except Exception:  # noqa: BLE001 - a run without artifacts, or an unreachable artifact store
+        return []
+    frames = []
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.is_dir or not info.path.endswith(".csv"):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            part = pd.read_csv(Path(client.download_artifacts(run_id, info.path, tmp)))
+        part.insert(0, "artifact", Path(info.path).stem)
+        part.insert(0, "run_id", run_id)
+        frames.append(part)
+    return frames

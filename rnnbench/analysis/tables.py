@@ -213,6 +213,41 @@ def compare(a: Any, b: Any) -> dict[str, float]:
 
 # --- settings, variants and the chosen learning rate ----------------------------------------------
 
+
+def drop_repeats(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(kept, dropped): one run per `config_hash` (same config and seed), so a rerun is not a new seed.
+
+    Kept: the newest FINISHED run of each hash, else the newest run. Runs without a hash are all kept.
+    """
+    if "config_hash" not in runs or runs.empty:
+        return runs, runs.iloc[0:0]
+    ranked = runs.assign(_fin=runs["status"].eq("FINISHED"), _t=runs.get("start_time", 0))
+    ranked = ranked.sort_values(["_fin", "_t", "run_id"], ascending=[False, False, True], kind="mergesort")
+    has_hash = ranked["config_hash"].notna()
+    repeat = has_hash & ranked.duplicated("config_hash", keep="first")
+    dropped = ranked.index[repeat]
+    return runs.drop(index=dropped), runs.loc[sorted(dropped)]
+
+
+def natural_key(text: Any) -> tuple:
+    """Sort key that reads numbers inside labels as numbers: 'copy (seq_len=5)' < 'copy (seq_len=10)'."""
+    parts = re.split(r"(\d+(?:\.\d+)?(?:e-?\d+)?)", str(text))
+    return tuple(float(p) if i % 2 else p for i, p in enumerate(parts))
+
+
+def ordered(frame: pd.DataFrame, cols: Sequence[str] = ("task", "setting", "variant", "cell")) -> pd.DataFrame:
+    """Rows sorted by `cols` (those present), numbers inside the labels compared as numbers; stable."""
+    present = [c for c in cols if c in frame]
+    if frame.empty or not present:
+        return frame.reset_index(drop=True)
+    ranks = {}
+    for c in present:
+        values = sorted(frame[c].astype(str).unique(), key=natural_key)
+        ranks[f"_rank_{c}"] = frame[c].astype(str).map({v: i for i, v in enumerate(values)})
+    keyed = frame.assign(**ranks)
+    return keyed.sort_values(list(ranks), kind="mergesort").drop(columns=list(ranks)).reset_index(drop=True)
+
+
 NOT_VARIANTS = {"model.cell", "train.seed", "train.progress_bar", "train.device"}
 
 
@@ -296,7 +331,7 @@ def candidates_table(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -
     order = order.sort_values(GROUP + ["_nf", "n_failed", "_val", "candidate"], kind="mergesort")
     best = order.groupby(GROUP, sort=False, dropna=False).head(1).index
     table["chosen"] = table.index.isin(best)
-    return table.sort_values(GROUP + ["candidate"], kind="mergesort").reset_index(drop=True)
+    return ordered(table, GROUP + ["candidate"])
 
 
 def chosen_runs(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -> pd.DataFrame:
@@ -418,7 +453,7 @@ def summary_table(
             row["solved"] = int(rule.solved(fin).sum())
             row["solved_rule"] = rule.describe()
         rows.append(row)
-    return pd.DataFrame(rows).reset_index(drop=True)
+    return ordered(pd.DataFrame(rows))
 
 
 def pairwise_table(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -> pd.DataFrame:
@@ -450,7 +485,7 @@ def pairwise_table(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -> 
             rows.extend(family)
     cols = ["task", "setting", "variant", "metric", "cell_a", "cell_b", "n_a", "n_b", "mean_a", "mean_b", "diff",
             "welch_t", "welch_p", "welch_p_holm", "mwu_u", "mwu_p", "mwu_p_holm", "cohens_d", "hedges_g", "rank_biserial"]
-    return pd.DataFrame(rows, columns=cols)
+    return ordered(pd.DataFrame(rows, columns=cols), ["task", "setting", "variant", "cell_a", "cell_b"])
 
 
 def chung_table(summary: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,236 @@
+"""Analysis against a real MLflow store: tiny copy/adding runs trained by rnnbench.train.train.
+
+One SQLite store per module (about 30 runs of a fraction of a second each), then: the frame has
+one row per run, the statistics equal scipy's and a hand calculation, and two reports of the same
+store are byte-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from rnnbench.analysis import tables as T
+from rnnbench.analysis.report import build_report
+from rnnbench.analysis.runs import load_histories, load_runs, wide_histories
+
+CELLS = ("tanh", "lstm", "gru")
+LRS = (1e-2, 3e-3)
+PLAN = {"copy": ({"seq_len": 10}, (0, 1, 2)), "adding": ({"seq_len": 20}, (0, 1))}
+SWEEP = "tiny"
+
+
+def _config(uri: str, root: Path, task: str, options: dict, cell: str, lr: float, seed: int):
+    from rnnbench.config import Config
+
+    return Config.from_dict({
+        "model": {"cell": cell, "hidden_size": 8},
+        "task": {"name": task, "n_train": 128, "n_val": 64, "n_test": 64, **options},
+        "train": {"seed": seed, "lr": lr, "batch_size": 32, "max_epochs": 2, "progress_bar": False, "device": "cpu"},
+        "tracking": {"tracking_uri": uri, "experiment": "analysis-test", "checkpoint_dir": str(root / "ckpt")},
+    })
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Trained runs of sweep 'tiny' (copy: 3 cells x 2 lr x 3 seeds; adding: x 2 seeds) and one foreign run."""
+    from rnnbench.train import train
+
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    run_ids: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        for task, (options, seeds) in PLAN.items():
+            for cell in CELLS:
+                for lr in LRS:
+                    for seed in seeds:
+                        result = train(_config(uri, root, task, options, cell, lr, seed), tags={"sweep": SWEEP})
+                        assert result.status == "FINISHED", result.reason
+                        run_ids.append(result.run_id)
+        other = train(_config(uri, root, "copy", {"seq_len": 10}, "tanh", 1e-2, 0), tags={"sweep": "other"})
+    return {"uri": uri, "root": root, "run_ids": run_ids, "other": other.run_id}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_store: dict) -> pd.DataFrame:
+    return load_runs(tiny_store["uri"], sweeps=[SWEEP])
+
+
+def test_one_row_per_run_typed(tiny_store: dict, runs: pd.DataFrame) -> None:
+    assert len(runs) == len(tiny_store["run_ids"]) == runs["run_id"].nunique()
+    assert set(runs["run_id"]) == set(tiny_store["run_ids"])  # the 'other' sweep is left out
+    assert (runs["status"] == "FINISHED").all() and (runs["sweep"] == SWEEP).all()
+    assert runs["train.lr"].dtype == np.float64 and str(runs["train.seed"].dtype) == "Int64"
+    assert runs["test_ce"].dtype == np.float64 and runs["model.cell"].tolist() == runs["cell"].tolist()
+    assert set(runs["metric"]) == {"ce", "mse"}
+    assert not any(c.startswith(("val_", "train_")) for c in runs.columns)  # curves stay out of the frame
+    everything = load_runs(tiny_store["uri"])
+    assert len(everything) == len(runs) + 1 and tiny_store["other"] in set(everything["run_id"])
+    # 'other' repeats the config and seed of a 'tiny' run: one is kept (the newer), not two seeds
+    kept, dropped = T.drop_repeats(everything)
+    assert len(dropped) == 1 and tiny_store["other"] in set(kept["run_id"])
+    assert dropped["config_hash"].iloc[0] == kept.set_index("run_id").loc[tiny_store["other"], "config_hash"]
+
+
+def test_histories_one_row_per_epoch(tiny_store: dict, runs: pd.DataFrame) -> None:
+    some = runs["run_id"].iloc[:3].tolist()
+    hist = load_histories(some, tiny_store["uri"])
+    wide = wide_histories(hist)
+    for rid in some:
+        row = runs.set_index("run_id").loc[rid]
+        mine = wide[wide["run_id"] == rid]
+        assert len(mine) == int(row["epochs"]) and mine["epoch"].tolist() == list(range(int(row["epochs"])))
+        key = f"val_{row['metric']}"
+        assert mine[key].min() == pytest.approx(row["best_val"], rel=1e-6)
+        assert mine["wall_seconds"].is_monotonic_increasing
+    assert not hist["key"].str.endswith("_baseline").any()  # per-epoch constants left out by default
+
+
+def test_chosen_lr_is_lowest_mean_validation(runs: pd.DataFrame) -> None:
+    chosen = T.candidates_table(runs)
+    for (task, cell), part in runs.groupby(["task", "cell"]):
+        metric = part["metric"].iloc[0]
+        means = part.groupby("train.lr")[f"final_val_{metric}"].mean()
+        row = chosen[(chosen["task"] == task) & (chosen["cell"] == cell) & chosen["chosen"]]
+        assert len(row) == 1 and row["train.lr"].iloc[0] == means.idxmin()
+
+
+def test_ci_is_the_t_interval(runs: pd.DataFrame) -> None:
+    summary = T.summary_table(runs)
+    chosen = T.chosen_runs(runs)
+    assert len(summary) == len(PLAN) * len(CELLS)
+    for _, s in summary.iterrows():
+        x = chosen[(chosen["setting"] == s["setting"]) & (chosen["cell"] == s["cell"])][f"test_{s['metric']}"].to_numpy()
+        n = len(x)
+        assert n == s["n_seeds"] == len(PLAN[s["task"]][1])
+        half = stats.t.ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n)  # by hand
+        assert s["test_mean"] == pytest.approx(x.mean(), rel=1e-12)
+        assert s["test_ci_half"] == pytest.approx(half, rel=1e-12)
+        lo, hi = stats.t.interval(0.95, n - 1, loc=x.mean(), scale=stats.sem(x))  # and scipy's own
+        assert (s["test_ci_low"], s["test_ci_high"]) == pytest.approx((lo, hi), rel=1e-12)
+        if s["task"] == "copy":
+            assert s["ref_baseline"] == pytest.approx(10 * math.log(8) / 30)
+            assert s["solved"] == int((x < 0.1 * s["ref_baseline"]).sum())
+
+
+def _holm_by_hand(p: list[float]) -> list[float]:
+    """Holm 1979: sort ascending, p_(i) * (m - i + 1), running maximum, capped at 1."""
+    m = len(p)
+    order = sorted(range(m), key=lambda i: p[i])
+    out, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def test_pairwise_matches_scipy_and_holm(runs: pd.DataFrame) -> None:
+    pairs = T.pairwise_table(runs)
+    chosen = T.chosen_runs(runs)
+    assert len(pairs) == len(PLAN) * 3
+    for setting, family in pairs.groupby("setting"):
+        for _, r in family.iterrows():
+            pick = chosen[chosen["setting"] == setting]
+            a = pick[pick["cell"] == r["cell_a"]][f"test_{r['metric']}"].to_numpy()
+            b = pick[pick["cell"] == r["cell_b"]][f"test_{r['metric']}"].to_numpy()
+            welch = stats.ttest_ind(a, b, equal_var=False)
+            mwu = stats.mannwhitneyu(a, b, alternative="two-sided")
+            assert (r["welch_t"], r["welch_p"]) == pytest.approx((welch.statistic, welch.pvalue), rel=1e-12)
+            assert (r["mwu_u"], r["mwu_p"]) == pytest.approx((mwu.statistic, mwu.pvalue), rel=1e-12)
+            assert r["rank_biserial"] == pytest.approx(2 * mwu.statistic / (len(a) * len(b)) - 1)
+            sp = math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
+            d = (a.mean() - b.mean()) / sp
+            assert r["cohens_d"] == pytest.approx(d) and r["hedges_g"] == pytest.approx(d * (1 - 3 / (4 * (len(a) + len(b)) - 9)))
+        assert family["welch_p_holm"].tolist() == pytest.approx(_holm_by_hand(family["welch_p"].tolist()))
+        assert family["mwu_p_holm"].tolist() == pytest.approx(_holm_by_hand(family["mwu_p"].tolist()))
+
+
+def test_holm_by_hand_with_a_known_family() -> None:
+    p = [0.01, 0.04, 0.03, 0.005, float("nan")]
+    # sorted 0.005, 0.01, 0.03, 0.04 (m = 4): x4 = 0.02, x3 = 0.03, x2 = 0.06, x1 = 0.04 -> running max 0.06
+    expected = [0.03, 0.06, 0.06, 0.02]
+    got = T.holm(p)
+    assert got[:4].tolist() == pytest.approx(expected) and math.isnan(got[4])
+    assert _holm_by_hand(p[:4]) == pytest.approx(expected)
+
+
+def test_selection_avoids_failing_candidates() -> None:
+    rows = []
+    for lr, vals, statuses in ((0.1, [0.5, np.nan], ["FINISHED", "FAILED"]), (0.01, [0.9, 0.8], ["FINISHED"] * 2)):
+        for seed, (v, st) in enumerate(zip(vals, statuses)):
+            rows.append({"run_id": f"{lr}-{seed}", "task": "copy", "cell": "lstm", "metric": "ce", "status": st,
+                         "train.lr": lr, "train.seed": seed, "seed": seed, "final_val_ce": v, "test_ce": v})
+    cand = T.candidates_table(pd.DataFrame(rows))
+    assert cand.loc[cand["chosen"], "train.lr"].tolist() == [0.01]
+    assert cand.set_index("train.lr").loc[0.1, "n_failed"] == 1
+
+
+def test_markdown_table_and_formats() -> None:
+    frame = pd.DataFrame({"a": ["x|y", "z"], "b": [1.23456, float("nan")], "c": [True, pd.NA]})
+    text = T.markdown_table(frame, {"b": ".2f"})
+    assert text == "| a | b | c |\n|---|---|---|\n| x\\|y | 1.23 | yes |\n| z |  |  |\n"
+    assert T.pm(1.0, float("nan")) == "1.0000" and T.pm(1.0, 0.25, ".2f") == "1.00 ± 0.25"
+
+
+def test_solved_rules_from_spec(tmp_path: Path) -> None:
+    (tmp_path / "long.yaml").write_text(
+        "name: long\nbase: {task: {name: copy}}\nsolved: {metric: test_ce, threshold: 0.01}\n"
+    )
+    (tmp_path / "both.yaml").write_text("solved: {adding: {fraction_of_baseline: 0.05}}\n")
+    rules = T.solved_rules_from_specs(tmp_path, ["long", "both"])
+    assert rules["copy"] == T.SolvedRule("ce", None, 0.01)
+    assert rules["adding"] == T.SolvedRule("mse", 0.05, None)
+    assert T.solved_rules_from_specs(tmp_path, ["elsewhere"]) == T.DEFAULT_SOLVED
+
+
+def test_chung_table_maps_cells() -> None:
+    summary = pd.DataFrame([{
+        "task": "jsb", "setting": "jsb", "variant": "", "cell": cell, "n_seeds": 3, "train_mean": 8.0,
+        "test_mean": 8.6, "test_ci_low": 8.5, "test_ci_high": 8.7, "test_ci_half": 0.1,
+    } for cell in ("gru_reset_before", "lstm", "tanh")])
+    chung = T.chung_table(summary).set_index("cell")
+    assert chung.loc["gru_reset_before", "chung_test"] == 8.54 and chung.loc["gru_reset_before", "chung_inside_ci"]
+    assert chung.loc["lstm", "chung_cell"] == "LSTM" and "no peepholes" in chung.loc["lstm", "form"]
+    assert chung.loc["tanh", "test_diff"] == pytest.approx(8.6 - 9.10) and not chung.loc["tanh", "chung_inside_ci"]
+
+
+def test_report_twice_is_byte_identical(tiny_store: dict, tmp_path: Path) -> None:
+    a = build_report(tmp_path / "a", sweeps=[SWEEP], tracking_uri=tiny_store["uri"], spec_dir=tmp_path / "none")
+    b = build_report(tmp_path / "b", sweeps=[SWEEP], tracking_uri=tiny_store["uri"], spec_dir=tmp_path / "none")
+    files_a = sorted(p.relative_to(a.parent) for p in a.parent.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b.parent) for p in b.parent.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert (a.parent / rel).read_bytes() == (b.parent / rel).read_bytes(), rel
+    names = {str(p) for p in files_a}
+    assert {"REPORT.md", "runs.csv", "histories.csv", "tables/summary.md", "tables/pairwise.csv",
+            "figures/test_metric.png", "figures/test_metric.svg", "figures/curves_copy.png"} <= names
+    exported = pd.read_csv(a.parent / "runs.csv")
+    assert len(exported) == len(tiny_store["run_ids"]) and "start_time" not in exported
+    report = a.read_text()
+    assert "## copy" in report and "## adding" in report and "**Findings.**" in report
+    # the same report again into the same folder rewrites it to the same bytes
+    before = a.read_bytes()
+    build_report(tmp_path / "a", sweeps=[SWEEP], tracking_uri=tiny_store["uri"], spec_dir=tmp_path / "none")
+    assert a.read_bytes() == before
+
+
+def test_cli_report_command(tiny_store: dict, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from rnnbench.analysis.cli import command
+
+    app = typer.Typer()
+    app.command()(command)
+    res = CliRunner().invoke(app, ["--sweep", SWEEP, "--out", str(tmp_path / "r"), "--tracking-uri", tiny_store["uri"],
+                                   "--no-figures", "--specs", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r" / "REPORT.md").is_file() and not (tmp_path / "r" / "figures").exists()
