@@ -125,8 +125,9 @@ class SequenceModel(L.LightningModule):
 class EpochRecorder(Callback):
     """One MLflow write per epoch, step = epoch (per-step logging slows the MLflow UI), plus timings."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any, run_id: str, monitor: str) -> None:
         self.client, self.run_id = client, run_id
+        self._monitored = (monitor,)
         self.epochs = 0
         self.train_seconds = 0.0  # time inside training batches only
         self.epoch_seconds: list[float] = []
@@ -148,14 +149,28 @@ class EpochRecorder(Callback):
             return
         from mlflow.entities import Metric
 
-        self.epochs += 1
+        # An epoch re-run after a resume replaces its earlier record instead of doubling it.
+        del self.history[trainer.current_epoch:], self.epoch_seconds[trainer.current_epoch:]
         seconds = time.perf_counter() - self._t0
         self.epoch_seconds.append(seconds)
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train_", "val_"))}
         values.update(epoch_seconds=seconds, wall_seconds=time.perf_counter() - self._fit_t0)
         self.history.append(values)
+        self.epochs = len(self.history)
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, trainer.current_epoch) for k, v in values.items()])
+
+    def restore(self, client: Any, run_id: str) -> None:
+        """Reload the per-epoch record of an interrupted run, so a resumed run's summary spans all epochs."""
+        by_epoch: dict[int, dict[str, float]] = {}
+        for key in ("epoch_seconds", "wall_seconds", *self._monitored):
+            for m in client.get_metric_history(run_id, key):
+                by_epoch.setdefault(m.step, {})[key] = m.value
+        self.history = [by_epoch[e] for e in sorted(by_epoch)]
+        self.epoch_seconds = [h.get("epoch_seconds", float("nan")) for h in self.history]
+        self.epochs = len(self.history)
+        if self.history:  # wall-clock continues from where the interrupted run stopped
+            self._fit_t0 = time.perf_counter() - self.history[-1].get("wall_seconds", 0.0)
 
     def best_epoch(self, monitor: str) -> int:
         scores = [h.get(monitor, float("inf")) for h in self.history]

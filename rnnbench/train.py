@@ -128,7 +128,7 @@ def train(
         monitor = f"val_{task.primary_metric}"
         callbacks: list[Any] = [
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_last=True),
-            EpochRecorder(client, run_id),
+            EpochRecorder(client, run_id, monitor),
         ]
         if t.early_stopping_patience is not None:
             callbacks.append(EarlyStopping(monitor=monitor, mode="min", patience=t.early_stopping_patience))
@@ -156,9 +156,9 @@ def train(
         if probe is not None and not resuming:
             _gradient_flow(client, run_id, model, task, probe, "init")
         setup_seconds = time.perf_counter() - t_setup
+        if resuming and last.exists():
+            callbacks[1].restore(client, run_id)  # epochs before the interruption count too
         trainer.fit(model, train_loader, eval_loaders["val"], ckpt_path=str(last) if resuming and last.exists() else None)
-        if trainer.interrupted:
-            raise KeyboardInterrupt
 
         # Test (and re-score train and val) with the best-validation checkpoint, as Chung et al.
         best = callbacks[0].best_model_path or None
@@ -189,9 +189,10 @@ def train(
         return RunResult(run_id, "FINISHED", final)
     except DivergedError as e:
         return _fail(client, run_id, str(e), RunTag)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        # Lightning turns Ctrl-C inside fit() into SystemExit(1): either way the run was stopped.
         client.set_terminated(run_id, "KILLED")
-        raise
+        raise KeyboardInterrupt from None
     except RnnbenchError as e:
         _fail(client, run_id, str(e), RunTag)
         raise

@@ -5,6 +5,13 @@ per layer, b_ih and b_hh. Where they only ever appear as a sum (tanh, LSTM) b_hh
 (requires_grad=False) so the trainable count is the equation count; in the cuDNN GRU b_hn sits
 inside the reset product, so b_hh stays trainable. Weights live in `self.rnn` under torch's names
 (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, ...).
+
+One exception, the GRU on the CPU: torch runs nn.LSTM there through oneDNN's fused LSTM kernel
+(aten::mkldnn_rnn_layer, forward and backward), but has no such kernel for the GRU, which falls back
+to a per-step chain of ATen ops under autograd (~15 nodes and 2 small matmuls a step). The `gru`
+cell therefore runs, on CPU float32/float64 tensors, the compiled time loop of rnnbench/cells/_fast.py
+over the same weights (same function, same state_dict), several times faster; on CUDA it keeps
+cuDNN. Findings and timings: results/bench/GRU_CPU.md.
 """
 
 from __future__ import annotations
@@ -12,9 +19,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from rnnbench.cells import register_cell
+from rnnbench.cells import _fast, register_cell
 from rnnbench.cells.base import RecurrentLayer, State
 
 
@@ -125,11 +133,36 @@ class GRU(_Fused):
 
     name = "gru"
     freeze_bias_hh = False
+    # "auto": the compiled loop for CPU float32/float64 input when it builds, else torch's kernel;
+    # "torch": always torch.nn.GRU; "cpp" / "python": that loop of rnnbench/cells/_fast.py.
+    impl: str = "auto"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, forget_bias: float = 0.0) -> None:
         super().__init__(input_size, hidden_size, num_layers, forget_bias)
         self.rnn = nn.GRU(input_size, hidden_size, num_layers, batch_first=True)
         self._setup()
+
+    def _loop_impl(self, x: torch.Tensor) -> str | None:
+        """The _fast loop to run for x, or None for torch.nn.GRU."""
+        if self.impl == "torch" or x.dim() != 3:
+            return None
+        if self.impl == "auto":
+            return "cpp" if _fast.cpp_eligible(x) and _fast.load_extension() else None
+        return self.impl
+
+    def forward(self, x: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+        impl = self._loop_impl(x)
+        if impl is None:
+            return self.rnn(x, state)
+        if state is None:
+            state = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
+        r, hs = self.rnn, []
+        x = x.transpose(0, 1)  # time major inside the stack
+        for l in range(self.num_layers):
+            gi = F.linear(x, getattr(r, f"weight_ih_l{l}"), getattr(r, f"bias_ih_l{l}"))
+            x, h = _fast.gru_reset_after(gi, state[l], getattr(r, f"weight_hh_l{l}"), getattr(r, f"bias_hh_l{l}"), impl=impl)
+            hs.append(h)
+        return x.transpose(0, 1).contiguous(), torch.stack(hs)
 
     @classmethod
     def count_params(cls, input_size: int, hidden_size: int, num_layers: int = 1) -> int:

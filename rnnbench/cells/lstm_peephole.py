@@ -1,7 +1,22 @@
 """The LSTM of Graves 2013 with diagonal peepholes, as used by Chung et al. 2014 (no fused kernel has it).
 
-A plain step function looped over time in Python (correctness first); the input projection of all
-time steps is one matmul before the loop.
+Two paths, the same numbers:
+  forward            the input projection of all steps as one matmul, then a time loop with a
+                     hand-written backward through time (rnnbench/cells/_fast.py): on the CPU a C++
+                     loop compiled once with torch.utils.cpp_extension.load_inline, elsewhere (CUDA,
+                     or no compiler) the same algorithm in torch ops.
+  forward_reference  the readable step function looped over time under autograd: the definition the
+                     fast path is tested against (float64, outputs and gradients, tests/test_fast_cells.py).
+
+Why this choice (measured by `rnnbench bench` on the 2-core AMD EPYC of this project, seq 200, batch
+32, input 88, hidden 36, fwd+bwd; results/bench/bench_cpu.md): the autograd step loop costs ~10x the
+fused nn.LSTM; most of it is per-op dispatch and autograd bookkeeping (~15 nodes a step), not
+arithmetic. A torch.autograd.Function with the backward written out removes the bookkeeping but keeps
+~20 op dispatches a step (~0.25x fused LSTM); TorchScript keeps autograd's per-op nodes; the compiled
+loop does one MKL product and one vectorised gate pass per step and reaches ~0.6-0.8x the fused LSTM,
+which itself runs oneDNN's LSTM kernel. Build ~10 s (2 cores), cached; no compiler -> Python path
+with one warning. GPU: the torch-op path (per-step kernel launches); its speed and a CUDA-graph
+variant are measured by the bench on a GPU machine.
 """
 
 from __future__ import annotations
@@ -9,9 +24,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from rnnbench.cells import register_cell
+from rnnbench.cells import _fast, register_cell
 from rnnbench.cells.base import RecurrentLayer, State
 
 
@@ -29,8 +45,13 @@ class PeepholeLSTMLayer(nn.Module):
         self.w_cf = nn.Parameter(torch.empty(H))
         self.w_co = nn.Parameter(torch.empty(H))
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, D), h and c (B, H) -> (all h_t (B, T, H), h_T, c_T)."""
+    def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Time major: x (T, B, D), h and c (B, H) -> (all h_t (T, B, H), h_T, c_T). The fast loop."""
+        xw = F.linear(x, self.weight_ih, self.bias)  # (T, B, 4H): W x_t + b for every t at once
+        return _fast.peephole_lstm(xw, h, c, self.weight_hh, self.w_ci, self.w_cf, self.w_co, impl=impl)
+
+    def forward_reference(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch first: x (B, T, D), h and c (B, H) -> (all h_t (B, T, H), h_T, c_T). One step at a time."""
         xw = x @ self.weight_ih.T + self.bias  # (B, T, 4H): W x_t + b for every t at once
         outs = []
         for t in range(x.shape[1]):
@@ -60,6 +81,7 @@ class PeepholeLSTM(RecurrentLayer):
     """
 
     name = "lstm_peephole"
+    impl: str = "auto"  # time loop: "auto" | "cpp" | "python" (rnnbench/cells/_fast.py) | "reference"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, forget_bias: float = 0.0) -> None:
         super().__init__(input_size, hidden_size, num_layers, forget_bias)
@@ -68,16 +90,32 @@ class PeepholeLSTM(RecurrentLayer):
         self.init_uniform_(1.0 / math.sqrt(hidden_size))
 
     def forward(self, x: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
-        if state is None:
-            zeros = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
-            state = (zeros, zeros)
-        h0, c0 = state
+        if self.impl == "reference":
+            return self.forward_reference(x, state)
+        h0, c0 = self._initial(x, state)
+        hs, cs = [], []
+        x = x.transpose(0, 1)  # time major inside the stack
+        for l, layer in enumerate(self.layers):
+            x, h, c = layer(x, h0[l], c0[l], impl=self.impl)  # layer l's h_t is layer l+1's x_t
+            hs.append(h)
+            cs.append(c)
+        return x.transpose(0, 1).contiguous(), (torch.stack(hs), torch.stack(cs))
+
+    def forward_reference(self, x: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+        """The same function as forward, one autograd-recorded step at a time (the tests' reference)."""
+        h0, c0 = self._initial(x, state)
         hs, cs = [], []
         for l, layer in enumerate(self.layers):
-            x, h, c = layer(x, h0[l], c0[l])  # layer l's h_t is layer l+1's x_t
+            x, h, c = layer.forward_reference(x, h0[l], c0[l])
             hs.append(h)
             cs.append(c)
         return x, (torch.stack(hs), torch.stack(cs))
+
+    def _initial(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor]:
+        if state is None:
+            zeros = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
+            return zeros, zeros
+        return state
 
     @torch.no_grad()
     def init_uniform_(self, scale: float) -> None:

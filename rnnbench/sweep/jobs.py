@@ -1,0 +1,119 @@
+"""What an executor sends to a worker (`Job`), what comes back (`Outcome`), and the worker's function.
+
+Jobs carry plain data only (the config as a dict, the tracking URI and experiment id resolved by
+the driver), so the same `run_point` runs in this process, in a spawned process or on a Ray node.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int
+    point_id: str
+    label: str
+    config: dict[str, Any]  # Config.to_dict(), tracking settings already resolved by the driver
+    experiment_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+    resume_run_id: str | None = None  # a run left RUNNING/KILLED with a checkpoint: continue it
+
+
+@dataclass(frozen=True)
+class Outcome:
+    index: int
+    point_id: str
+    label: str
+    run_id: str | None
+    status: str  # FINISHED | FAILED
+    reason: str | None = None
+    seconds: float = 0.0
+    resumed: bool = False
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return (f"{type(error).__name__}: {text}" if text else type(error).__name__)[:500]
+
+
+def run_point(job: Job) -> Outcome:
+    """Train one point; never raises for a failed run (the reason is in MLflow and the Outcome)."""
+    from rnnbench.config import Config
+    from rnnbench.errors import RnnbenchError
+    from rnnbench.train import train
+
+    start = time.perf_counter()
+    if job.resume_run_id is not None:  # Lightning warns that the run's checkpoint folder exists: it should
+        warnings.filterwarnings("ignore", ".*exists and is not empty.*")
+    config: Config | None = None
+    try:
+        config = Config.from_dict(job.config)
+        result = train(config, run_id=job.resume_run_id, experiment_id=job.experiment_id, tags=job.tags)
+        run_id, status, reason = result.run_id, result.status, result.reason
+    except SystemExit as e:  # Lightning turns Ctrl-C inside fit() into sys.exit(1), bypassing train()'s handler
+        _mark_killed(job)
+        raise KeyboardInterrupt from e
+    except RnnbenchError as e:  # train() records these as FAILED, then re-raises
+        run_id, status, reason = _record_failure(job, config, str(e)), "FAILED", " ".join(str(e).split())[:500]
+    except Exception as e:  # noqa: BLE001 - e.g. raised before train() created its run
+        run_id, status, reason = _record_failure(job, config, one_line(e)), "FAILED", one_line(e)
+    return Outcome(
+        job.index, job.point_id, job.label, run_id, status, reason, time.perf_counter() - start, job.resume_run_id is not None
+    )
+
+
+def _mark_killed(job: Job) -> None:
+    """Close this attempt's run as KILLED (it keeps its checkpoint; the next invocation resumes it)."""
+    from mlflow.tracking import MlflowClient
+
+    from rnnbench.sweep.runs import point_runs
+
+    try:
+        client = MlflowClient(tracking_uri=job.config["tracking"]["tracking_uri"])
+        runs = point_runs(client, job.experiment_id, job.tags["sweep"], job.point_id)
+        for run in runs:
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, "KILLED")
+    except Exception:  # noqa: BLE001 - left RUNNING instead: the next invocation handles that too
+        pass
+
+
+def _record_failure(job: Job, config: Any, reason: str) -> str | None:
+    """Make sure MLflow holds this attempt as a FAILED run with its reason; return that run's id.
+
+    train() fails some runs itself; errors raised before it creates its run (a bad task option, an
+    unreadable dataset) would otherwise leave no trace in the store.
+    """
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from rnnbench.sweep.runs import point_runs
+
+    uri = job.config["tracking"]["tracking_uri"]
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        if job.resume_run_id is not None:
+            run_id = job.resume_run_id
+        else:  # the driver retired earlier attempts, so an active run of this point is this attempt's
+            mine = point_runs(client, job.experiment_id, job.tags["sweep"], job.point_id)
+            if mine:
+                run_id = mine[0].info.run_id
+                if mine[0].info.status == "FAILED":
+                    return run_id
+            else:
+                tags = {**job.tags, "failure_reason": reason}
+                if config is not None:
+                    tags.update(cell=config.model.cell, task=config.task.name, seed=str(config.train.seed))
+                    tags["config_hash"] = config.config_hash()
+                run_id = client.create_run(job.experiment_id, tags=tags, run_name=job.config["tracking"].get("run_name")).info.run_id
+                if config is not None:
+                    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in config.flat().items()])
+        client.log_batch(run_id, tags=[RunTag("failure_reason", reason)])
+        client.set_terminated(run_id, "FAILED")
+        return run_id
+    except Exception:  # noqa: BLE001 - the store itself is unreachable: the summary still has the reason
+        return None

@@ -1,0 +1,271 @@
+"""Run a sweep: expand the spec, prepare the store once, skip what is done, fan out, summarise.
+
+Order of events (each step is safe to interrupt; re-running the same command carries on):
+  1. expand the spec into points and validate every config (before anything is written);
+  2. create the store and the experiment once, here in the driver (workers only add runs);
+  3. find or create the sweep's parent run; read the child runs already there, by point id;
+  4. per point: FINISHED -> skip; RUNNING/KILLED with a checkpoint -> resume that run; otherwise
+     retire stale attempts and start a new child run;
+  5. hand the jobs to the executor, at most `capacity` in flight, with a progress bar;
+  6. close the parent run (FINISHED only if every point is) and return a summary.
+Steps 2-6 hold a lock for a SQLite store: one driver per sweep at a time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from rnnbench.errors import RnnbenchError
+from rnnbench.sweep.jobs import Job, Outcome
+from rnnbench.sweep.runs import POINT_ROLE, Decision, child_runs, decide, parent_run, retire
+from rnnbench.sweep.spec import Point, SweepSpec, expand
+
+
+@dataclass
+class PlannedPoint:
+    point: Point
+    decision: Decision
+
+
+@dataclass
+class SweepSummary:
+    name: str
+    tracking_uri: str
+    experiment: str
+    experiment_id: str
+    parent_run_id: str | None
+    total: int
+    already_done: int
+    outcomes: list[Outcome] = field(default_factory=list)
+    foreign_points: int = 0  # child runs of this sweep name whose point is not in this spec
+
+    @property
+    def finished(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "FINISHED"]
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status != "FINISHED"]
+
+    @property
+    def ok(self) -> bool:
+        return self.already_done + len(self.finished) == self.total
+
+    def lines(self) -> list[str]:
+        """The end-of-sweep report: counts, then every failed point with its reason."""
+        not_run = self.total - self.already_done - len(self.outcomes)
+        head = (
+            f"sweep {self.name}: {self.total} points: {self.already_done + len(self.finished)} FINISHED "
+            f"({len(self.finished)} this time, {self.already_done} before), {len(self.failed)} FAILED"
+            + (f", {not_run} not run" if not_run else "")
+        )
+        out = [head]
+        if self.failed:
+            out.append("failed points (re-run the same command to retry them):")
+            for o in sorted(self.failed, key=lambda o: o.index):
+                out.append(f"  [{o.point_id}] {o.label}: {o.reason} (run {o.run_id or '-'})")
+        out.append(f"store {self.tracking_uri}, experiment {self.experiment!r} (id {self.experiment_id}), parent run {self.parent_run_id}")
+        return out
+
+
+def _job(point: Point, decision: Decision, experiment_id: str, tags: dict[str, str], shared: dict[str, Any]) -> Job:
+    config = point.config.to_dict()
+    config["tracking"] = {**config["tracking"], **shared, "run_name": point.label}
+    point_tags = {**tags, "point_id": point.point_id}
+    if point.sample is not None:
+        point_tags["sample"] = str(point.sample)
+    return Job(point.index, point.point_id, point.label, config, experiment_id, point_tags, decision.run_id if decision.action == "resume" else None)
+
+
+def plan(spec: SweepSpec, overrides: list[str] | None = None) -> tuple[list[Point], dict[str, Any]]:
+    """The sweep's points and the tracking settings they share, resolved here in the driver."""
+    from rnnbench.tracking import resolve_tracking_uri
+
+    points = expand(spec, overrides)
+    tracking = points[0].config.tracking
+    shared = {
+        "tracking_uri": resolve_tracking_uri(tracking.tracking_uri),
+        "experiment": tracking.experiment,
+        "checkpoint_dir": str(Path(tracking.checkpoint_dir).resolve()),
+    }
+    return points, shared
+
+
+def run_sweep(
+    spec: SweepSpec,
+    overrides: list[str] | None = None,
+    *,
+    executor: str = "local",
+    workers: int | None = None,
+    progress: bool = True,
+    dry_run: bool = False,
+    echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> SweepSummary:
+    """Run every point of `spec` not yet FINISHED in the store; see the module docstring."""
+    from rnnbench.sweep.executors import EXECUTORS
+
+    if executor not in EXECUTORS:
+        raise RnnbenchError(f"unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}")
+    if workers is not None and workers < 1:
+        raise RnnbenchError(f"--workers must be at least 1 (got {workers})")
+    points, shared = plan(spec, overrides)
+    with nullcontext() if dry_run else _one_driver(shared["tracking_uri"], spec.name):
+        return _plan_and_run(spec, overrides, points, shared, executor, workers, progress, dry_run, echo)
+
+
+def _plan_and_run(
+    spec: SweepSpec, overrides: list[str] | None, points: list[Point], shared: dict[str, Any], executor: str,
+    workers: int | None, progress: bool, dry_run: bool, echo: Callable[[str], None],
+) -> SweepSummary:
+    """Read the store, decide per point, and (unless a dry run) run what is left."""
+    client, experiment_id, existing = _open_store(shared, spec.name, create=not dry_run)
+    planned = [PlannedPoint(p, decide(existing.get(p.point_id, []), shared["checkpoint_dir"])) for p in points]
+    summary = SweepSummary(spec.name, shared["tracking_uri"], shared["experiment"], experiment_id, None, len(points), 0)
+    summary.foreign_points = len(set(existing) - {p.point_id for p in points})
+    summary.already_done = sum(pp.decision.action == "done" for pp in planned)
+    counts = {a: sum(pp.decision.action == a for pp in planned) for a in ("done", "resume", "retry", "new")}
+    echo(
+        f"sweep {spec.name}: {len(points)} points; {counts['done']} already FINISHED, {counts['resume']} to resume, "
+        f"{counts['retry']} to retry, {counts['new']} new"
+    )
+    if summary.foreign_points:
+        echo(f"note: {summary.foreign_points} earlier points of sweep {spec.name!r} are not in this spec (spec or overrides changed?)")
+    if dry_run:
+        for pp in planned:
+            echo(f"  {pp.decision.action:6s} [{pp.point.point_id}] {pp.point.label}")
+        return summary
+
+    _run_planned(spec, overrides, planned, summary, client, experiment_id, shared, executor, workers, progress, echo)
+    return summary
+
+
+def _run_planned(
+    spec: SweepSpec, overrides: list[str] | None, planned: list[PlannedPoint], summary: SweepSummary, client: Any,
+    experiment_id: str, shared: dict[str, Any], executor: str, workers: int | None, progress: bool,
+    echo: Callable[[str], None],
+) -> None:
+    """Parent run, retire stale attempts, run the rest."""
+    spec_hash = spec.spec_hash(overrides)
+    parent_tags = {"spec_hash": spec_hash, "n_points": str(summary.total), "mlflow.runName": spec.name}
+    summary.parent_run_id = parent_id = parent_run(client, experiment_id, spec.name, parent_tags)
+    record = {"spec": spec.model_dump(mode="json"), "overrides": list(overrides or [])}
+    client.log_text(parent_id, yaml.safe_dump(record, sort_keys=False), "sweep.yaml")
+    for pp in planned:
+        for run, why in pp.decision.retire:
+            retire(client, run, why)
+    tags = {"sweep": spec.name, "sweep_role": POINT_ROLE, "spec_hash": spec_hash, "mlflow.parentRunId": parent_id}
+    jobs = [_job(pp.point, pp.decision, experiment_id, tags, shared) for pp in planned if pp.decision.action != "done"]
+    _execute(jobs, summary, client, executor, workers, progress, echo)
+
+
+@contextmanager
+def _one_driver(uri: str, sweep: str) -> Iterator[None]:
+    """For a SQLite store, refuse a second driver of the same sweep while one runs (it would take
+    the first one's RUNNING points for dead ones). The lock dies with its process, SIGKILL included.
+    With a tracking server nothing is locked: run one driver per sweep."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(uri[len("sqlite:///"):]).parent / f".rnnbench-sweep-{sweep}.lock"
+    if not lock.parent.is_dir():  # prepare_store reports the missing directory in one line
+        yield
+        return
+    with open(lock, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RnnbenchError(f"sweep {sweep!r} is already running against this store (lock {lock})") from None
+        yield
+
+
+def _open_store(shared: dict[str, Any], sweep: str, create: bool) -> tuple[Any, str, dict[str, list[Any]]]:
+    """(client, experiment id, child runs by point). With `create`, make the store and experiment
+    here, once, before any worker starts; without, only read (a dry run must not create a store)."""
+    from mlflow.tracking import MlflowClient
+
+    from rnnbench.tracking import prepare_store
+
+    uri, experiment = shared["tracking_uri"], shared["experiment"]
+    if create:
+        experiment_id = prepare_store(uri, experiment)
+        client = MlflowClient(tracking_uri=uri)
+        return client, experiment_id, child_runs(client, experiment_id, sweep)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return None, "-", {}
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return client, "-", {}
+    return client, exp.experiment_id, child_runs(client, exp.experiment_id, sweep)
+
+
+def _execute(
+    jobs: list[Job], summary: SweepSummary, client: Any, executor: str, workers: int | None, progress: bool,
+    echo: Callable[[str], None],
+) -> None:
+    """Run the jobs; close the parent run FINISHED (all points are), FAILED or KILLED (Ctrl-C)."""
+    from mlflow.entities import Metric
+
+    from rnnbench.sweep.executors import make_executor
+
+    status = "FAILED"
+    try:
+        if jobs:
+            pool = make_executor(executor, workers)
+            echo(f"running {len(jobs)} points {pool.description}")
+            try:
+                _drive(pool, jobs, summary, progress)
+            except BaseException:
+                pool.close(cancel=True)
+                raise
+            pool.close()
+        status = "FINISHED" if summary.ok else "FAILED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        now = int(time.time() * 1000)
+        counts = {
+            "points_total": summary.total,
+            "points_finished": summary.already_done + len(summary.finished),
+            "points_failed": len(summary.failed),
+        }
+        client.log_batch(summary.parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in counts.items()])
+        client.set_terminated(summary.parent_run_id, status)
+
+
+def _drive(pool: Any, jobs: list[Job], summary: SweepSummary, progress: bool) -> None:
+    """Keep the executor full, collect outcomes, show progress: done / failed / running / ETA."""
+    from collections import deque
+
+    from tqdm import tqdm
+
+    queue = deque(jobs)
+    in_flight = 0
+    bar = tqdm(total=summary.total, initial=summary.already_done, desc=summary.name, unit="point",
+               disable=not progress, dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+    try:
+        while queue or in_flight:
+            while queue and in_flight < pool.capacity:
+                pool.submit(queue.popleft())
+                in_flight += 1
+            bar.set_postfix(failed=len(summary.failed), running=in_flight, refresh=True)
+            outcome = pool.next_done()
+            in_flight -= 1
+            summary.outcomes.append(outcome)
+            if outcome.status != "FINISHED":
+                bar.write(f"FAILED {outcome.label}: {outcome.reason}", file=sys.stderr)
+            bar.update(1)
+        bar.set_postfix(failed=len(summary.failed), running=0, refresh=True)
+    finally:
+        bar.close()

@@ -1,0 +1,320 @@
+"""The fast time loops (rnnbench/cells/_fast.py) against the readable step-by-step references, in float64.
+
+lstm_peephole and gru_reset_before: every fast implementation ("cpp": the compiled loop, "python": the
+same algorithm in torch ops) against the cell's own `forward_reference` (the autograd step loop).
+gru: its CPU loop against torch.nn.GRU itself. Compared: outputs, final states, and the gradients of a
+random linear function of them with respect to the input, the initial state and every weight; 1 and 2
+layers; a sequence fed in chunks with the state handed on. No timings here: speed lives in `rnnbench bench`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from rnnbench.cells import _fast, get_cell
+
+B, T, D, H = 3, 9, 4, 5
+LSTMS = ("lstm_peephole",)
+
+
+def _compiler() -> bool:
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+def _require_cpp() -> None:
+    """The compiled loop must build wherever a compiler exists; skip only where none does."""
+    if _fast.load_extension():
+        return
+    if _compiler() and _fast.extension_info()["reason"] != "disabled by RNNBENCH_FAST_EXT=0":
+        pytest.fail(f"compiled loop failed to build: {_fast.extension_info()['reason']}")
+    pytest.skip(f"compiled loop unavailable: {_fast.extension_info()['reason']}")
+
+
+def make(cell: str, num_layers: int, dtype=torch.float64, device: str = "cpu", seed: int = 0):
+    torch.manual_seed(seed)
+    layer = get_cell(cell)(D, H, num_layers=num_layers, forget_bias=0.7).to(device=device, dtype=dtype)
+    layer.init_uniform_(0.5)  # large enough that every nonlinearity matters
+    return layer
+
+
+def flat(state) -> list[torch.Tensor]:
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+def random_problem(cell: str, num_layers: int, dtype=torch.float64, device: str = "cpu", steps: int = T):
+    g = torch.Generator().manual_seed(1)
+    n_state = 2 if cell in LSTMS else 1
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).to(device)
+
+    x = rnd(B, steps, D)
+    state = tuple(rnd(num_layers, B, H) for _ in range(n_state))
+    g_out = rnd(B, steps, H)
+    g_state = [rnd(num_layers, B, H) for _ in range(n_state)]
+    return x, (state if n_state == 2 else state[0]), g_out, g_state
+
+
+def run(layer, x, state, g_out, g_state):
+    """Outputs, final states and all gradients of sum(out * g_out) + sum(final * g_state)."""
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    state_in = [s.clone().requires_grad_() for s in flat(state)]
+    out, final = layer(x, tuple(state_in) if len(state_in) == 2 else state_in[0])
+    loss = (out * g_out).sum() + sum((s * g).sum() for s, g in zip(flat(final), g_state))
+    loss.backward()
+    named = {k: p.grad for k, p in layer.named_parameters() if p.requires_grad}
+    return {"out": out.detach(), **{f"final{i}": s.detach() for i, s in enumerate(flat(final))}, "grad_x": x.grad,
+            **{f"grad_state{i}": s.grad for i, s in enumerate(state_in)}, **{f"grad_{k}": v for k, v in named.items()}}
+
+
+def assert_same(a: dict, b: dict, rtol: float = 1e-10, atol: float = 1e-12) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] is not None and b[k] is not None, k
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def impl_param(impl: str):
+    return pytest.param(impl, id=impl)
+
+
+IMPLS = [impl_param("cpp"), impl_param("python")]
+
+
+def _set_impl(layer, impl: str) -> None:
+    if impl == "cpp":
+        _require_cpp()
+    layer.impl = impl
+
+
+# --- Chung-form cells: fast == forward_reference ----------------------------------------------------
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cell", ["lstm_peephole", "gru_reset_before"])
+def test_fast_equals_reference(cell: str, impl: str, num_layers: int) -> None:
+    layer = make(cell, num_layers)
+    problem = random_problem(cell, num_layers)
+    layer.impl = "reference"
+    ref = run(layer, *problem)
+    _set_impl(layer, impl)
+    fast = run(layer, *problem)
+    assert_same(fast, ref)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cell", ["lstm_peephole", "gru_reset_before"])
+def test_default_state_is_zeros(cell: str, impl: str) -> None:
+    layer = make(cell, 2)
+    _set_impl(layer, impl)
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    out, final = layer(x)
+    layer.impl = "reference"
+    ref_out, ref_final = layer(x)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    for a, b in zip(flat(final), flat(ref_final), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cell", ["lstm_peephole", "gru_reset_before", "gru"])
+def test_chunked_state_equals_reference_whole(cell: str, impl: str) -> None:
+    """Chunks of 4, 1 and 4 steps with the state handed on: the reference's numbers for the whole sequence,
+    gradients included (they flow back through the handed-on states)."""
+    layer = make(cell, 2)
+    x, state, g_out, g_state = random_problem(cell, 2)
+    layer.impl = "torch" if cell == "gru" else "reference"
+    ref = run(layer, x, state, g_out, g_state)
+
+    _set_impl(layer, impl)
+    layer.zero_grad(set_to_none=True)
+    xg = x.clone().requires_grad_()
+    s_in = [s.clone().requires_grad_() for s in flat(state)]
+    s = tuple(s_in) if len(s_in) == 2 else s_in[0]
+    outs = []
+    for lo, hi in ((0, 4), (4, 5), (5, T)):
+        out, s = layer(xg[:, lo:hi], s)
+        outs.append(out)
+    out = torch.cat(outs, dim=1)
+    loss = (out * g_out).sum() + sum((f * g).sum() for f, g in zip(flat(s), g_state))
+    loss.backward()
+    got = {"out": out.detach(), **{f"final{i}": f.detach() for i, f in enumerate(flat(s))}, "grad_x": xg.grad,
+           **{f"grad_state{i}": t.grad for i, t in enumerate(s_in)},
+           **{f"grad_{k}": p.grad for k, p in layer.named_parameters() if p.requires_grad}}
+    assert_same(got, ref)
+
+
+@pytest.mark.parametrize("cell", ["lstm_peephole", "gru_reset_before", "gru"])
+def test_cpp_float32_close_on_a_long_sequence(cell: str) -> None:
+    """float32 (vectorised exp/tanh in the compiled loop) stays within float rounding over 200 steps."""
+    _require_cpp()
+    torch.manual_seed(0)
+    layer = get_cell(cell)(D, 36, num_layers=1)
+    x = torch.randn(B, 200, D)
+    g = torch.randn(B, 200, 36)
+    results = []
+    for impl in ("cpp", "torch" if cell == "gru" else "reference"):
+        layer.impl = impl
+        layer.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        out, _ = layer(xg)
+        (out * g).sum().backward()
+        results.append([out.detach(), xg.grad] + [p.grad for p in layer.parameters() if p.requires_grad])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# --- the `gru` cell's CPU loop == torch.nn.GRU ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gru_cpu_loop_equals_torch_gru(impl: str, num_layers: int) -> None:
+    layer = make("gru", num_layers)
+    problem = random_problem("gru", num_layers)
+    layer.impl = "torch"
+    ref = run(layer, *problem)
+    _set_impl(layer, impl)
+    fast = run(layer, *problem)
+    assert_same(fast, ref)
+    assert "grad_rnn.bias_hh_l0" in fast  # b_hn sits inside the reset product: trained, and checked
+
+
+def test_gru_default_on_cpu_is_the_compiled_loop_with_torch_layout() -> None:
+    _require_cpp()
+    layer = get_cell("gru")(D, H, num_layers=2)
+    assert layer._loop_impl(torch.zeros(B, T, D)) == "cpp"
+    assert layer._loop_impl(torch.zeros(B, T, D, dtype=torch.float16)) is None  # torch's kernel otherwise
+    ref = torch.nn.GRU(D, H, 2, batch_first=True)
+    assert list(layer.state_dict()) == [f"rnn.{k}" for k in ref.state_dict()]
+    assert all(layer.state_dict()[f"rnn.{k}"].shape == v.shape for k, v in ref.state_dict().items())
+
+
+# --- selection and fallback --------------------------------------------------------------------------
+
+
+def graph_nodes(t: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes that produced t."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo += [n for n, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("impl", ["reference", "python", "cpp"])
+def test_impl_selects_the_loop(impl: str) -> None:
+    layer = make("lstm_peephole", 1)
+    _set_impl(layer, impl)
+    out, _ = layer(torch.randn(B, T, D, dtype=torch.float64))
+    names = graph_nodes(out)
+    fast = {n for n in names if n.startswith("_Peephole")}
+    if impl == "reference":
+        assert not fast and sum("Sigmoid" in n for n in names) >= 1
+    else:
+        assert fast == {f"_Peephole{'Cpp' if impl == 'cpp' else 'Py'}Backward"}
+
+
+def test_unknown_impl_is_rejected() -> None:
+    with pytest.raises(ValueError, match="impl must be one of"):
+        _fast.resolve("fortran", torch.zeros(1))
+
+
+def test_no_compiler_falls_back_to_python_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.utils.cpp_extension as cpp_extension
+
+    saved = dict(_fast._ext)
+    try:
+        _fast._ext.update(state=None, reason="")
+        monkeypatch.setattr(cpp_extension, "load_inline", lambda **kw: (_ for _ in ()).throw(OSError("no c++ compiler")))
+        with pytest.warns(RuntimeWarning, match="no c\\+\\+ compiler"):
+            assert _fast.resolve("auto", torch.zeros(2, 2)) == "python"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the warning comes once per process, not per call
+            assert _fast.resolve("auto", torch.zeros(2, 2)) == "python"
+        with pytest.raises(RuntimeError, match="unavailable"):
+            _fast.resolve("cpp", torch.zeros(2, 2))
+        # a cell still computes the right numbers on the fallback
+        layer = make("gru_reset_before", 2)
+        problem = random_problem("gru_reset_before", 2)
+        fast = run(layer, *problem)
+        layer.impl = "reference"
+        assert_same(fast, run(layer, *problem))
+    finally:
+        _fast._ext.clear()
+        _fast._ext.update(saved)
+
+
+def test_extension_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = dict(_fast._ext)
+    try:
+        _fast._ext.update(state=None, reason="")
+        monkeypatch.setenv("RNNBENCH_FAST_EXT", "0")
+        assert _fast.resolve("auto", torch.zeros(2, 2)) == "python"
+        assert "RNNBENCH_FAST_EXT" in _fast.extension_info()["reason"]
+    finally:
+        _fast._ext.clear()
+        _fast._ext.update(saved)
+
+
+def test_cpp_rejects_other_dtypes() -> None:
+    with pytest.raises(ValueError, match="float32/float64"):
+        _fast.resolve("cpp", torch.zeros(2, 2, dtype=torch.bfloat16))
+
+
+# --- CUDA: the torch-op loop and its CUDA graph ------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("cell", ["lstm_peephole", "gru_reset_before"])
+def test_cuda_python_loop_equals_reference(cell: str, num_layers: int) -> None:
+    layer = make(cell, num_layers, device="cuda")
+    problem = random_problem(cell, num_layers, device="cuda")
+    assert _fast.resolve("auto", problem[0]) == "python"
+    layer.impl = "reference"
+    ref = run(layer, *problem)
+    layer.impl = "auto"
+    assert_same(run(layer, *problem), ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_gru_keeps_cudnn() -> None:
+    layer = get_cell("gru")(D, H).cuda()
+    assert layer._loop_impl(torch.zeros(B, T, D, device="cuda")) is None
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("cell", ["lstm_peephole", "gru_reset_before"])
+def test_cuda_graph_of_the_python_loop(cell: str) -> None:
+    from rnnbench.bench import _out_only
+
+    torch.manual_seed(0)
+    layer = get_cell(cell)(D, H).cuda()
+    x = torch.randn(B, T, D, device="cuda")
+    g = torch.randn(B, T, H, device="cuda")
+    graphed = torch.cuda.make_graphed_callables(_out_only(layer), (x,))
+    results = []
+    for fn in (graphed, lambda v: layer.forward_reference(v)[0]):
+        layer.zero_grad(set_to_none=True)
+        out = fn(x)
+        out.backward(g)
+        torch.cuda.synchronize()
+        results.append([out.detach().clone()] + [p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
