@@ -159,8 +159,11 @@ def test_metric_figure(summary: pd.DataFrame, chosen: pd.DataFrame, out_dir: Pat
             cells = list(s["cell"])
             pal = _palette(cells)
             pts = fin[(fin["setting"] == setting) & (fin["variant"] == variant)].sort_values(["cell", "seed"])
-            sns.stripplot(data=pts, x="cell", y=f"test_{metric}", hue="cell", order=cells, palette=pal,
-                          jitter=False, size=4, alpha=0.6, legend=False, ax=ax)
+            if f"test_{metric}" not in pts or pts.empty:  # every run of this panel failed
+                pts = pd.DataFrame({"cell": [], f"test_{metric}": []})
+            else:
+                sns.stripplot(data=pts, x="cell", y=f"test_{metric}", hue="cell", order=cells, palette=pal,
+                              jitter=False, size=4, alpha=0.6, legend=False, ax=ax)
             half = s["test_ci_half"].fillna(0).to_numpy()
             ax.errorbar(np.arange(len(cells)) + 0.15, s["test_mean"], yerr=half, fmt="o", color="black",
                         capsize=3, ms=4)
