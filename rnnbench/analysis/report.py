@@ -322,6 +322,9 @@ def build_report(
         figs["success"] = F.success_figure(success, fdir)
 
     report = _render(runs, summary, pairs, chung, candidates, flow, success, rules, tuned, figs, out, sweeps, repeats)
+    if (out / "DISCUSSION.md").is_file():  # hand-written reading of these numbers; never generated
+        report += ("\n## Discussion\n\nWhy our numbers differ from Chung et al. 2014, and what they do not show: "
+                   "[DISCUSSION.md](DISCUSSION.md) (written by hand about the runs exported here).\n")
     path = out / "REPORT.md"
     path.write_text(report, newline="\n")
     return path
