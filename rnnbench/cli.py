@@ -65,23 +65,20 @@ def ui(
     os.execv(sys.executable, cmd)
 
 
-def _mount_optional() -> None:
-    """Sub-commands that live in their own modules (each added by one line)."""
-    try:
-        from rnnbench.datasets.cli import data_app
+def _mount() -> None:
+    """Sub-commands that live beside their code; each module keeps heavy imports inside the command."""
+    from rnnbench import bench
+    from rnnbench.analysis import cli as report_cli
+    from rnnbench.datasets.cli import data_app
+    from rnnbench.sweep import cli as sweep_cli
 
-        app.add_typer(data_app, name="data", help="Fetch, verify and describe the datasets.")
-    except ImportError:  # pragma: no cover
-        pass
-    for module, name in (("rnnbench.sweep.cli", "sweep"), ("rnnbench.analysis.cli", "report"), ("rnnbench.bench", "bench")):
-        try:
-            mod = __import__(module, fromlist=["command"])
-        except ImportError:  # pragma: no cover
-            continue
-        app.command(name=name)(mod.command)
+    app.add_typer(data_app, name="data", help="Fetch, verify and describe the datasets.")
+    app.command(name="sweep")(sweep_cli.command)
+    app.command(name="report")(report_cli.command)
+    app.command(name="bench")(bench.command)
 
 
-_mount_optional()
+_mount()
 
 
 def main() -> None:
