@@ -440,3 +440,35 @@ def test_ray_executor_local_instance(tmp_path: Path, store: str) -> None:
     import ray
 
     assert not ray.is_initialized()  # the instance it started is shut down
+
+
+def test_batch_models_trains_groups_together_one_run_per_point(tmp_path: Path) -> None:
+    """--batch-models on: points differing only in seed and lr train as one group (rnnbench.many_models),
+    each still its own FINISHED child run; a re-run finds them all done."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    spec = tmp_path / "bm.yaml"
+    spec.write_text(
+        "name: bm\nbase:\n  model: {hidden_size: 8}\n"
+        "  task: {name: copy, seq_len: 5, n_train: 64, n_val: 32, n_test: 32}\n"
+        "  train: {max_epochs: 2, batch_size: 16, early_stopping_patience: null}\n"
+        "grid:\n  model.cell: [lstm, gru_reset_before]\n  train.seed: [0, 1]\n  train.lr: [0.001, 0.003]\n"
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    cmd = [sys.executable, "-m", "rnnbench.cli", "sweep", str(spec), "--batch-models", "on", "--no-progress"]
+    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "training 4 points together" in first.stderr
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("bm")
+    runs = client.search_runs([exp.experiment_id], "tags.sweep_role = 'point'")
+    assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.data.tags["point_id"] for r in runs}) == 8
+    assert {r.data.tags["batched"] for r in runs} == {"4"}
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "8 FINISHED (0 this time, 8 before)" in second.stdout

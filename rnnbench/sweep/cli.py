@@ -19,6 +19,9 @@ def command(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the points and what would be done; run nothing"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar"),
+    batch_models: str = typer.Option(
+        "auto", "--batch-models", help="train points that differ only in seed and lr together: auto (where CUDA is), on, off"
+    ),
 ) -> None:
     """Run a grid/random sweep; re-running it skips FINISHED points and resumes interrupted ones.
 
@@ -28,7 +31,8 @@ def command(
     from rnnbench.sweep.spec import load_spec
 
     sweep = load_spec(spec)
-    summary = run_sweep(sweep, overrides or [], executor=executor, workers=workers, progress=progress, dry_run=dry_run)
+    summary = run_sweep(sweep, overrides or [], executor=executor, workers=workers, progress=progress, dry_run=dry_run,
+                        batch_models=batch_models)
     if dry_run:
         return
     for line in summary.lines():

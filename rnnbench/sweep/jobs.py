@@ -117,3 +117,23 @@ def _record_failure(job: Job, config: Any, reason: str) -> str | None:
         return run_id
     except Exception:  # noqa: BLE001 - the store itself is unreachable: the summary still has the reason
         return None
+
+
+def run_group(jobs: list[Job]) -> list[Outcome]:
+    """Train new points that differ only in seed and learning rate together (rnnbench.many_models).
+
+    Each point still gets its own child run with the tags its job carries; a group error fails
+    every point of the group, and the sweep goes on.
+    """
+    from rnnbench.config import Config
+    from rnnbench.many_models import train_many
+
+    start = time.perf_counter()
+    try:
+        results = train_many([Config.from_dict(j.config) for j in jobs], experiment_id=jobs[0].experiment_id,
+                             tags=[j.tags for j in jobs])
+    except Exception as e:  # noqa: BLE001 - train_many already closed its runs as FAILED
+        reason = one_line(e)
+        return [Outcome(j.index, j.point_id, j.label, None, "FAILED", reason, time.perf_counter() - start) for j in jobs]
+    seconds = time.perf_counter() - start
+    return [Outcome(j.index, j.point_id, j.label, r.run_id, r.status, r.reason, seconds) for j, r in zip(jobs, results)]
