@@ -4,7 +4,8 @@ One process, one run, side by side (repeats interleaved round-robin, medians rep
   bare       torch.nn.RNN / LSTM / GRU forward + backward: the fused kernels (oneDNN / ATen / cuDNN).
   cell       each non-fused implementation of a cell (rnnbench/cells/_fast.py): the compiled CPU loops
              ("cpp"), the torch-op loops ("python"), on CUDA the torch-op loop captured in a CUDA graph
-             ("graphed"), and the autograd step loops ("reference"); also the `gru` cell's CPU loop.
+             ("graphed"; checked as the "python" loop it captures), and the autograd step loops
+             ("reference"); also the `gru` cell's CPU loop, checked against torch.nn.GRU.
   harness    what `rnnbench train` does per batch, without Lightning's loop: SequenceModel.training_step
              (forward, task loss, finiteness check, metric sums), backward, gradient-norm clipping,
              Adam step, zero_grad; the task is a Bernoulli next-frame loss over `--input` keys
@@ -87,6 +88,7 @@ class Row:
     steps_per_s: float = math.nan  # batch * seq_len / median seconds
     x_fused_lstm: float = math.nan  # fused-LSTM time / this time (throughput relative to nn.LSTM)
     harness_over_bare: float = math.nan  # harness or lightning time / the cell's default kernel time
+    paired_ms: float = math.nan  # lightning rows: the manual harness step timed back to back around the fit
     note: str = ""
 
 
@@ -192,7 +194,7 @@ def _metrics(rows: list[Row]) -> dict[str, float]:
     out: dict[str, float] = {}
     for r in rows:
         key = f"{r.device}/h{r.hidden}/{r.kind}/{r.cell}/{r.impl}".replace(":", "_")
-        for name in ("ms", "x_fused_lstm", "harness_over_bare", "diff_f32", "diff_f64"):
+        for name in ("ms", "x_fused_lstm", "harness_over_bare", "paired_ms", "diff_f32", "diff_f64"):
             v = getattr(r, name)
             if isinstance(v, float) and math.isfinite(v):
                 out[f"{key}/{name}"] = v
@@ -542,14 +544,33 @@ def _bench_lightning(dev: str, H: int, opts: Options, rows: list[Row]) -> list[R
             default_root_dir=tempfile.gettempdir(),
         )
         r = Row(device=dev, hidden=H, kind="lightning", cell=cell, impl=_default_impl(cell, dev))
+        # The manual step, timed back to back just before and just after the fit (Lightning's batches
+        # run back to back too; the interleaved harness row sees colder caches): the overhead's baseline.
+        manual = _harness_step(cell, H, opts, dev)
+        paired = _back_to_back(manual, dev, opts)
         try:
             trainer.fit(model, loader)
             gaps = [b - a for a, b in zip(starts.t, starts.t[1:])][opts.warmup :]
             _fill(r, gaps, opts)
         except Exception as e:  # noqa: BLE001
             r.note = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        paired += _back_to_back(manual, dev, opts)
+        r.paired_ms = statistics.median(paired) * 1e3
         out.append(r)
     return out
+
+
+def _back_to_back(fn: Callable[[], Any], dev: str, opts: Options) -> list[float]:
+    for _ in range(opts.warmup):
+        fn()
+    times = []
+    for _ in range(opts.repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 # ---- fixed cost per run -------------------------------------------------------------------------------
@@ -646,7 +667,8 @@ def _write(dev: str, rows: list[Row], info: dict[str, Any], opts: Options) -> Pa
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in asdict(r).items()})
     ext = info.get("extension", {})
     if ext.get("state"):
-        ext_line = f"built/loaded in {ext['seconds']:.1f} s (`{' '.join(ext.get('flags', []))}`)"
+        how = "loaded from torch's extension cache" if ext.get("cached") else "compiled"
+        ext_line = f"{how} in {ext['seconds']:.2f} s (`{' '.join(ext.get('flags', []))}`)"
     elif ext.get("state") is False:
         ext_line = f"unavailable ({ext.get('reason')})"
     else:
@@ -685,11 +707,16 @@ def _write(dev: str, rows: list[Row], info: dict[str, Any], opts: Options) -> Pa
     lightning = [r for r in rows if r.kind == "lightning" and math.isfinite(r.ms)]
     if lightning:
         lines += ["", "## Lightning's per-batch overhead", "",
-                  "| hidden | cell | harness step ms | Lightning batch ms | overhead ms |", "|---:|---|---:|---:|---:|"]
+                  "The same training step, each timed back to back (not interleaved): by hand (SequenceModel.training_step,"
+                  " backward, clip, Adam step; median of the runs just before and just after the fit) and inside"
+                  " a Lightning Trainer set up as rnnbench.train sets it up (time between consecutive batch starts:"
+                  " DataLoader, hooks and all).", "",
+                  "| hidden | cell | manual step ms | Lightning batch ms | overhead ms | overhead % |",
+                  "|---:|---|---:|---:|---:|---:|"]
         for r in lightning:
-            h = next((x for x in rows if (x.kind, x.hidden, x.cell) == ("harness", r.hidden, r.cell)), None)
-            over = r.ms - h.ms if h and math.isfinite(h.ms) else math.nan
-            lines.append(f"| {r.hidden} | {r.cell} | {_fmt(h.ms if h else math.nan)} | {_fmt(r.ms)} | {_fmt(over)} |")
+            over = r.ms - r.paired_ms
+            lines.append(f"| {r.hidden} | {r.cell} | {_fmt(r.paired_ms)} | {_fmt(r.ms)} | {_fmt(over)} |"
+                         f" {_fmt(100 * over / r.paired_ms, 0)} |")
     setup = [r for r in rows if r.kind == "setup"]
     if setup:
         lines += ["", "## Fixed cost per run (rnnbench.train.train on a tiny copy config, `setup_seconds`)", ""]

@@ -236,6 +236,7 @@ def test_no_compiler_falls_back_to_python_with_one_warning(monkeypatch: pytest.M
     saved = dict(_fast._ext)
     try:
         _fast._ext.update(state=None, reason="")
+        monkeypatch.delenv("RNNBENCH_FAST_EXT", raising=False)
         monkeypatch.setattr(cpp_extension, "load_inline", lambda **kw: (_ for _ in ()).throw(OSError("no c++ compiler")))
         with pytest.warns(RuntimeWarning, match="no c\\+\\+ compiler"):
             assert _fast.resolve("auto", torch.zeros(2, 2)) == "python"

@@ -8,9 +8,10 @@ float64 by tests/test_fast_cells.py (outputs, final states, input, state and wei
 
   "cpp"     csrc/fast_rnn.cpp, compiled on first use with torch.utils.cpp_extension.load_inline and
             cached in torch's extension directory (TORCH_EXTENSIONS_DIR). Only per-operator ATen headers
-            are included, so the build takes ~10-15 s on 2 cores; concurrent processes share one build
-            through torch's file lock. CPU, float32 and float64. Per step: one small MKL product (two
-            for the reset-before GRU) and one vectorised pass over the gates (-march=native).
+            are included, so the build takes ~7-15 s on 2 cores (0.1 s to load once cached);
+            concurrent processes share one build through torch's file lock. CPU, float32 and float64.
+            Per step: one small MKL product (two for the reset-before GRU) and one vectorised pass over
+            the gates (-march=native).
   "python"  the same algorithm in torch ops, with the activation derivatives of all steps computed
             before the backward loop (~8 kernels per step): any device and float dtype. The path on
             CUDA, and on the CPU when the extension cannot be built (no compiler, RNNBENCH_FAST_EXT=0),
@@ -34,7 +35,7 @@ from torch.autograd.function import once_differentiable
 IMPLS = ("auto", "cpp", "python")
 SOURCE = Path(__file__).with_name("csrc") / "fast_rnn.cpp"
 
-_ext: dict[str, Any] = {"state": None, "reason": "", "seconds": 0.0, "name": "", "flags": []}
+_ext: dict[str, Any] = {"state": None, "reason": "", "seconds": 0.0, "name": "", "flags": [], "cached": False}
 
 
 def _cpu_signature() -> tuple[str, set[str]]:
@@ -77,10 +78,13 @@ def load_extension() -> bool:
         flags, machine = _cflags()
         digest = hashlib.sha256("\n".join([src, *flags, machine, torch.__version__]).encode()).hexdigest()[:12]
         name = f"rnnbench_fast_{digest}"
+        from torch.utils.cpp_extension import _get_build_directory
+
+        cached = (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
         load_inline(name=name, cpp_sources=[src], extra_cflags=flags, is_python_module=False,
                     no_implicit_headers=True, with_cuda=False, verbose=False)
         torch.ops.rnnbench_fast.peephole_lstm_fwd  # noqa: B018 - raises if the library did not register
-        _ext.update(state=True, seconds=time.perf_counter() - t0, name=name, flags=flags)
+        _ext.update(state=True, seconds=time.perf_counter() - t0, name=name, flags=flags, cached=cached)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, headers missing: all mean "fall back"
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         _ext.update(state=False, reason=reason, seconds=time.perf_counter() - t0)
@@ -90,7 +94,8 @@ def load_extension() -> bool:
 
 
 def extension_info() -> dict[str, Any]:
-    """{'state': True/False/None (not tried yet), 'reason', 'seconds' (build or load), 'name', 'flags'}."""
+    """{'state': True/False/None (not tried yet), 'reason', 'seconds' (build or load), 'name', 'flags',
+    'cached' (True: an earlier build was loaded)}."""
     return dict(_ext)
 
 

@@ -8,15 +8,18 @@ Two paths, the same numbers:
   forward_reference  the readable step function looped over time under autograd: the definition the
                      fast path is tested against (float64, outputs and gradients, tests/test_fast_cells.py).
 
-Why this choice (measured by `rnnbench bench` on the 2-core AMD EPYC of this project, seq 200, batch
-32, input 88, hidden 36, fwd+bwd; results/bench/bench_cpu.md): the autograd step loop costs ~10x the
-fused nn.LSTM; most of it is per-op dispatch and autograd bookkeeping (~15 nodes a step), not
-arithmetic. A torch.autograd.Function with the backward written out removes the bookkeeping but keeps
-~20 op dispatches a step (~0.25x fused LSTM); TorchScript keeps autograd's per-op nodes; the compiled
-loop does one MKL product and one vectorised gate pass per step and reaches ~0.6-0.8x the fused LSTM,
-which itself runs oneDNN's LSTM kernel. Build ~10 s (2 cores), cached; no compiler -> Python path
-with one warning. GPU: the torch-op path (per-step kernel launches); its speed and a CUDA-graph
-variant are measured by the bench on a GPU machine.
+Why this choice (throughput relative to the fused nn.LSTM, which runs oneDNN's LSTM kernel; measured
+side by side by `rnnbench bench` on the project's 2-core AMD EPYC, seq 200, batch 32, input 88, fwd+bwd,
+float32; results/bench/bench_cpu.md):
+  autograd step loop (forward_reference)          0.11x (h 36)   0.21x (h 100)
+  TorchScript of that loop (a separate probe)     0.12x (h 36): same per-op autograd nodes, no gain
+  autograd.Function, backward by hand, torch ops  0.27x (h 36)   0.58x (h 100)   ("python")
+  the same algorithm compiled (load_inline)       0.79x (h 36)   1.02x (h 100)   ("cpp", the default)
+The step loop's cost is per-op dispatch and autograd bookkeeping (~15 nodes a step), not arithmetic;
+the compiled loop does one small MKL product and one vectorised gate pass per step. Exact: float64
+agrees with forward_reference to ~1e-13. Build ~7-15 s on 2 cores, once, cached; without a compiler
+the "python" loop runs, after one warning. CUDA runs the "python" loop (per-step kernel launches); the
+bench also times it captured in a CUDA graph; GPU figures come from a GPU session.
 """
 
 from __future__ import annotations
