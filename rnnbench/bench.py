@@ -13,6 +13,9 @@ One process, one run, side by side (repeats interleaved round-robin, medians rep
   lightning  the same step inside a Lightning Trainer configured as rnnbench.train does (time between
              consecutive batch starts: data loading, hooks, clipping, optimizer included); minus the
              harness row it is Lightning's per-batch overhead.
+  many       K models of one cell trained together (rnnbench/many_models.py: one stacked recurrence,
+             per-model loss, clipping and Adam step) against the same K models stepped one after
+             another with their default implementation; at the first hidden size, `--many K` models.
   setup      per-run fixed cost: rnnbench.train.train on a tiny copy-task config, twice, reading its
              `setup_seconds` metric (trainer + data + MLflow setup; the first call also creates the
              store and the experiment).
@@ -69,6 +72,7 @@ class Options:
     lightning: bool = True
     setup: bool = True
     reference: bool = True
+    many: int = 32  # K for the batched-training rows; 0: skip them
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Row:
     x_fused_lstm: float = math.nan  # fused-LSTM time / this time (throughput relative to nn.LSTM)
     harness_over_bare: float = math.nan  # harness or lightning time / the cell's default kernel time
     paired_ms: float = math.nan  # lightning rows: the manual harness step timed back to back around the fit
+    speedup: float = math.nan  # many rows: batched throughput / sequential throughput of the same K models
     note: str = ""
 
 
@@ -107,12 +112,13 @@ def command(
     lightning: Annotated[bool, typer.Option(help="also time the step inside a Lightning Trainer")] = True,
     setup: Annotated[bool, typer.Option(help="also measure train()'s fixed cost (setup_seconds)")] = True,
     reference: Annotated[bool, typer.Option(help="also time the slow autograd step loops")] = True,
+    many: Annotated[int, typer.Option(min=0, help="K models trained batched vs one after another (0: skip)")] = 32,
 ) -> None:
     """Time fused kernels, every cell implementation and the harness step side by side; write results/bench."""
     opts = Options(
         devices=_devices(device), seq_len=seq_len, batch=batch, input_size=input_size, hidden=_hidden(hidden),
         repeats=repeats, warmup=warmup, out=out, tracking_uri=tracking_uri, threads=threads,
-        lightning=lightning, setup=setup, reference=reference,
+        lightning=lightning, setup=setup, reference=reference, many=many,
     )
     result = run(opts, echo=typer.echo)
     for dev, path in result["files"].items():
@@ -194,7 +200,7 @@ def _metrics(rows: list[Row]) -> dict[str, float]:
     out: dict[str, float] = {}
     for r in rows:
         key = f"{r.device}/h{r.hidden}/{r.kind}/{r.cell}/{r.impl}".replace(":", "_")
-        for name in ("ms", "x_fused_lstm", "harness_over_bare", "paired_ms", "diff_f32", "diff_f64"):
+        for name in ("ms", "x_fused_lstm", "harness_over_bare", "paired_ms", "speedup", "diff_f32", "diff_f64"):
             v = getattr(r, name)
             if isinstance(v, float) and math.isfinite(v):
                 out[f"{key}/{name}"] = v
@@ -242,6 +248,9 @@ def _bench_device(dev: str, opts: Options, uri: str, echo: Callable[[str], Any])
             rows += _bench_hidden(dev, H, opts)
             if opts.lightning:
                 rows += _bench_lightning(dev, H, opts, rows)
+    if opts.many:
+        echo(f"[{dev}] {opts.many} models batched vs one after another, hidden {opts.hidden[0]}")
+        rows += _bench_many(dev, opts)
     if opts.setup:
         echo(f"[{dev}] fixed cost per run: rnnbench.train.train on a tiny config, twice")
         rows += _bench_setup(dev, uri)
@@ -573,6 +582,32 @@ def _back_to_back(fn: Callable[[], Any], dev: str, opts: Options) -> list[float]
     return times
 
 
+# ---- many models at once ------------------------------------------------------------------------------
+def _bench_many(dev: str, opts: Options) -> list[Row]:
+    """K models per cell: one batched training step of all K against K sequential steps (throughput_many)."""
+    from rnnbench.many_models import throughput_many
+
+    H, K = opts.hidden[0], opts.many
+    out = []
+    for cell in HARNESS_CELLS:
+        try:
+            res = throughput_many(cell, K, seq_len=opts.seq_len, batch_size=opts.batch, input_size=opts.input_size,
+                                  hidden_size=H, steps=max(3, opts.repeats // 3), device=dev)
+        except Exception as e:  # noqa: BLE001 - one row says why, the others still run
+            out.append(Row(device=dev, hidden=H, kind="many", cell=cell, impl="batched",
+                           note=" ".join(f"{type(e).__name__}: {e}".split())[:200]))
+            continue
+        per_round = K * opts.batch * opts.seq_len
+        for impl, key in (("batched", "batched"), ("sequential", "sequential")):
+            r = Row(device=dev, hidden=H, kind="many", cell=cell, impl=impl, ms=per_round / res[key] * 1e3,
+                    steps_per_s=res[key], repeats=max(3, opts.repeats // 3))
+            if key == "batched":
+                r.speedup = res["speedup"]
+                r.note = "best of interleaved rounds; one round = one training step of each of the K models"
+            out.append(r)
+    return out
+
+
 # ---- fixed cost per run -------------------------------------------------------------------------------
 def _bench_setup(dev: str, uri: str) -> list[Row]:
     from rnnbench.config import Config
@@ -697,7 +732,7 @@ def _write(dev: str, rows: list[Row], info: dict[str, Any], opts: Options) -> Pa
         "|---:|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in rows:
-        if r.kind == "setup":
+        if r.kind in ("setup", "many"):
             continue
         lines.append(
             f"| {r.hidden} | {r.kind} | {r.cell} | {r.impl} | {r.check} | {_fmt(r.diff_f32)} | {_fmt(r.diff_f64)} |"
@@ -717,14 +752,28 @@ def _write(dev: str, rows: list[Row], info: dict[str, Any], opts: Options) -> Pa
             over = r.ms - r.paired_ms
             lines.append(f"| {r.hidden} | {r.cell} | {_fmt(r.paired_ms)} | {_fmt(r.ms)} | {_fmt(over)} |"
                          f" {_fmt(100 * over / r.paired_ms, 0)} |")
+    many = [r for r in rows if r.kind == "many"]
+    if many:
+        lines += ["", f"## {opts.many} models trained together (rnnbench/many_models.py) vs one after another", "",
+                  "One round = one training step of each of the K models (forward, Bernoulli NLL, backward, per-model"
+                  " gradient clipping, Adam step); batched: one stacked recurrence for all K (torch.baddbmm per step);"
+                  " sequential: each model's own default implementation in turn. Best of interleaved rounds.", "",
+                  "| hidden | cell | batched ms/round | sequential ms/round | batched steps/s | speedup | note |",
+                  "|---:|---|---:|---:|---:|---:|---|"]
+        for r in many:
+            if r.impl != "batched":
+                continue
+            seq = next((x for x in many if x.cell == r.cell and x.impl == "sequential"), None)
+            lines.append(f"| {r.hidden} | {r.cell} | {_fmt(r.ms)} | {_fmt(seq.ms if seq else math.nan)} |"
+                         f" {_fmt(r.steps_per_s, 0)} | {_fmt(r.speedup)} | {r.note if not math.isfinite(r.ms) else ''} |")
     setup = [r for r in rows if r.kind == "setup"]
     if setup:
         lines += ["", "## Fixed cost per run (rnnbench.train.train on a tiny copy config, `setup_seconds`)", ""]
         for r in setup:
             lines.append(f"- {r.impl} call: {_fmt(r.ms / 1e3, 3)} s setup ({r.note})")
-    targets = _targets(rows, dev)
+    targets = _targets(rows, dev, opts.many)
     if targets:
-        lines += ["", "## Targets (throughput relative to the fused nn.LSTM, fwd+bwd)", ""] + targets
+        lines += ["", "## Targets", ""] + targets
     path = base.with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")
     return base
@@ -737,10 +786,11 @@ def _command_line(opts: Options) -> str:
     if opts.threads:
         parts.append(f"--threads {opts.threads}")
     parts += [f"--no-{flag}" for flag in ("lightning", "setup", "reference") if not getattr(opts, flag)]
+    parts.append(f"--many {opts.many}")
     return " ".join(parts)
 
 
-def _targets(rows: list[Row], dev: str) -> list[str]:
+def _targets(rows: list[Row], dev: str, many_k: int = 0) -> list[str]:
     goal = 0.5 if dev == "cpu" else 0.3
     shown = {_default_impl(c, dev) for c in CHUNG_CELLS} | ({"graphed"} if dev == "cuda" else set())
     out = []
@@ -748,4 +798,10 @@ def _targets(rows: list[Row], dev: str) -> list[str]:
         if r.kind == "cell" and r.cell in CHUNG_CELLS and r.impl in shown and math.isfinite(r.x_fused_lstm):
             verdict = "meets" if r.x_fused_lstm >= goal else "below"
             out.append(f"- {r.cell} ({r.impl}), hidden {r.hidden}: {r.x_fused_lstm:.2f}x: {verdict} the >= {goal}x target")
+    many_goal = 10.0 if dev == "cuda" else 1.0
+    for r in rows:
+        if r.kind == "many" and math.isfinite(r.speedup):
+            verdict = "meets" if r.speedup >= many_goal and (dev == "cuda" or r.speedup > 1) else "below"
+            out.append(f"- {many_k} models batched, {r.cell}, hidden {r.hidden}: {r.speedup:.2f}x the sequential throughput:"
+                       f" {verdict} the {'>= 10x' if dev == 'cuda' else '> 1x'} target")
     return out

@@ -207,8 +207,10 @@ def _gradient_flow(client: Any, run_id: str, model: Any, task: Any, batch: dict[
 
     dtype = next(model.parameters()).dtype
     batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+    # Training mode on purpose: cuDNN's RNN backward refuses eval mode, and the models have no
+    # dropout or batch statistics, so the mode changes nothing else.
     was_training = model.training
-    model.eval()
+    model.train()
     with torch.enable_grad():
         log_gradient_flow(client, run_id, model.rnn, model.head, task, batch, tag)
     model.train(was_training)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from rnnbench.cli import app
 
-TINY = ["--seq-len", "4", "--batch", "2", "--input", "3", "--hidden", "3,5", "--repeats", "2", "--warmup", "1"]
+TINY = ["--seq-len", "4", "--batch", "2", "--input", "3", "--hidden", "3,5", "--repeats", "2", "--warmup", "1", "--many", "3"]
 
 
 def test_bench_writes_tables_and_one_mlflow_run(tmp_path: Path, store: str) -> None:
@@ -37,7 +37,11 @@ def test_bench_writes_tables_and_one_mlflow_run(tmp_path: Path, store: str) -> N
         rows = list(csv.DictReader(fh))
     assert "torch" in md and "threads" in md and "shape: seq 4, batch 2, input 3" in md
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"bare", "cell", "harness", "lightning", "setup"}
+    assert kinds == {"bare", "cell", "harness", "lightning", "setup", "many"}
+    many = [r for r in rows if r["kind"] == "many"]  # K=3 batched and sequential, each cell, first hidden size
+    assert {(r["cell"], r["impl"]) for r in many} == {(c, s) for c in ("tanh", "lstm", "gru", "lstm_peephole", "gru_reset_before") for s in ("batched", "sequential")}
+    assert all(float(r["speedup"]) > 0 for r in many if r["impl"] == "batched") and "models trained together" in md
+    rows = [r for r in rows if r["kind"] != "many"]
     for hidden in ("3", "5"):
         got = {(r["kind"], r["cell"], r["impl"]) for r in rows if r["hidden"] == hidden}
         assert {("bare", c, "torch") for c in ("tanh", "lstm", "gru")} <= got
@@ -79,7 +83,7 @@ def test_bench_writes_tables_and_one_mlflow_run(tmp_path: Path, store: str) -> N
 def test_bench_without_optional_parts(tmp_path: Path, store: str) -> None:
     out_dir = tmp_path / "b"
     args = ["bench", *TINY[:-4], "--repeats", "1", "--warmup", "0", "--hidden", "4", "--no-lightning", "--no-setup",
-            "--no-reference", "--threads", "1", "--out", str(out_dir)]
+            "--no-reference", "--many", "0", "--threads", "1", "--out", str(out_dir)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, (result.output, result.exception)
     with (out_dir / "bench_cpu.csv").open() as fh:

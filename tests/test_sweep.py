@@ -472,3 +472,34 @@ def test_batch_models_trains_groups_together_one_run_per_point(tmp_path: Path) -
     assert {r.data.tags["batched"] for r in runs} == {"4"}
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "8 FINISHED (0 this time, 8 before)" in second.stdout
+
+
+def test_batch_models_runs_groups_side_by_side_with_workers(tmp_path: Path) -> None:
+    """--batch-models on --workers 2: the two groups train in two worker processes at once; every
+    point is its own FINISHED run, with the numbers the in-process group gives."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    spec = tmp_path / "bw.yaml"
+    spec.write_text(
+        "name: bw\nbase:\n  model: {hidden_size: 8}\n"
+        "  task: {name: copy, seq_len: 5, n_train: 64, n_val: 32, n_test: 32}\n"
+        "  train: {max_epochs: 2, batch_size: 16, early_stopping_patience: null}\n"
+        "grid:\n  model.cell: [tanh, gru_reset_before]\n  train.seed: [0, 1]\n"
+    )
+    finals = {}
+    for workers in ("2", "1"):
+        uri = f"sqlite:///{tmp_path / f'mlflow{workers}.db'}"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        cmd = [sys.executable, "-m", "rnnbench.cli", "sweep", str(spec), "--batch-models", "on", "--no-progress", "--workers", workers]
+        out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert ("2 groups at a time" in out.stderr) == (workers == "2"), out.stderr[-2000:]
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("bw").experiment_id], "tags.sweep_role = 'point'")
+        assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+        finals[workers] = {r.data.tags["point_id"]: r.data.metrics["test_ce"] for r in runs}
+    assert finals["2"] == finals["1"]

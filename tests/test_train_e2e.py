@@ -76,12 +76,16 @@ def test_same_seed_same_numbers(tmp_path: Path, store: str) -> None:
     assert c.metrics["test_ce"] != a.metrics["test_ce"]
 
 
-def test_divergence_ends_run_failed_not_crash(tmp_path: Path, store: str) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs CUDA")])])
+def test_divergence_ends_run_failed_not_crash(tmp_path: Path, store: str, device: str) -> None:
+    """On CUDA the finiteness check is deferred by one update (no stream drain per step): same outcome."""
     from mlflow.tracking import MlflowClient
 
     spec = write_spec(tmp_path, "model: {cell: tanh}\ntask: {name: adding, seq_len: 5, n_train: 64, n_val: 16, n_test: 16}\n")
     # SGD with an absurd step and no clipping overflows to inf within a few updates.
-    out = run_cli(["train", str(spec), *TINY, "train.optimizer=sgd", "train.lr=1e30", "train.grad_clip=null"], tmp_path)
+    out = run_cli(["train", str(spec), *TINY, "train.optimizer=sgd", "train.lr=1e30", "train.grad_clip=null",
+                   f"train.device={device}"], tmp_path)
     assert out.returncode == 1
     assert "FAILED" in out.stderr and "Traceback" not in out.stderr
     client = MlflowClient(store)
@@ -139,3 +143,19 @@ def test_ui_serves_the_store_on_localhost(tmp_path: Path) -> None:
 
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cell", ["tanh", "lstm", "gru", "lstm_peephole", "gru_reset_before"])
+def test_train_on_cuda_with_gradient_flow(tmp_path: Path, store: str, cell: str) -> None:
+    """Every cell trains on CUDA to FINISHED, gradient-flow probes included (cuDNN's backward needs training mode)."""
+    from mlflow.tracking import MlflowClient
+
+    spec = write_spec(tmp_path, f"model: {{cell: {cell}}}\ntask: {{name: copy, seq_len: 5, n_train: 64, n_val: 32, n_test: 32}}\n")
+    out = run_cli(["train", str(spec), *TINY, "train.device=cuda", "train.gradient_flow=true"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("rnnbench").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["device"] != "cpu"
+    assert {"gradflow_init_steps", "gradflow_trained_steps", "test_ce"} <= set(run.data.metrics)

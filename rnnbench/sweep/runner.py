@@ -262,8 +262,11 @@ def _execute(
 
     status = "FAILED"
     try:
-        for group in groups or []:  # in this process: one group already fills the hardware
-            echo(f"training {len(group)} points together (seeds x learning rates of {group[0].label.split(' seed=')[0]})")
+        concurrent = bool(groups) and executor == "local" and (workers or 1) > 1
+        if concurrent:
+            _run_groups_concurrently(groups or [], workers or 1, summary, echo)
+        for group in [] if concurrent else groups or []:  # in this process, one after another
+            echo(f"training {len(group)} points together (seeds x learning rates of {_group_label(group)})")
             summary.outcomes.extend(run_group(group))
         if jobs:
             pool = make_executor(executor, workers)
@@ -287,6 +290,41 @@ def _execute(
         }
         client.log_batch(summary.parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in counts.items()])
         client.set_terminated(summary.parent_run_id, status)
+
+
+def _group_label(group: list[Job]) -> str:
+    return group[0].label.split(" seed=")[0]
+
+
+def _run_groups_concurrently(groups: list[list[Job]], workers: int, summary: SweepSummary, echo: Callable[[str], None]) -> None:
+    """Groups in `workers` spawned processes at once. On a GPU one group of Chung-size models is bound
+    by kernel-launch latency, not arithmetic: processes launching side by side keep it busier."""
+    import concurrent.futures as cf
+    import multiprocessing
+    import os
+
+    from rnnbench.sweep.executors import _init_worker, lost
+    from rnnbench.sweep.jobs import run_group
+
+    n = min(workers, len(groups))
+    echo(f"training {len(groups)} groups of points together, {n} groups at a time in worker processes")
+    pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_init_worker, initargs=(max(1, (os.cpu_count() or 1) // n),))
+    try:
+        futures = {pool.submit(run_group, g): g for g in groups}
+        for future in cf.as_completed(futures):
+            group = futures[future]
+            try:
+                outcomes = future.result()
+            except Exception as e:  # noqa: BLE001 - a worker died: its runs stay RUNNING, resumed next time
+                outcomes = [lost(j, e) for j in group]
+            summary.outcomes.extend(outcomes)
+            done = sum(o.status == "FINISHED" for o in outcomes)
+            echo(f"group done: {_group_label(group)}: {done}/{len(group)} FINISHED")
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _drive(pool: Any, jobs: list[Job], summary: SweepSummary, progress: bool) -> None:
