@@ -15,7 +15,7 @@ def command(
     overrides: Optional[list[str]] = OVERRIDES,
     executor: str = typer.Option("local", "--executor", "-e", help="where points run: local or ray"),
     workers: Optional[int] = typer.Option(
-        None, "--workers", "-w", help="points at once (local: 1 runs in this process; ray: default all CPUs)"
+        None, "--workers", "-w", help="points at once (local: 1 runs in this process; ray: default all CPUs); batched groups at once with --batch-models"
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the points and what would be done; run nothing"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar"),
