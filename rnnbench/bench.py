@@ -13,9 +13,10 @@ One process, one run, side by side (repeats interleaved round-robin, medians rep
   lightning  the same step inside a Lightning Trainer configured as rnnbench.train does (time between
              consecutive batch starts: data loading, hooks, clipping, optimizer included); minus the
              harness row it is Lightning's per-batch overhead.
-  many       K models of one cell trained together (rnnbench/many_models.py: one stacked recurrence,
-             per-model loss, clipping and Adam step) against the same K models stepped one after
-             another with their default implementation; at the first hidden size, `--many K` models.
+  many       K models of one cell trained together (rnnbench/many_models.py: the recurrence its
+             choose_recurrence picks, per-model loss, clipping and Adam step) against the same K models
+             stepped one after another with their default implementation; at the first hidden size,
+             `--many K` models.
   setup      per-run fixed cost: rnnbench.train.train on a tiny copy-task config, twice, reading its
              `setup_seconds` metric (trainer + data + MLflow setup; the first call also creates the
              store and the experiment).
@@ -467,6 +468,11 @@ def _bench_task(size: int) -> Any:
             nll = bernoulli_step_nll(out, batch["y"], batch["mask"]).sum()
             return {"nll": (nll, batch["mask"].sum().to(nll.dtype))}
 
+        def loss_and_sums(self, out: torch.Tensor, batch: dict) -> tuple:  # as the music tasks: one NLL pass
+            nll = bernoulli_step_nll(out, batch["y"], batch["mask"]).sum()
+            n = batch["mask"].sum()
+            return nll / n, {"nll": (nll.detach(), n.to(nll.dtype))}
+
     return BenchTask()
 
 
@@ -756,8 +762,9 @@ def _write(dev: str, rows: list[Row], info: dict[str, Any], opts: Options) -> Pa
     if many:
         lines += ["", f"## {opts.many} models trained together (rnnbench/many_models.py) vs one after another", "",
                   "One round = one training step of each of the K models (forward, Bernoulli NLL, backward, per-model"
-                  " gradient clipping, Adam step); batched: one stacked recurrence for all K (torch.baddbmm per step);"
-                  " sequential: each model's own default implementation in turn. Best of interleaved rounds.", "",
+                  " gradient clipping, Adam step); batched: all K through the recurrence training uses"
+                  f" (many_models.choose_recurrence: {_recurrences(dev)}); sequential: each model's own default"
+                  " implementation in turn. Best of interleaved rounds.", "",
                   "| hidden | cell | batched ms/round | sequential ms/round | batched steps/s | speedup | note |",
                   "|---:|---|---:|---:|---:|---:|---|"]
         for r in many:
@@ -777,6 +784,12 @@ def _write(dev: str, rows: list[Row], info: dict[str, Any], opts: Options) -> Pa
     path = base.with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")
     return base
+
+
+def _recurrences(dev: str) -> str:
+    from rnnbench.many_models import choose_recurrence
+
+    return ", ".join(f"{c} {choose_recurrence(c, dev)}" for c in HARNESS_CELLS)
 
 
 def _command_line(opts: Options) -> str:

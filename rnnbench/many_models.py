@@ -303,8 +303,11 @@ class _Member:
         self.noise.clear()
 
     def accumulate(self, split: str, out: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        """As SequenceModel._accumulate, but each sum stays where it was computed (no sync per batch)."""
-        for name, (s, n) in self.task.metric_sums(out, batch).items():
+        """As SequenceModel._accumulate: the metric sums of `out` on `batch`, added to the split's."""
+        self.add_sums(split, self.task.metric_sums(out, batch))
+
+    def add_sums(self, split: str, sums: dict[str, tuple[torch.Tensor, Any]]) -> None:
+        for name, (s, n) in sums.items():
             acc = self.sums.setdefault(f"{split}_{name}", [0.0, 0.0])
             acc[0] = acc[0] + s.detach().double()
             acc[1] = acc[1] + torch.as_tensor(n).double()
@@ -464,17 +467,18 @@ class _Group:
             for m in running:
                 m.add_weight_noise()
             outs = group_forward([m.model for m in running], self.cell, [b["x"] for b in batches], self.recurrence)
-            losses = [m.task.loss(out, b) for m, out, b in zip(running, outs, batches)]
+            pairs = [m.task.loss_and_sums(out, b) for m, out, b in zip(running, outs, batches)]
+            losses = [loss for loss, _ in pairs]
             finite = torch.isfinite(torch.stack([l.detach() for l in losses]))
             ok = [bool(v) for v in finite.tolist()]
             total: torch.Tensor | None = None
-            for m, out, b, loss, good in zip(running, outs, batches, losses, ok):
+            for m, (loss, sums), b, good in zip(running, pairs, batches, ok):
                 if not good:
                     m.remove_weight_noise()
                     m.status = "failed"
                     m.reason = f"training loss became {loss.item()} at epoch {m.epoch}, step {m.global_step}"
                     continue
-                m.accumulate("train", out.detach(), b)
+                m.add_sums("train", sums)
                 m.train_time_steps += m.task.time_steps(b)
                 total = loss if total is None else total + loss
         if total is None:
@@ -762,12 +766,13 @@ def throughput_many(
     steps: int = 3,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    recurrence: str = "auto",
 ) -> dict[str, float]:
     """Training time steps per second of K models batched vs the same K models stepped one after another.
 
     A training step is forward, Bernoulli NLL on random 0/1 targets, backward, per-model clipping and
-    an Adam step, with each model's own cell implementation (fused where it exists) for the sequential
-    side. Returns {'batched', 'sequential'} in time steps/s (K × batch × seq_len per round, best of
+    an Adam step; the batched side runs `recurrence` ('auto': `choose_recurrence`, what train_many
+    picks), the sequential side each model's own cell implementation (fused where it exists). Returns {'batched', 'sequential'} in time steps/s (K × batch × seq_len per round, best of
     `steps` interleaved rounds after one warm-up) and 'speedup'.
     """
     from rnnbench.cells import get_cell
@@ -795,8 +800,11 @@ def throughput_many(
             bce(m.head(m.rnn(xs[k])[0]), ys[k]).backward()
             update(k)
 
+    if recurrence == "auto":
+        recurrence = choose_recurrence(cell, device)
+
     def batched() -> None:
-        outs = group_forward(models, cell, xs)
+        outs = group_forward(models, cell, xs, recurrence)
         sum(bce(o, y) for o, y in zip(outs, ys)).backward()  # type: ignore[union-attr]
         for k in range(K):
             update(k)

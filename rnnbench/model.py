@@ -56,13 +56,13 @@ class SequenceModel(L.LightningModule):
         self.check_finite()
         self._add_weight_noise()
         out = self(batch["x"])
-        loss = self.task.loss(out, batch)
+        loss, sums = self.task.loss_and_sums(out, batch)
         if loss.is_cuda:
             self._defer_finite_check(loss)
         elif not torch.isfinite(loss):
             self._remove_weight_noise()
             raise DivergedError(f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}")
-        self._accumulate("train", out.detach(), batch)
+        self._add_sums("train", sums)
         self.train_time_steps += self.task.time_steps(batch)
         return loss
 
@@ -128,7 +128,10 @@ class SequenceModel(L.LightningModule):
         self._log_split(self.eval_prefix)
 
     def _accumulate(self, split: str, out: torch.Tensor, batch: Batch) -> None:
-        for name, (s, n) in self.task.metric_sums(out, batch).items():
+        self._add_sums(split, self.task.metric_sums(out, batch))
+
+    def _add_sums(self, split: str, sums: dict[str, tuple[torch.Tensor, Any]]) -> None:
+        for name, (s, n) in sums.items():
             acc = self._sums[f"{split}_{name}"]
             # kept on the model's device: one transfer per epoch in _log_split, not one per batch
             acc[0] = acc[0] + s.detach().double()

@@ -179,6 +179,10 @@ def test_jsb_batched_nll_equals_per_sequence_and_ignores_padding(data_dir: Path,
     assert int(count) == sum(int(n) for _, n in sums)
     loss = task.loss(out, batch)
     torch.testing.assert_close(loss, total / count)
+    # the training step's one-pass form gives exactly the same loss and sums
+    loss1, sums1 = task.loss_and_sums(out, batch)
+    assert torch.equal(loss1, loss) and torch.equal(sums1["nll"][0], total) and torch.equal(sums1["nll"][1], count)
+    assert not sums1["nll"][0].requires_grad
 
     # Garbage in the padding changes neither the metric nor the gradient of the loss.
     grads = torch.autograd.grad(loss, list(rnn.parameters()) + list(head.parameters()))

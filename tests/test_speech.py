@@ -186,6 +186,9 @@ def test_batched_nll_equals_per_sequence_and_ignores_padding() -> None:
     s, n = sums["nll_per_sample"]
     assert (s / n).item() == pytest.approx((total / count).item() / 10)
     torch.testing.assert_close(task.loss(out, batch), total / count)
+    loss1, sums1 = task.loss_and_sums(out, batch)  # the training step's one-pass form: the same numbers
+    assert torch.equal(loss1, task.loss(out, batch))
+    assert all(torch.equal(sums1[k][i], sums[k][i]) for k in sums for i in (0, 1)) and set(sums1) == set(sums)
 
     pad = ~batch["mask"]
     noisy = {k: v.clone() for k, v in batch.items()}

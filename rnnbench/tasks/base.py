@@ -56,6 +56,12 @@ class Task:
         """name -> (sum, count) over the valid elements of this batch; must include primary_metric."""
         raise NotImplementedError
 
+    def loss_and_sums(self, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """The training loss and the (detached) metric sums of one training batch, as `loss` and
+        `metric_sums` give them. Tasks whose loss is one of their metrics override it to compute that
+        once (the music and speech NLLs are most of a Chung-size model's output-side cost)."""
+        return self.loss(out, batch), self.metric_sums(out.detach(), batch)
+
     def baselines(self, split: str) -> dict[str, float]:
         """Reference values for `split` ('train'/'val'/'test'), logged as `<split>_<key>` beside the metrics.
 

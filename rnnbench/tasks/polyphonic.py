@@ -204,6 +204,12 @@ class PolyphonicTask(Task):
         nll = bernoulli_step_nll(out, batch["y"], batch["mask"]).sum()
         return {"nll": (nll, batch["mask"].sum().to(nll.dtype))}
 
+    def loss_and_sums(self, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """`loss` and `metric_sums` from one NLL computation (the same numbers as calling both)."""
+        nll = bernoulli_step_nll(out, batch["y"], batch["mask"]).sum()
+        n = batch["mask"].sum()
+        return nll / n, {"nll": (nll.detach(), n.to(nll.dtype))}
+
     def baselines(self, split: str) -> dict[str, float]:
         """nll_marginal and nll_markov: fitted on this task's train split, scored on `split`."""
         if split not in self._baselines:

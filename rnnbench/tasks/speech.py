@@ -247,6 +247,13 @@ class SpeechTask(Task):
         frames = batch["mask"].sum().to(nll.dtype)
         return {"nll": (nll, frames), "nll_per_sample": (nll, frames * self.options.frame_out)}
 
+    def loss_and_sums(self, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """`loss` and `metric_sums` from one mixture-NLL computation (the same numbers as calling both)."""
+        nll = self.step_nll(out, batch).sum()
+        frames = batch["mask"].sum()
+        f, d = frames.to(nll.dtype), nll.detach()
+        return nll / frames, {"nll": (d, f), "nll_per_sample": (d, f * self.options.frame_out)}
+
     def baselines(self, split: str) -> dict[str, float]:
         """References fitted on train, scored on `split` with the metric's own code (mog_step_nll, K = 1).
 
