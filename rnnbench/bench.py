@@ -218,14 +218,17 @@ class _Flags:
         import torch
 
         self.saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                      torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+                      torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                      torch.utils.deterministic.fill_uninitialized_memory)
         torch.use_deterministic_algorithms(self.device == "cpu")
+        torch.utils.deterministic.fill_uninitialized_memory = False  # as rnnbench.train
 
     def __exit__(self, *exc: Any) -> None:
         import torch
 
-        det, warn_only, bench, cublas = self.saved
+        det, warn_only, bench, cublas, fill = self.saved
         torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
         torch.backends.cudnn.benchmark = bench
         if cublas is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
