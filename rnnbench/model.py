@@ -162,6 +162,28 @@ class SequenceModel(L.LightningModule):
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, **fused)
 
 
+class RandomState(Callback):
+    """Checkpoints the random streams a run draws from, so a resumed run continues with the numbers the
+    uninterrupted run would have drawn: the global CPU (and CUDA) generators (weight noise, the
+    evaluation loaders' base seeds) and the training loader's shuffling generator. Lightning stores
+    this in every checkpoint and restores it before the resumed epoch begins."""
+
+    def __init__(self, loader_generator: torch.Generator) -> None:
+        self.loader_generator = loader_generator
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"cpu": torch.get_rng_state(), "loader": self.loader_generator.get_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["cpu"])
+        self.loader_generator.set_state(state_dict["loader"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
 class EpochRecorder(Callback):
     """One MLflow write per epoch, step = epoch (per-step logging slows the MLflow UI), plus timings."""
 

@@ -68,7 +68,7 @@ def train(
     from torch.utils.data import DataLoader
 
     from rnnbench.analysis.gradient_flow import probe_batch
-    from rnnbench.model import DivergedError, EpochRecorder, SequenceModel
+    from rnnbench.model import DivergedError, EpochRecorder, RandomState, SequenceModel
     from rnnbench.tasks import get_task
 
     _quiet_lightning()
@@ -129,6 +129,7 @@ def train(
         callbacks: list[Any] = [
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_last=True),
             EpochRecorder(client, run_id, monitor),
+            RandomState(gen),
         ]
         if t.early_stopping_patience is not None:
             callbacks.append(EarlyStopping(monitor=monitor, mode="min", patience=t.early_stopping_patience))

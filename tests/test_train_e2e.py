@@ -159,3 +159,32 @@ def test_train_on_cuda_with_gradient_flow(tmp_path: Path, store: str, cell: str)
     (run,) = client.search_runs([client.get_experiment_by_name("rnnbench").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["device"] != "cpu"
     assert {"gradflow_init_steps", "gradflow_trained_steps", "test_ce"} <= set(run.data.metrics)
+
+
+def test_resumed_run_continues_with_the_same_numbers(tmp_path: Path, store: str) -> None:
+    """2 epochs, then the same run resumed to 4, ends with the weights of 4 epochs in one go: the
+    checkpoint carries the shuffling generator and the global RNG (weight noise, loader seeds)."""
+    import torch
+
+    from rnnbench.config import Config
+    from rnnbench.train import train
+
+    def config(epochs: int, name: str) -> Config:
+        return Config.from_dict({
+            "model": {"cell": "gru_reset_before", "hidden_size": 8},
+            "task": {"name": "copy", "seq_len": 5, "n_train": 64, "n_val": 32, "n_test": 32},
+            "train": {"max_epochs": epochs, "batch_size": 16, "weight_noise": 0.05, "early_stopping_patience": None,
+                      "progress_bar": False, "gradient_flow": False},
+            "tracking": {"experiment": name, "checkpoint_dir": str(tmp_path / "ckpt")},
+        })
+
+    whole = train(config(4, "whole"))
+    first = train(config(2, "split"))
+    resumed = train(config(4, "split"), run_id=first.run_id)
+    assert (whole.status, first.status, resumed.status) == ("FINISHED",) * 3
+    a = torch.load(tmp_path / "ckpt" / whole.run_id / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "ckpt" / first.run_id / "last.ckpt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 3
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name
+    assert resumed.metrics["test_ce"] == whole.metrics["test_ce"]
