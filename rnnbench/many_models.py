@@ -772,7 +772,8 @@ def throughput_many(
 
     A training step is forward, Bernoulli NLL on random 0/1 targets, backward, per-model clipping and
     an Adam step; the batched side runs `recurrence` ('auto': `choose_recurrence`, what train_many
-    picks), the sequential side each model's own cell implementation (fused where it exists). Returns {'batched', 'sequential'} in time steps/s (K × batch × seq_len per round, best of
+    picks), the sequential side each model's own cell implementation (fused where it exists).
+    Returns {'batched', 'sequential'} in time steps/s (K × batch × seq_len per round, best of
     `steps` interleaved rounds after one warm-up) and 'speedup'.
     """
     from rnnbench.cells import get_cell

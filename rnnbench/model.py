@@ -67,10 +67,11 @@ class SequenceModel(L.LightningModule):
         return loss
 
     def _defer_finite_check(self, loss: torch.Tensor) -> None:
-        # On CUDA, reading the loss now would drain the stream every step (about half the step time
-        # of a Chung-size model on an H100). Copy the flag to pinned memory without blocking and read
-        # it at the next step or before validation, when it has long arrived: the run still ends
-        # FAILED with the same reason, one update later. The CPU checks at once (no cost there).
+        # On CUDA, reading the loss now would make the host wait for the device every step, so the
+        # next step's launches could not overlap this step's kernels. Copy the flag to pinned memory
+        # without blocking and read it at the next step or before validation, when it has long
+        # arrived: the run still ends FAILED with the same reason, one update later. The CPU checks
+        # at once (nothing to overlap there).
         if self._finite_host is None:
             self._finite_host = torch.empty((), dtype=torch.bool, pin_memory=True)
         self._finite_host.copy_(torch.isfinite(loss.detach()), non_blocking=True)

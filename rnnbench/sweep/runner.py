@@ -297,8 +297,8 @@ def _group_label(group: list[Job]) -> str:
 
 
 def _run_groups_concurrently(groups: list[list[Job]], workers: int, summary: SweepSummary, echo: Callable[[str], None]) -> None:
-    """Groups in `workers` spawned processes at once. On a GPU one group of Chung-size models is bound
-    by kernel-launch latency, not arithmetic: processes launching side by side keep it busier."""
+    """Groups in `workers` spawned processes at once: for hosts with many CPU cores. On one GPU the
+    processes time-slice the device and each runs 3-10x slower (results/bench/GRID_GPU.md)."""
     import concurrent.futures as cf
     import multiprocessing
     import os
