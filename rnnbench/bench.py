@@ -4,7 +4,8 @@ One process, one run, side by side (repeats interleaved round-robin, medians rep
   bare       torch.nn.RNN / LSTM / GRU forward + backward: the fused kernels (oneDNN / ATen / cuDNN).
   cell       each non-fused implementation of a cell (rnnbench/cells/_fast.py): the compiled CPU loops
              ("cpp"), the torch-op loops ("python"), on CUDA the torch-op loop captured in a CUDA graph
-             ("graphed"; checked as the "python" loop it captures), and the autograd step loops
+             ("graphed"; checked as the "python" loop it captures), the loops with Triton-fused steps
+             ("triton", and "triton-graphed" in a CUDA graph), and the autograd step loops
              ("reference"); also the `gru` cell's CPU loop, checked against torch.nn.GRU.
   harness    what `rnnbench train` does per batch, without Lightning's loop: SequenceModel.training_step
              (forward, task loss, finiteness check, metric sums), backward, gradient-norm clipping,
@@ -331,7 +332,7 @@ def _bench_hidden(dev: str, H: int, opts: Options) -> list[Row]:
         m = getattr(torch.nn, cls_name)(D, H, batch_first=True).to(dev)
         cands.append(_Cand(row("bare", cell, "torch"), _fwd_bwd(m, x, g)))
 
-    impls = ["cpp", "python"] if dev == "cpu" else ["python", "graphed"]
+    impls = ["cpp", "python"] if dev == "cpu" else ["python", "graphed"] + (["triton", "triton-graphed"] if _triton_ok() else [])
     variants = [(c, i) for c in CHUNG_CELLS for i in impls] + ([("gru", "cpp")] if dev == "cpu" else [])
     for cell, impl in variants:
         torch.manual_seed(0)
@@ -342,10 +343,10 @@ def _bench_hidden(dev: str, H: int, opts: Options) -> list[Row]:
             r.note = "compiled loop unavailable: " + _ext_reason()
             cands.append(_Cand(r, lambda: None))
             continue
-        m.impl = "python" if impl == "graphed" else impl
+        m.impl = {"graphed": "python", "triton-graphed": "triton"}.get(impl, impl)
         try:
             _check(r, m, ref_impl, x, dev)
-            if impl == "graphed":
+            if impl.endswith("graphed"):
                 wrapped = torch.cuda.make_graphed_callables(_out_only(m), (x,))
                 fn = _fwd_bwd(wrapped, x, g)
             else:
@@ -367,6 +368,12 @@ def _bench_hidden(dev: str, H: int, opts: Options) -> list[Row]:
 
     _time(cands, dev, opts)
     return [c.row for c in cands]
+
+
+def _triton_ok() -> bool:
+    from rnnbench.cells import _triton
+
+    return _triton.available()
 
 
 def _ext_ok() -> bool:
@@ -808,7 +815,7 @@ def _command_line(opts: Options) -> str:
 
 def _targets(rows: list[Row], dev: str, many_k: int = 0) -> list[str]:
     goal = 0.5 if dev == "cpu" else 0.3
-    shown = {_default_impl(c, dev) for c in CHUNG_CELLS} | ({"graphed"} if dev == "cuda" else set())
+    shown = {_default_impl(c, dev) for c in CHUNG_CELLS} | ({"graphed", "triton", "triton-graphed"} if dev == "cuda" else set())
     out = []
     for r in rows:
         if r.kind == "cell" and r.cell in CHUNG_CELLS and r.impl in shown and math.isfinite(r.x_fused_lstm):

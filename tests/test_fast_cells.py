@@ -9,6 +9,7 @@ layers; a sequence fed in chunks with the state handed on. No timings here: spee
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 
@@ -319,3 +320,60 @@ def test_cuda_graph_of_the_python_loop(cell: str) -> None:
         results.append([out.detach().clone()] + [p.grad.clone() for p in layer.parameters()])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# --- the Triton-fused steps: on the CPU through Triton's interpreter, on CUDA for real -------------------
+_TRITON_CHECK = """
+import torch, sys
+sys.path.insert(0, {tests!r})
+from test_fast_cells import make, random_problem, run, assert_same
+for cell in ("lstm_peephole", "gru_reset_before"):
+    for num_layers in (1, 2):
+        layer = make(cell, num_layers)
+        problem = random_problem(cell, num_layers)
+        layer.impl = "reference"
+        ref = run(layer, *problem)
+        layer.impl = "triton"
+        assert_same(run(layer, *problem), ref)
+print("ok")
+"""
+
+
+def test_triton_steps_equal_reference_in_the_interpreter() -> None:
+    """The Triton kernels' arithmetic, run by Triton's CPU interpreter in float64, against the step loop."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton", reason="triton is not installed (torch's CPU wheels come without it)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernels are defined: a fresh process
+    code = _TRITON_CHECK.format(tests=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_triton_needs_cuda_or_the_interpreter() -> None:
+    from rnnbench.cells import _triton
+
+    if not _triton.available():
+        with pytest.raises(ValueError, match="needs the triton package"):
+            _fast.resolve("triton", torch.zeros(2, 2))
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            _fast.resolve("triton", torch.zeros(2, 2))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cell", ["lstm_peephole", "gru_reset_before"])
+def test_cuda_triton_loop_equals_reference(cell: str, dtype: torch.dtype) -> None:
+    pytest.importorskip("triton")
+    layer = make(cell, 2, dtype=dtype, device="cuda")
+    problem = random_problem(cell, 2, dtype=dtype, device="cuda")
+    layer.impl = "reference"
+    ref = run(layer, *problem)
+    layer.impl = "triton"
+    tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    assert_same(run(layer, *problem), ref, **tol)

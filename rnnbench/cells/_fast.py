@@ -16,6 +16,8 @@ float64 by tests/test_fast_cells.py (outputs, final states, input, state and wei
             before the backward loop (~8 kernels per step): any device and float dtype. The path on
             CUDA, and on the CPU when the extension cannot be built (no compiler, RNNBENCH_FAST_EXT=0),
             after one RuntimeWarning.
+  "triton"  the "python" loop with each step's gate arithmetic fused into one or two Triton kernels
+            (rnnbench/cells/_triton.py): CUDA (or Triton's CPU interpreter, TRITON_INTERPRET=1).
   "auto"    "cpp" for CPU float32/float64 when the extension loads, else "python".
 """
 
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-IMPLS = ("auto", "cpp", "python")
+IMPLS = ("auto", "cpp", "python", "triton")
 SOURCE = Path(__file__).with_name("csrc") / "fast_rnn.cpp"
 
 _ext: dict[str, Any] = {"state": None, "reason": "", "seconds": 0.0, "name": "", "flags": [], "cached": False}
@@ -104,7 +106,7 @@ def cpp_eligible(x: torch.Tensor) -> bool:
 
 
 def resolve(impl: str, x: torch.Tensor) -> str:
-    """The loop that runs for `impl` on tensors like `x`: 'cpp' or 'python'."""
+    """The loop that runs for `impl` on tensors like `x`: 'cpp', 'python' or 'triton'."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "cpp":
@@ -113,6 +115,14 @@ def resolve(impl: str, x: torch.Tensor) -> str:
         if not load_extension():
             raise RuntimeError(f"impl='cpp' unavailable: {_ext['reason']}")
         return "cpp"
+    if impl == "triton":
+        from rnnbench.cells import _triton
+
+        if not _triton.available():
+            raise ValueError("impl='triton' needs the triton package (it comes with torch's CUDA wheels)")
+        if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+        return "triton"
     if impl == "auto":
         return "cpp" if cpp_eligible(x) and load_extension() else "python"
     return impl
@@ -193,7 +203,11 @@ class _PeepholePy(torch.autograd.Function):
 
 def peephole_lstm(xw, h0, c0, whh, wci, wcf, wco, impl: str = "auto"):
     """(hs (T, B, H), h_T, c_T) of one peephole LSTM layer; xw = x W_ih^T + b, time major."""
-    fn = _PeepholeCpp if resolve(impl, xw) == "cpp" else _PeepholePy
+    which = resolve(impl, xw)
+    if which == "triton":
+        from rnnbench.cells._triton import PeepholeTriton as fn
+    else:
+        fn = _PeepholeCpp if which == "cpp" else _PeepholePy
     return fn.apply(xw, h0, c0, whh, wci, wcf, wco)
 
 
@@ -259,7 +273,11 @@ class _GRUBeforePy(torch.autograd.Function):
 
 def gru_reset_before(xw, h0, whh, impl: str = "auto"):
     """(hs (T, B, H), h_T) of one reset-before GRU layer; xw = x W_ih^T + b, time major."""
-    fn = _GRUBeforeCpp if resolve(impl, xw) == "cpp" else _GRUBeforePy
+    which = resolve(impl, xw)
+    if which == "triton":
+        from rnnbench.cells._triton import GRUBeforeTriton as fn
+    else:
+        fn = _GRUBeforeCpp if which == "cpp" else _GRUBeforePy
     return fn.apply(xw, h0, whh)
 
 

@@ -70,7 +70,7 @@ class GRUResetBefore(RecurrentLayer):
     """
 
     name = "gru_reset_before"
-    impl: str = "auto"  # time loop: "auto" | "cpp" | "python" (rnnbench/cells/_fast.py) | "reference"
+    impl: str = "auto"  # time loop: "auto" | "cpp" | "python" | "triton" (rnnbench/cells/_fast.py) | "reference"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, forget_bias: float = 0.0) -> None:
         super().__init__(input_size, hidden_size, num_layers, forget_bias)

@@ -1,0 +1,244 @@
+"""The Chung-form time loops on CUDA with each step's gate arithmetic fused into one Triton kernel.
+
+Same algorithm and same buffers as the "python" loops of rnnbench/cells/_fast.py (whose docstring
+gives the layout), with the ~8-12 elementwise kernels of a step replaced by one or two:
+
+  peephole LSTM  forward  per step: addmm (xw_t + W_hh h_{t-1}), one kernel for i, f, g, c, o, tanh c, h
+                 backward per step: one kernel for dA_{i,f,g,o} and dc_{t-1}, one mm for dh_{t-1}
+  GRU reset-before forward  per step: addmm, kernel (r, z, r h), addmm, kernel (h~, h)
+                   backward per step: kernel (dA_z, dA_h), mm, kernel (dA_r, dh part), addmm
+
+A Chung-size step is launch-bound (36-100 hidden units, batch 32), so kernel count is what sets the
+speed; the loops are meant to be captured in a CUDA graph (bench impl "triton-graphed"). Checked
+against the "python" loop in float32 and float64 (tests/test_fast_cells.py; on the CPU through
+Triton's interpreter, TRITON_INTERPRET=1, when triton is installed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU wheels of torch come without triton
+    triton = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+BLOCK = 256
+
+if triton is not None:
+
+    @triton.jit
+    def _sigmoid(x):
+        return 1.0 / (1.0 + tl.exp(-x))
+
+    @triton.jit
+    def _tanh(x):
+        # 2 sigma(2x) - 1: exact in real arithmetic, no cancellation trouble in the gate range
+        return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+    @triton.jit
+    def _peephole_fwd_step(a_ptr, cp_ptr, wci_ptr, wcf_ptr, wco_ptr, g_ptr, c_ptr, tc_ptr, h_ptr, H, N,
+                           BLOCK: tl.constexpr):
+        # a (B, 4H) pre-activations i, f, g, o; cp, c, tc, h (B, H); g (B, 4H) gate activations out
+        n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = n < N
+        b = n // H
+        j = n % H
+        row = b * 4 * H
+        a_i = tl.load(a_ptr + row + j, mask=m)
+        a_f = tl.load(a_ptr + row + H + j, mask=m)
+        a_g = tl.load(a_ptr + row + 2 * H + j, mask=m)
+        a_o = tl.load(a_ptr + row + 3 * H + j, mask=m)
+        cp = tl.load(cp_ptr + n, mask=m)
+        i = _sigmoid(a_i + tl.load(wci_ptr + j, mask=m) * cp)
+        f = _sigmoid(a_f + tl.load(wcf_ptr + j, mask=m) * cp)
+        g = _tanh(a_g)
+        c = f * cp + i * g
+        o = _sigmoid(a_o + tl.load(wco_ptr + j, mask=m) * c)
+        tc = _tanh(c)
+        tl.store(g_ptr + row + j, i, mask=m)
+        tl.store(g_ptr + row + H + j, f, mask=m)
+        tl.store(g_ptr + row + 2 * H + j, g, mask=m)
+        tl.store(g_ptr + row + 3 * H + j, o, mask=m)
+        tl.store(c_ptr + n, c, mask=m)
+        tl.store(tc_ptr + n, tc, mask=m)
+        tl.store(h_ptr + n, o * tc, mask=m)
+
+    @triton.jit
+    def _peephole_bwd_step(dh_ptr, dhs_ptr, dc_ptr, g_ptr, cp_ptr, c_ptr, tc_ptr, wci_ptr, wcf_ptr, wco_ptr,
+                           da_ptr, dc_out_ptr, H, N, BLOCK: tl.constexpr):
+        # dh (B, H) from step t+1, dhs (B, H) from the output; dc (B, H) carried; da (B, 4H) out
+        n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = n < N
+        b = n // H
+        j = n % H
+        row = b * 4 * H
+        i = tl.load(g_ptr + row + j, mask=m)
+        f = tl.load(g_ptr + row + H + j, mask=m)
+        g = tl.load(g_ptr + row + 2 * H + j, mask=m)
+        o = tl.load(g_ptr + row + 3 * H + j, mask=m)
+        cp = tl.load(cp_ptr + n, mask=m)
+        tc = tl.load(tc_ptr + n, mask=m)
+        dht = tl.load(dh_ptr + n, mask=m) + tl.load(dhs_ptr + n, mask=m)
+        dao = dht * tc * o * (1.0 - o)
+        dct = tl.load(dc_ptr + n, mask=m) + dao * tl.load(wco_ptr + j, mask=m) + dht * o * (1.0 - tc * tc)
+        dai = dct * g * i * (1.0 - i)
+        daf = dct * cp * f * (1.0 - f)
+        dag = dct * i * (1.0 - g * g)
+        tl.store(da_ptr + row + j, dai, mask=m)
+        tl.store(da_ptr + row + H + j, daf, mask=m)
+        tl.store(da_ptr + row + 2 * H + j, dag, mask=m)
+        tl.store(da_ptr + row + 3 * H + j, dao, mask=m)
+        dcp = dct * f + dai * tl.load(wci_ptr + j, mask=m) + daf * tl.load(wcf_ptr + j, mask=m)
+        tl.store(dc_out_ptr + n, dcp, mask=m)
+
+    @triton.jit
+    def _grub_fwd_rz(a_ptr, h_ptr, g_ptr, rh_ptr, H, N, BLOCK: tl.constexpr):
+        # a (B, 2H) pre-activations r, z; h (B, H) = h_{t-1}; g (B, 3H): r, z written; rh = r h
+        n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = n < N
+        b = n // H
+        j = n % H
+        r = _sigmoid(tl.load(a_ptr + b * 2 * H + j, mask=m))
+        z = _sigmoid(tl.load(a_ptr + b * 2 * H + H + j, mask=m))
+        tl.store(g_ptr + b * 3 * H + j, r, mask=m)
+        tl.store(g_ptr + b * 3 * H + H + j, z, mask=m)
+        tl.store(rh_ptr + n, r * tl.load(h_ptr + n, mask=m), mask=m)
+
+    @triton.jit
+    def _grub_fwd_h(a_ptr, hp_ptr, g_ptr, h_ptr, H, N, BLOCK: tl.constexpr):
+        # a (B, H) pre-activation of h~; h = h_{t-1} + z (h~ - h_{t-1})
+        n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = n < N
+        b = n // H
+        j = n % H
+        ht = _tanh(tl.load(a_ptr + n, mask=m))
+        z = tl.load(g_ptr + b * 3 * H + H + j, mask=m)
+        hp = tl.load(hp_ptr + n, mask=m)
+        tl.store(g_ptr + b * 3 * H + 2 * H + j, ht, mask=m)
+        tl.store(h_ptr + n, hp + z * (ht - hp), mask=m)
+
+    @triton.jit
+    def _grub_bwd_zh(dh_ptr, dhs_ptr, g_ptr, hp_ptr, da_ptr, dht_ptr, H, N, BLOCK: tl.constexpr):
+        # dA_z, dA_h into da (B, 3H); dht = dh + dhs kept for the second kernel
+        n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = n < N
+        b = n // H
+        j = n % H
+        z = tl.load(g_ptr + b * 3 * H + H + j, mask=m)
+        ht = tl.load(g_ptr + b * 3 * H + 2 * H + j, mask=m)
+        hp = tl.load(hp_ptr + n, mask=m)
+        dht = tl.load(dh_ptr + n, mask=m) + tl.load(dhs_ptr + n, mask=m)
+        tl.store(da_ptr + b * 3 * H + H + j, dht * (ht - hp) * z * (1.0 - z), mask=m)
+        tl.store(da_ptr + b * 3 * H + 2 * H + j, dht * z * (1.0 - ht * ht), mask=m)
+        tl.store(dht_ptr + n, dht, mask=m)
+
+    @triton.jit
+    def _grub_bwd_r(drh_ptr, dht_ptr, g_ptr, hp_ptr, da_ptr, base_ptr, H, N, BLOCK: tl.constexpr):
+        # dA_r = d(r h) h (r (1 - r)); base = dht (1 - z) + d(r h) r, to which [dA_r dA_z] U_rz is added
+        n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = n < N
+        b = n // H
+        j = n % H
+        r = tl.load(g_ptr + b * 3 * H + j, mask=m)
+        z = tl.load(g_ptr + b * 3 * H + H + j, mask=m)
+        drh = tl.load(drh_ptr + n, mask=m)
+        dht = tl.load(dht_ptr + n, mask=m)
+        tl.store(da_ptr + b * 3 * H + j, drh * tl.load(hp_ptr + n, mask=m) * r * (1.0 - r), mask=m)
+        tl.store(base_ptr + n, dht * (1.0 - z) + drh * r, mask=m)
+
+
+def _grid(n: int) -> tuple[int]:
+    return ((n + BLOCK - 1) // BLOCK,)
+
+
+class PeepholeTriton(torch.autograd.Function):
+    """(hs, h_T, c_T) of one peephole LSTM layer; arguments as _fast.peephole_lstm."""
+
+    @staticmethod
+    def forward(ctx: Any, xw, h0, c0, whh, wci, wcf, wco):  # type: ignore[override]
+        T, B, G = xw.shape
+        H = G // 4
+        xw, whh, wci, wcf, wco = (t.contiguous() for t in (xw, whh, wci, wcf, wco))
+        hbuf, cbuf = xw.new_empty(T + 1, B, H), xw.new_empty(T + 1, B, H)
+        gates, tcs, a = xw.new_empty(T, B, G), xw.new_empty(T, B, H), xw.new_empty(B, G)
+        hbuf[0], cbuf[0] = h0, c0
+        whh_t, N = whh.t(), B * H
+        for t in range(T):
+            torch.addmm(xw[t], hbuf[t], whh_t, out=a)
+            _peephole_fwd_step[_grid(N)](a, cbuf[t], wci, wcf, wco, gates[t], cbuf[t + 1], tcs[t], hbuf[t + 1],
+                                         H, N, BLOCK=BLOCK)
+        ctx.save_for_backward(whh, wci, wcf, wco, hbuf, cbuf, gates, tcs)
+        return hbuf[1:], hbuf[-1].clone(), cbuf[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dhs, dhT, dcT):  # type: ignore[override]
+        whh, wci, wcf, wco, hbuf, cbuf, gates, tcs = ctx.saved_tensors
+        T, B, H = tcs.shape
+        dhs = dhs.contiguous()
+        da = gates.new_empty(T, B, 4 * H)
+        dh, dc, dc_next = dhT.contiguous().clone(), dcT.contiguous().clone(), gates.new_empty(B, H)
+        N = B * H
+        for t in range(T - 1, -1, -1):
+            _peephole_bwd_step[_grid(N)](dh, dhs[t], dc, gates[t], cbuf[t], cbuf[t + 1], tcs[t], wci, wcf, wco,
+                                         da[t], dc_next, H, N, BLOCK=BLOCK)
+            dc, dc_next = dc_next, dc
+            torch.mm(da[t], whh, out=dh)
+        cprev = cbuf[:-1]
+        dwhh = da.view(T * B, 4 * H).t() @ hbuf[:-1].reshape(T * B, H)
+        dwci = (da[..., :H] * cprev).sum((0, 1))
+        dwcf = (da[..., H : 2 * H] * cprev).sum((0, 1))
+        dwco = (da[..., 3 * H :] * cbuf[1:]).sum((0, 1))
+        return da, dh, dc, dwhh, dwci, dwcf, dwco
+
+
+class GRUBeforeTriton(torch.autograd.Function):
+    """(hs, h_T) of one reset-before GRU layer; arguments as _fast.gru_reset_before."""
+
+    @staticmethod
+    def forward(ctx: Any, xw, h0, whh):  # type: ignore[override]
+        T, B, G = xw.shape
+        H = G // 3
+        xw, whh = xw.contiguous(), whh.contiguous()
+        hbuf, gates, rh = xw.new_empty(T + 1, B, H), xw.new_empty(T, B, G), xw.new_empty(T, B, H)
+        a_rz, a_h = xw.new_empty(B, 2 * H), xw.new_empty(B, H)
+        hbuf[0] = h0
+        u_rz_t, u_h_t, N = whh[: 2 * H].t(), whh[2 * H :].t(), B * H
+        for t in range(T):
+            torch.addmm(xw[t, :, : 2 * H], hbuf[t], u_rz_t, out=a_rz)
+            _grub_fwd_rz[_grid(N)](a_rz, hbuf[t], gates[t], rh[t], H, N, BLOCK=BLOCK)
+            torch.addmm(xw[t, :, 2 * H :], rh[t], u_h_t, out=a_h)
+            _grub_fwd_h[_grid(N)](a_h, hbuf[t], gates[t], hbuf[t + 1], H, N, BLOCK=BLOCK)
+        ctx.save_for_backward(whh, hbuf, gates, rh)
+        return hbuf[1:], hbuf[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dhs, dhT):  # type: ignore[override]
+        whh, hbuf, gates, rh = ctx.saved_tensors
+        T, B, H = rh.shape
+        dhs = dhs.contiguous()
+        u_rz, u_h = whh[: 2 * H], whh[2 * H :]
+        da = gates.new_empty(T, B, 3 * H)
+        dh = dhT.contiguous().clone()
+        dht, drh, base = (gates.new_empty(B, H) for _ in range(3))
+        N = B * H
+        for t in range(T - 1, -1, -1):
+            _grub_bwd_zh[_grid(N)](dh, dhs[t], gates[t], hbuf[t], da[t], dht, H, N, BLOCK=BLOCK)
+            torch.mm(da[t, :, 2 * H :], u_h, out=drh)
+            _grub_bwd_r[_grid(N)](drh, dht, gates[t], hbuf[t], da[t], base, H, N, BLOCK=BLOCK)
+            torch.addmm(base, da[t, :, : 2 * H], u_rz, out=dh)
+        da2 = da.view(T * B, 3 * H)
+        hprev = hbuf[:-1]
+        dwhh = torch.cat([da2[:, : 2 * H].t() @ hprev.reshape(T * B, H), da2[:, 2 * H :].t() @ rh.view(T * B, H)])
+        return da, dh, dwhh
