@@ -307,7 +307,9 @@ def _default_impl(cell: str, dev: str) -> str:
     from rnnbench.cells import _fast
 
     if cell in CHUNG_CELLS:
-        return "cpp" if dev == "cpu" and _fast.extension_info()["state"] else "python"
+        if dev == "cuda":
+            return "triton" if _triton_ok() else "python"
+        return "cpp" if _fast.extension_info()["state"] else "python"
     if cell == "gru" and dev == "cpu" and _fast.extension_info()["state"]:
         return "cpp"
     return "torch"

@@ -14,11 +14,13 @@ float64 by tests/test_fast_cells.py (outputs, final states, input, state and wei
             the gates (-march=native).
   "python"  the same algorithm in torch ops, with the activation derivatives of all steps computed
             before the backward loop (~8 kernels per step): any device and float dtype. The path on
-            CUDA, and on the CPU when the extension cannot be built (no compiler, RNNBENCH_FAST_EXT=0),
-            after one RuntimeWarning.
+            CUDA without triton, and on the CPU when the extension cannot be built (no compiler,
+            RNNBENCH_FAST_EXT=0), after one RuntimeWarning.
   "triton"  the "python" loop with each step's gate arithmetic fused into one or two Triton kernels
             (rnnbench/cells/_triton.py): CUDA (or Triton's CPU interpreter, TRITON_INTERPRET=1).
-  "auto"    "cpp" for CPU float32/float64 when the extension loads, else "python".
+  "auto"    CPU: "cpp" for float32/float64 when the extension loads, else "python". CUDA: "triton"
+            where triton is installed (2.6x the "python" loop for the peephole LSTM, equal for the
+            reset-before GRU on an H100; results/bench/triton_cuda.csv), else "python".
 """
 
 from __future__ import annotations
@@ -124,6 +126,10 @@ def resolve(impl: str, x: torch.Tensor) -> str:
             raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
         return "triton"
     if impl == "auto":
+        if x.is_cuda:
+            from rnnbench.cells import _triton
+
+            return "triton" if _triton.available() else "python"
         return "cpp" if cpp_eligible(x) and load_extension() else "python"
     return impl
 

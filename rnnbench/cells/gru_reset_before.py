@@ -4,8 +4,9 @@ cuDNN and torch.nn.GRU only offer the reset-after form (`gru`), a different func
 same numbers:
   forward            the input projection of all steps as one matmul, then a time loop with a
                      hand-written backward through time (rnnbench/cells/_fast.py): on the CPU a C++
-                     loop compiled once with torch.utils.cpp_extension.load_inline, elsewhere (CUDA,
-                     or no compiler) the same algorithm in torch ops.
+                     loop compiled once with torch.utils.cpp_extension.load_inline, on CUDA the same
+                     loop with each step's gate arithmetic in Triton kernels (rnnbench/cells/_triton.py),
+                     elsewhere (no compiler, no triton) the same algorithm in torch ops.
   forward_reference  the readable step function looped over time under autograd: the definition the
                      fast path is tested against (float64, outputs and gradients, tests/test_fast_cells.py).
 

@@ -18,8 +18,10 @@ float32; results/bench/bench_cpu.md):
 The step loop's cost is per-op dispatch and autograd bookkeeping (~15 nodes a step), not arithmetic;
 the compiled loop does one small MKL product and one vectorised gate pass per step. Exact: float64
 agrees with forward_reference to ~1e-13. Build ~7-15 s on 2 cores, once, cached; without a compiler
-the "python" loop runs, after one warning. CUDA runs the "python" loop (per-step kernel launches); the
-bench also times it captured in a CUDA graph; GPU figures come from a GPU session.
+the "python" loop runs, after one warning. CUDA runs the loop with each step's gates fused into one
+Triton kernel ("triton", rnnbench/cells/_triton.py): on an H100 at seq 200, batch 32, 0.04x cuDNN's
+LSTM as it is, 0.23x (hidden 36) and 0.38x (hidden 100) captured in a CUDA graph, against 0.02x and
+0.12x for the torch-op loop (results/bench/triton_cuda.csv).
 """
 
 from __future__ import annotations
