@@ -379,3 +379,24 @@ def test_cuda_triton_loop_equals_reference(cell: str, dtype: torch.dtype) -> Non
     layer.impl = "triton"
     tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     assert_same(run(layer, *problem), ref, **tol)
+
+
+def test_auto_falls_back_from_a_failing_triton_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under impl="auto", a Triton build or launch error warns once and the torch-op loop runs (same numbers)."""
+    from rnnbench.cells import _triton
+
+    class Broken(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):  # type: ignore[override]
+            raise RuntimeError("no ptxas for this GPU")
+
+    monkeypatch.setattr(_triton, "PeepholeTriton", Broken, raising=False)
+    monkeypatch.setattr(_fast, "_triton_failed", [])
+    monkeypatch.setattr(_fast, "resolve", lambda impl, x: "triton")  # as on a CUDA machine with triton
+    layer = make("lstm_peephole", 1)
+    problem = random_problem("lstm_peephole", 1)
+    with pytest.warns(RuntimeWarning, match="no ptxas"):
+        got = run(layer, *problem)
+    assert _fast._triton_failed
+    layer.impl = "reference"
+    assert_same(got, run(layer, *problem))

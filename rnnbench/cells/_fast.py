@@ -129,9 +129,26 @@ def resolve(impl: str, x: torch.Tensor) -> str:
         if x.is_cuda:
             from rnnbench.cells import _triton
 
-            return "triton" if _triton.available() else "python"
+            return "triton" if _triton.available() and not _triton_failed else "python"
         return "cpp" if cpp_eligible(x) and load_extension() else "python"
     return impl
+
+
+_triton_failed: list[str] = []  # set once a Triton kernel failed to build or run under impl="auto"
+
+
+def _run_triton(fn: Any, impl: str, *args: torch.Tensor) -> Any:
+    """fn.apply(*args); under impl="auto" a Triton failure (no compiler for this GPU, ...) warns once
+    and returns None, and "auto" takes the torch-op loop from then on."""
+    try:
+        return fn.apply(*args)
+    except Exception as e:  # noqa: BLE001 - any build or launch error means "fall back"
+        if impl == "triton":
+            raise
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        _triton_failed.append(reason)
+        warnings.warn(f"rnnbench: Triton loop unavailable ({reason}); using the torch-op loop", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _c(*ts: torch.Tensor) -> list[torch.Tensor]:
@@ -211,9 +228,13 @@ def peephole_lstm(xw, h0, c0, whh, wci, wcf, wco, impl: str = "auto"):
     """(hs (T, B, H), h_T, c_T) of one peephole LSTM layer; xw = x W_ih^T + b, time major."""
     which = resolve(impl, xw)
     if which == "triton":
-        from rnnbench.cells._triton import PeepholeTriton as fn
-    else:
-        fn = _PeepholeCpp if which == "cpp" else _PeepholePy
+        from rnnbench.cells._triton import PeepholeTriton
+
+        out = _run_triton(PeepholeTriton, impl, xw, h0, c0, whh, wci, wcf, wco)
+        if out is not None:
+            return out
+        which = "python"
+    fn = _PeepholeCpp if which == "cpp" else _PeepholePy
     return fn.apply(xw, h0, c0, whh, wci, wcf, wco)
 
 
@@ -281,9 +302,13 @@ def gru_reset_before(xw, h0, whh, impl: str = "auto"):
     """(hs (T, B, H), h_T) of one reset-before GRU layer; xw = x W_ih^T + b, time major."""
     which = resolve(impl, xw)
     if which == "triton":
-        from rnnbench.cells._triton import GRUBeforeTriton as fn
-    else:
-        fn = _GRUBeforeCpp if which == "cpp" else _GRUBeforePy
+        from rnnbench.cells._triton import GRUBeforeTriton
+
+        out = _run_triton(GRUBeforeTriton, impl, xw, h0, whh)
+        if out is not None:
+            return out
+        which = "python"
+    fn = _GRUBeforeCpp if which == "cpp" else _GRUBeforePy
     return fn.apply(xw, h0, whh)
 
 
