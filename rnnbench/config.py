@@ -202,7 +202,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a run spec and apply overrides. A spec may hold one run or be a sweep spec's `base`."""
+    """Read a run spec (model/task/train/tracking) and apply overrides."""
     raw = read_yaml(path) if path is not None else {}
+    sweep_keys = sorted({"base", "grid", "random"} & set(raw))
+    if sweep_keys:
+        raise RnnbenchError(f"{path} is a sweep spec (it has {', '.join(sweep_keys)}): run it with `rnnbench sweep {path}`;"
+                            " `rnnbench train` takes a run spec such as experiments/run_jsb.yaml")
     raw = deep_merge(raw, parse_overrides(overrides or []))
     return Config.from_dict(raw)

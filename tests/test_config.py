@@ -56,6 +56,10 @@ def test_missing_and_broken_spec(tmp_path: Path) -> None:
     bad.write_text("model: [unclosed\n")
     with pytest.raises(RnnbenchError, match="not valid YAML"):
         load_config(bad)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("name: s\nbase: {task: {name: copy}}\ngrid: {train.seed: [0, 1]}\n")
+    with pytest.raises(RnnbenchError, match=r"is a sweep spec \(it has base, grid\): run it with `rnnbench sweep"):
+        load_config(sweep)
 
 
 def test_hash_ignores_tracking_and_sees_everything_else() -> None:
