@@ -58,11 +58,25 @@ def ui(
 
     from rnnbench.tracking import check_reachable, resolve_tracking_uri
 
+    _check_port(host, port)
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
     typer.echo(f"MLflow UI for {uri} on http://{host}:{port}")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     os.execv(sys.executable, cmd)
+
+
+def _check_port(host: str, port: int) -> None:
+    """One-line errors for a port out of range or taken, before the server's own traceback could."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise RnnbenchError(f"--port must be between 1 and 65535, got {port}")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise RnnbenchError(f"cannot serve on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
 
 
 def _mount() -> None:

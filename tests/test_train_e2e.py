@@ -104,6 +104,7 @@ def test_divergence_ends_run_failed_not_crash(tmp_path: Path, store: str, device
         (["train", "spec.yaml", "train.max_epochs=zero"], "config train.max_epochs"),
         (["train", "spec.yaml", "train.batch_size=0"], "config train.batch_size"),
         (["train", "spec.yaml", "tracking.tracking_uri=http://127.0.0.1:9"], "tracking server http://127.0.0.1:9 is unreachable"),
+        (["ui", "--port", "99999"], "--port must be between 1 and 65535, got 99999"),
     ],
 )
 def test_cli_bad_input_one_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -111,6 +112,18 @@ def test_cli_bad_input_one_line(tmp_path: Path, args: list[str], message: str) -
     out = run_cli(args, tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
     assert out.returncode == 2, out.stderr
     assert message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_ui_on_a_taken_port_says_so_in_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = run_cli(["ui", "--port", str(port)], tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    assert out.returncode == 2 and f"cannot serve on 127.0.0.1:{port}" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
