@@ -124,8 +124,18 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _union_member(part: Any) -> bool:
+    """A loc element pydantic adds for one member of a union (`int`, `literal['music','speech']`, ...)."""
+    return str(part) in ("int", "float", "str", "bool", "none") or str(part).startswith(("literal[", "function-"))
+
+
 def _one_line(e: ValidationError, prefix: str = "") -> str:
-    err = e.errors()[0]
+    errors = e.errors()
+    err = errors[0]
+    if err["loc"] and _union_member(err["loc"][-1]):  # a value no member of a union accepts: say all of them
+        base = tuple(err["loc"][:-1])
+        msgs = [x["msg"] for x in errors if tuple(x["loc"][:-1]) == base and x["loc"] and _union_member(x["loc"][-1])]
+        err = {**err, "loc": base, "msg": "; or ".join(msgs)}
     loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(err["loc"]))
     if err["type"] == "extra_forbidden":
         return f"unknown config key {loc!r}" + _suggest(e, err)

@@ -60,6 +60,17 @@ def test_missing_and_broken_spec(tmp_path: Path) -> None:
     sweep.write_text("name: s\nbase: {task: {name: copy}}\ngrid: {train.seed: [0, 1]}\n")
     with pytest.raises(RnnbenchError, match=r"is a sweep spec \(it has base, grid\): run it with `rnnbench sweep"):
         load_config(sweep)
+    from rnnbench.sweep.spec import load_spec
+
+    run = tmp_path / "run.yaml"
+    run.write_text("model: {cell: gru}\ntask: {name: copy}\n")
+    with pytest.raises(RnnbenchError, match=r"is a run spec \(it has model, task\): train it with `rnnbench train"):
+        load_spec(run)
+
+
+def test_a_value_no_member_of_a_union_accepts_names_every_member() -> None:
+    with pytest.raises(RnnbenchError, match=r"config model.budget: Input should be a valid integer.*; or Input should be 'music' or 'speech' \(got 'huge'\)"):
+        Config.from_dict({"model": {"budget": "huge"}})
 
 
 def test_hash_ignores_tracking_and_sees_everything_else() -> None:

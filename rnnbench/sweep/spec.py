@@ -194,6 +194,10 @@ def _check_path(path: str) -> None:
 
 def spec_from_dict(raw: dict[str, Any], where: str = "spec") -> SweepSpec:
     """Validate a sweep spec; RnnbenchError with one line naming the first bad key."""
+    run_keys = sorted({"model", "task", "train", "tracking"} & set(raw)) if isinstance(raw, dict) else []
+    if run_keys and "base" not in raw:
+        raise RnnbenchError(f"{where} is a run spec (it has {', '.join(run_keys)}): train it with `rnnbench train {where}`,"
+                            " or put it under `base:` beside a `grid:` to sweep it")
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as e:
