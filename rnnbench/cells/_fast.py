@@ -160,6 +160,18 @@ def _c(*ts: torch.Tensor) -> list[torch.Tensor]:
 # Returns hs (T, B, H), h_T, c_T.
 
 
+def peephole_weight_grads(da: torch.Tensor, hbuf: torch.Tensor, cbuf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """d W_hh, d w_ci, d w_cf, d w_co from all steps' dA (T, B, 4H) and the state buffers (T+1, B, H)."""
+    T, B, G = da.shape
+    H = G // 4
+    cprev = cbuf[:-1]
+    dwhh = da.view(T * B, G).t() @ hbuf[:-1].reshape(T * B, H)
+    dwci = (da[..., :H] * cprev).sum((0, 1))
+    dwcf = (da[..., H : 2 * H] * cprev).sum((0, 1))
+    dwco = (da[..., 3 * H :] * cbuf[1:]).sum((0, 1))
+    return dwhh, dwci, dwcf, dwco
+
+
 class _PeepholeCpp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, xw, h0, c0, whh, wci, wcf, wco):  # type: ignore[override]
@@ -217,11 +229,7 @@ class _PeepholePy(torch.autograd.Function):
             torch.mul(dct.repeat(1, 3), k_ifg[t], out=da[t, :, : 3 * H])
             dc = torch.addcmul(torch.addcmul(dct * f[t], da[t, :, :H], wci), da[t, :, H : 2 * H], wcf)
             dh = da[t] @ whh
-        dwhh = da.view(T * B, 4 * H).t() @ hbuf[:-1].reshape(T * B, H)
-        dwci = (da[..., :H] * cprev).sum((0, 1))
-        dwcf = (da[..., H : 2 * H] * cprev).sum((0, 1))
-        dwco = (da[..., 3 * H :] * cbuf[1:]).sum((0, 1))
-        return da, dh, dc, dwhh, dwci, dwcf, dwco
+        return da, dh, dc, *peephole_weight_grads(da, hbuf, cbuf)
 
 
 def peephole_lstm(xw, h0, c0, whh, wci, wcf, wco, impl: str = "auto"):

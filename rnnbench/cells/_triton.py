@@ -194,12 +194,9 @@ class PeepholeTriton(torch.autograd.Function):
                                          da[t], dc_next, H, N, BLOCK=BLOCK)
             dc, dc_next = dc_next, dc
             torch.mm(da[t], whh, out=dh)
-        cprev = cbuf[:-1]
-        dwhh = da.view(T * B, 4 * H).t() @ hbuf[:-1].reshape(T * B, H)
-        dwci = (da[..., :H] * cprev).sum((0, 1))
-        dwcf = (da[..., H : 2 * H] * cprev).sum((0, 1))
-        dwco = (da[..., 3 * H :] * cbuf[1:]).sum((0, 1))
-        return da, dh, dc, dwhh, dwci, dwcf, dwco
+        from rnnbench.cells._fast import peephole_weight_grads
+
+        return da, dh, dc, *peephole_weight_grads(da, hbuf, cbuf)
 
 
 class GRUBeforeTriton(torch.autograd.Function):
