@@ -238,6 +238,7 @@ def test_no_compiler_falls_back_to_python_with_one_warning(monkeypatch: pytest.M
     try:
         _fast._ext.update(state=None, reason="")
         monkeypatch.delenv("RNNBENCH_FAST_EXT", raising=False)
+        monkeypatch.setattr(_fast, "_load_built", lambda library: False)  # nothing built yet, then no compiler
         monkeypatch.setattr(cpp_extension, "load_inline", lambda **kw: (_ for _ in ()).throw(OSError("no c++ compiler")))
         with pytest.warns(RuntimeWarning, match="no c\\+\\+ compiler"):
             assert _fast.resolve("auto", torch.zeros(2, 2)) == "python"
@@ -400,3 +401,32 @@ def test_auto_falls_back_from_a_failing_triton_loop(monkeypatch: pytest.MonkeyPa
     assert _fast._triton_failed
     layer.impl = "reference"
     assert_same(got, run(layer, *problem))
+
+
+def test_a_dead_builders_lock_never_blocks_loading(tmp_path) -> None:
+    """A worker SIGKILLed while holding torch's build lock leaves the lock file behind: a built
+    extension still loads at once, and a lock older than any build is cleared with a warning."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    if not _fast.load_extension():
+        pytest.skip(f"compiled CPU loops unavailable: {_fast.extension_info()['reason']}")
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(_fast.extension_info()["name"], verbose=False)) / "lock"
+    lock.touch()
+    try:
+        code = "from rnnbench.cells import _fast; assert _fast.load_extension(); print(_fast.extension_info()['cached'])"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+        _fast._clear_stale_lock(lock.parent)  # fresh: a build may be running, left alone
+        assert lock.exists()
+        old = time.time() - 2 * _fast.STALE_LOCK_S
+        os.utime(lock, (old, old))
+        with pytest.warns(RuntimeWarning, match="removed a build lock"):
+            _fast._clear_stale_lock(lock.parent)
+        assert not lock.exists()
+    finally:
+        lock.unlink(missing_ok=True)

@@ -67,6 +67,39 @@ def _cflags() -> tuple[list[str], str]:
     return flags, model + " " + " ".join(sorted(isa))
 
 
+STALE_LOCK_S = 300.0  # a build takes ~7-15 s on 2 cores; a lock this old belongs to a dead process
+
+
+def _load_built(library: Path) -> bool:
+    """Load an earlier build of this exact source, flags and machine (the name says so) directly.
+
+    load_inline would first take torch's build lock (a file `lock` in the build directory) and run
+    ninja; a process killed while holding it (a SIGKILL'd sweep worker) leaves the file behind, and
+    every later load_inline of the extension then waits for it forever. False: not built yet, or not
+    loadable (e.g. another process is still linking it), so load_inline must run.
+    """
+    if not library.is_file():
+        return False
+    try:
+        torch.ops.load_library(str(library))
+    except (OSError, RuntimeError):
+        return False
+    return True
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    """Remove torch's build lock when it is older than any real build (its holder died), with a warning."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+        warnings.warn(f"rnnbench: removed a build lock left {age:.0f} s ago by a process that died while building ({lock})",
+                      RuntimeWarning, stacklevel=3)
+
+
 def load_extension() -> bool:
     """Build (first time) and load the C++ loops; False, with one warning, where that is impossible."""
     if _ext["state"] is not None:
@@ -84,9 +117,12 @@ def load_extension() -> bool:
         name = f"rnnbench_fast_{digest}"
         from torch.utils.cpp_extension import _get_build_directory
 
-        cached = (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
-        load_inline(name=name, cpp_sources=[src], extra_cflags=flags, is_python_module=False,
-                    no_implicit_headers=True, with_cuda=False, verbose=False)
+        build_dir = Path(_get_build_directory(name, verbose=False))
+        cached = _load_built(build_dir / f"{name}.so")
+        if not cached:
+            _clear_stale_lock(build_dir)
+            load_inline(name=name, cpp_sources=[src], extra_cflags=flags, is_python_module=False,
+                        no_implicit_headers=True, with_cuda=False, verbose=False)
         torch.ops.rnnbench_fast.peephole_lstm_fwd  # noqa: B018 - raises if the library did not register
         _ext.update(state=True, seconds=time.perf_counter() - t0, name=name, flags=flags, cached=cached)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, headers missing: all mean "fall back"
