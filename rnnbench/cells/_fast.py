@@ -286,6 +286,14 @@ def peephole_lstm(xw, h0, c0, whh, wci, wcf, wco, impl: str = "auto"):
 # xw (T, B, 3H), order r, z, h~; h0 (B, H); whh (3H, H) = [U_r; U_z; U_h]. Returns hs (T, B, H), h_T.
 
 
+def gru_before_weight_grad(da: torch.Tensor, hbuf: torch.Tensor, rh: torch.Tensor) -> torch.Tensor:
+    """d [U_r; U_z; U_h] from all steps' dA (T, B, 3H): U_r, U_z see h_{t-1}, U_h sees r_t h_{t-1}."""
+    T, B, G = da.shape
+    H = G // 3
+    da2 = da.view(T * B, G)
+    return torch.cat([da2[:, : 2 * H].t() @ hbuf[:-1].reshape(T * B, H), da2[:, 2 * H :].t() @ rh.reshape(T * B, H)])
+
+
 class _GRUBeforeCpp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, xw, h0, whh):  # type: ignore[override]
@@ -337,9 +345,7 @@ class _GRUBeforePy(torch.autograd.Function):
             drh = dah @ u_h
             torch.mul(drh, k_r[t], out=da[t, :, :H])
             dh = torch.addmm(torch.addcmul(dht - dht * z[t], drh, r[t]), da[t, :, : 2 * H], u_rz)
-        da2 = da.view(T * B, 3 * H)
-        dwhh = torch.cat([da2[:, : 2 * H].t() @ hprev.reshape(T * B, H), da2[:, 2 * H :].t() @ rh.view(T * B, H)])
-        return da, dh, dwhh
+        return da, dh, gru_before_weight_grad(da, hbuf, rh)
 
 
 def gru_reset_before(xw, h0, whh, impl: str = "auto"):

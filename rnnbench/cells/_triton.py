@@ -235,7 +235,6 @@ class GRUBeforeTriton(torch.autograd.Function):
             torch.mm(da[t, :, 2 * H :], u_h, out=drh)
             _grub_bwd_r[_grid(N)](drh, dht, gates[t], hbuf[t], da[t], base, H, N, BLOCK=BLOCK)
             torch.addmm(base, da[t, :, : 2 * H], u_rz, out=dh)
-        da2 = da.view(T * B, 3 * H)
-        hprev = hbuf[:-1]
-        dwhh = torch.cat([da2[:, : 2 * H].t() @ hprev.reshape(T * B, H), da2[:, 2 * H :].t() @ rh.view(T * B, H)])
-        return da, dh, dwhh
+        from rnnbench.cells._fast import gru_before_weight_grad
+
+        return da, dh, gru_before_weight_grad(da, hbuf, rh)
