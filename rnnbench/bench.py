@@ -156,8 +156,10 @@ def run(opts: Options, echo: Callable[[str], Any] = print) -> dict[str, Any]:
     import torch
     from mlflow.tracking import MlflowClient
 
+    from rnnbench.cpu_memory import keep_freed_memory
     from rnnbench.tracking import prepare_store, resolve_tracking_uri
 
+    keep_freed_memory()  # as train() and train_many() do: the timed steps run as training runs them
     uri = resolve_tracking_uri(opts.tracking_uri)
     experiment_id = prepare_store(uri, "bench")  # fails in one line before any work if unreachable
     client = MlflowClient(tracking_uri=uri)

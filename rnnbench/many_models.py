@@ -50,6 +50,7 @@ import yaml
 from torch import nn
 
 from rnnbench.config import Config
+from rnnbench.cpu_memory import keep_freed_memory
 from rnnbench.errors import RnnbenchError
 from rnnbench.train import RunResult, resolve_hidden_size
 
@@ -174,6 +175,67 @@ def _gru_reset_before_layer(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torc
     return torch.stack(outs, 1)
 
 
+# --- the same layers through the compiled CPU loops (rnnbench/cells/csrc/fast_rnn.cpp, ops *_many) ------
+# The K models' time loops run in parallel over the CPU threads, each with the hand-written backward
+# of its one-model loop; the input projections stay one batched matmul. x (K, T, B, D) -> (K, T, B, H).
+def _project_all(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x (K, T, B, D), w (K, G, D), b (K, G) -> (K, T, B, G) = W x_t + b for every model and step."""
+    K, T, B, D = x.shape
+    return torch.baddbmm(b.unsqueeze(1), x.reshape(K, T * B, D), w.transpose(1, 2)).view(K, T, B, -1)
+
+
+def _zeros_state(x: torch.Tensor, H: int) -> torch.Tensor:
+    return x.new_zeros(x.shape[0], x.shape[2], H)
+
+
+def _lstm_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    # torch.nn.LSTM is the peephole loop with zero peepholes: (a + 0 * c) == a exactly, same gate order
+    from rnnbench.cells._fast import _PeepholeCpp
+
+    H = p["weight_hh"].shape[2]
+    xw = _project_all(x, p["weight_ih"], p["bias_ih"] + p["bias_hh"])
+    zero = x.new_zeros(x.shape[0], H)
+    return _PeepholeCpp.apply(xw, _zeros_state(x, H), _zeros_state(x, H), p["weight_hh"], zero, zero, zero)[0]
+
+
+def _gru_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    from rnnbench.cells._fast import _GRUAfterCpp
+
+    H = p["weight_hh"].shape[2]
+    gi = _project_all(x, p["weight_ih"], p["bias_ih"])
+    return _GRUAfterCpp.apply(gi, _zeros_state(x, H), p["weight_hh"], p["bias_hh"])[0]
+
+
+def _lstm_peephole_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    from rnnbench.cells._fast import _PeepholeCpp
+
+    H = p["weight_hh"].shape[2]
+    xw = _project_all(x, p["weight_ih"], p["bias"])
+    return _PeepholeCpp.apply(xw, _zeros_state(x, H), _zeros_state(x, H), p["weight_hh"], p["w_ci"], p["w_cf"], p["w_co"])[0]
+
+
+def _gru_reset_before_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    from rnnbench.cells._fast import _GRUBeforeCpp
+
+    H = p["weight_hh"].shape[2]
+    return _GRUBeforeCpp.apply(_project_all(x, p["weight_ih"], p["bias"]), _zeros_state(x, H), p["weight_hh"])[0]
+
+
+_LAYERS_CPP: dict[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]] = {
+    "lstm": _lstm_layer_cpp,
+    "gru": _gru_layer_cpp,
+    "lstm_peephole": _lstm_peephole_layer_cpp,
+    "gru_reset_before": _gru_reset_before_layer_cpp,
+}
+
+
+def _uses_cpp(cell: str, x: torch.Tensor) -> bool:
+    """The compiled loops run where the cell has one and they load (CPU, float32/float64)."""
+    from rnnbench.cells import _fast
+
+    return cell in _LAYERS_CPP and _fast.resolve("auto", x) == "cpp"
+
+
 _LAYERS: dict[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]] = {
     "tanh": _tanh_layer,
     "lstm": _lstm_layer,
@@ -193,10 +255,11 @@ def stacked_forward(models: Sequence[nn.Module], cell: str, x: torch.Tensor) -> 
         raise RnnbenchError(f"cell {cell!r} has no batched form; batched cells: {', '.join(BATCHED_CELLS)}")
     K, B, T, _ = x.shape
     h = x.transpose(1, 2)  # (K, T, B, D): time-major per model
+    layers = _LAYERS_CPP if _uses_cpp(cell, x) else _LAYERS
     for layer in range(models[0].rnn.num_layers):
         per_model = [_layer_params(m.rnn, cell, layer) for m in models]
         stacked = {name: _stack([p[name] for p in per_model]) for name in per_model[0]}
-        h = _LAYERS[cell](h, stacked)  # (K, T, B, H)
+        h = layers[cell](h, stacked)  # (K, T, B, H)
     w, b = _stack([m.head.weight for m in models]), _stack([m.head.bias for m in models])
     out = torch.baddbmm(b.unsqueeze(1), h.reshape(K, T * B, h.shape[-1]), w.transpose(1, 2))
     return out.view(K, T, B, -1).transpose(1, 2)
@@ -228,17 +291,18 @@ def group_forward(
 
 
 def choose_recurrence(cell: str, device: torch.device | str) -> str:
-    """'stacked' or 'per_model' for `cell` on `device`, from measurements (report of "Speed", item 2).
+    """'stacked' or 'per_model' for `cell` on `device`, from measurements (results/bench/bench_*.md).
 
-    Cells without a fused kernel (lstm_peephole, gru_reset_before) always gain from stacking. For fused
-    ones, K cuDNN calls beat an eager stacked loop on an H100 up to K = 64 (../shared/docs/speed-probes.md),
-    and on the CPU oneDNN's LSTM beats the stacked loop (0.5-0.7x) while tanh and gru gain (1.2-2.2x).
+    CPU: always 'stacked'; where the compiled loops load, the K models' loops run in parallel over the
+    threads (1.1-2.6x the throughput of K sequential runs with 32 models, 2 cores). CUDA: cells without
+    a fused kernel (lstm_peephole, gru_reset_before) stack; for fused ones K cuDNN calls beat an eager
+    stacked loop on an H100 up to K = 64 (../shared/docs/speed-probes.md).
     """
     from rnnbench.cells import get_cell
 
-    if not get_cell(cell).fused:
+    if torch.device(device).type != "cuda" or not get_cell(cell).fused:
         return "stacked"
-    return "per_model" if torch.device(device).type == "cuda" or cell == "lstm" else "stacked"
+    return "per_model"
 
 
 # --- one model of a group ------------------------------------------------------------------------------
@@ -693,6 +757,7 @@ def train_many(
     if cell not in _LAYERS:
         raise RnnbenchError(f"cell {cell!r} has no batched form; batched cells: {', '.join(BATCHED_CELLS)}")
     _quiet_lightning()
+    keep_freed_memory()
 
     t_setup = time.perf_counter()
     t = configs[0].train

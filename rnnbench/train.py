@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from rnnbench.config import Config
+from rnnbench.cpu_memory import keep_freed_memory
 from rnnbench.errors import RnnbenchError
 from rnnbench.tracking import git_commit, prepare_store, resolve_tracking_uri
 
@@ -72,6 +73,7 @@ def train(
     from rnnbench.tasks import get_task
 
     _quiet_lightning()
+    keep_freed_memory()
     t_setup = time.perf_counter()
     uri = resolve_tracking_uri(config.tracking.tracking_uri)
     experiment_id = experiment_id or prepare_store(uri, config.tracking.experiment)

@@ -171,6 +171,55 @@ def test_cpp_float32_close_on_a_long_sequence(cell: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+# --- K models at once (ops *_many, used by rnnbench/many_models.py) == K one-model calls ----------------
+
+
+def _many_problem(name: str, K: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(2)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    gates = {"lstm": 4, "gru_before": 3, "gru_after": 3}[name]
+    args = [rnd(K, T, B, gates * H), rnd(K, B, H)]
+    args += [rnd(K, B, H)] if name == "lstm" else []
+    args += [rnd(K, gates * H, H, scale=0.5)]
+    args += [rnd(K, H) for _ in range(3)] if name == "lstm" else []
+    args += [rnd(K, gates * H)] if name == "gru_after" else []
+    grads = [rnd(K, T, B, H), rnd(K, B, H)] + ([rnd(K, B, H)] if name == "lstm" else [])
+    return args, grads
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["lstm", "gru_before", "gru_after"])
+def test_many_models_op_equals_one_model_ops(name: str, dtype: torch.dtype, threads: int) -> None:
+    """Outputs and every gradient of K stacked models == each model through the one-model op: model k's
+    loop runs the same code on slice k, whichever thread takes it. Equal to rounding, not bit for bit:
+    MKL's kernels may round differently for differently aligned operands (slice k's address)."""
+    _require_cpp()
+    fn = {"lstm": _fast._PeepholeCpp, "gru_before": _fast._GRUBeforeCpp, "gru_after": _fast._GRUAfterCpp}[name]
+    K = 5  # more models than threads, and not a multiple of 2
+    args, grads = _many_problem(name, K, dtype)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        def outputs_and_grads(inputs, gs):
+            inputs = [a.clone().requires_grad_() for a in inputs]
+            outs = fn.apply(*inputs)
+            torch.autograd.backward(outs, gs)
+            return [o.detach() for o in outs] + [a.grad for a in inputs]
+
+        many = outputs_and_grads(args, grads)
+        for k in range(K):
+            one = outputs_and_grads([a[k] for a in args], [gr[k] for gr in grads])
+            for i, (a, b) in enumerate(zip(one, many, strict=True)):
+                tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+                torch.testing.assert_close(b[k], a, **tol, msg=lambda m, k=k, i=i: f"{name} model {k}, tensor {i}: {m}")
+    finally:
+        torch.set_num_threads(old)
+
+
 # --- the `gru` cell's CPU loop == torch.nn.GRU ---------------------------------------------------------
 
 

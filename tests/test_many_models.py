@@ -107,13 +107,23 @@ def saved_state(config: Config, run_id: str) -> dict[str, Any]:
 
 
 # --- the K-model recurrence --------------------------------------------------------------------------
+@pytest.mark.parametrize("loops", ["compiled", "torch_ops"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_group_forward_and_gradients_match_each_model(cell: str) -> None:
-    """Outputs and parameter gradients of K models run as one equal each model's own forward/backward."""
+def test_group_forward_and_gradients_match_each_model(cell: str, loops: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outputs and parameter gradients of K models run as one equal each model's own forward/backward,
+    through the compiled K-model loops (the CPU's path) and through the stacked torch-op loop (CUDA's)."""
     from torch import nn
 
+    from rnnbench import many_models
     from rnnbench.cells import get_cell
     from rnnbench.many_models import group_forward
+
+    if loops == "torch_ops":
+        monkeypatch.setattr(many_models, "_uses_cpp", lambda cell, x: False)
+    elif cell not in many_models._LAYERS_CPP:
+        pytest.skip(f"{cell} has no compiled loop (its stacked torch-op loop is the CPU's path too)")
+    elif not many_models._uses_cpp(cell, torch.zeros(1, dtype=torch.float64)):
+        pytest.skip("compiled loops unavailable here")
 
     torch.manual_seed(0)
     models = []

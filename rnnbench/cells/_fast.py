@@ -191,6 +191,17 @@ def _c(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t.contiguous() for t in ts]
 
 
+def _op(name: str, xw: torch.Tensor) -> Any:
+    """The compiled op `name` for one model (xw (T, B, G)) or K models stacked (xw (K, T, B, G): `name_many`,
+    the K loops in parallel over the CPU threads)."""
+    return getattr(torch.ops.rnnbench_fast, name if xw.dim() == 3 else name + "_many")
+
+
+def _outputs(hbuf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hs (slots 1..T) and the final state (a copy) of a (..., T+1, B, H) state buffer."""
+    return hbuf.narrow(-3, 1, hbuf.shape[-3] - 1), hbuf.select(-3, -1).clone()
+
+
 # ==== peephole LSTM ================================================================================
 # xw (T, B, 4H), gate order i, f, g, o; h0, c0 (B, H); whh (4H, H); wci, wcf, wco (H).
 # Returns hs (T, B, H), h_T, c_T.
@@ -212,14 +223,14 @@ class _PeepholeCpp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, xw, h0, c0, whh, wci, wcf, wco):  # type: ignore[override]
         xw, h0, c0, whh, wci, wcf, wco = _c(xw, h0, c0, whh, wci, wcf, wco)
-        hbuf, cbuf, gates, tcs = torch.ops.rnnbench_fast.peephole_lstm_fwd(xw, h0, c0, whh, wci, wcf, wco)
+        hbuf, cbuf, gates, tcs = _op("peephole_lstm_fwd", xw)(xw, h0, c0, whh, wci, wcf, wco)
         ctx.save_for_backward(whh, wci, wcf, wco, hbuf, cbuf, gates, tcs)
-        return hbuf[1:], hbuf[-1].clone(), cbuf[-1].clone()
+        return *_outputs(hbuf), cbuf.select(-3, -1).clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dhs, dhT, dcT):  # type: ignore[override]
-        return tuple(torch.ops.rnnbench_fast.peephole_lstm_bwd(*_c(dhs, dhT, dcT), *ctx.saved_tensors))
+        return tuple(_op("peephole_lstm_bwd", dhs)(*_c(dhs, dhT, dcT), *ctx.saved_tensors))
 
 
 class _PeepholePy(torch.autograd.Function):
@@ -298,14 +309,14 @@ class _GRUBeforeCpp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, xw, h0, whh):  # type: ignore[override]
         xw, h0, whh = _c(xw, h0, whh)
-        hbuf, gates, rh = torch.ops.rnnbench_fast.gru_reset_before_fwd(xw, h0, whh)
+        hbuf, gates, rh = _op("gru_reset_before_fwd", xw)(xw, h0, whh)
         ctx.save_for_backward(whh, hbuf, gates, rh)
-        return hbuf[1:], hbuf[-1].clone()
+        return _outputs(hbuf)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dhs, dhT):  # type: ignore[override]
-        return tuple(torch.ops.rnnbench_fast.gru_reset_before_bwd(*_c(dhs, dhT), *ctx.saved_tensors))
+        return tuple(_op("gru_reset_before_bwd", dhs)(*_c(dhs, dhT), *ctx.saved_tensors))
 
 
 class _GRUBeforePy(torch.autograd.Function):
@@ -370,14 +381,14 @@ class _GRUAfterCpp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gi, h0, whh, bhh):  # type: ignore[override]
         gi, h0, whh, bhh = _c(gi, h0, whh, bhh)
-        hbuf, gates = torch.ops.rnnbench_fast.gru_reset_after_fwd(gi, h0, whh, bhh)
+        hbuf, gates = _op("gru_reset_after_fwd", gi)(gi, h0, whh, bhh)
         ctx.save_for_backward(whh, hbuf, gates)
-        return hbuf[1:], hbuf[-1].clone()
+        return _outputs(hbuf)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dhs, dhT):  # type: ignore[override]
-        return tuple(torch.ops.rnnbench_fast.gru_reset_after_bwd(*_c(dhs, dhT), *ctx.saved_tensors))
+        return tuple(_op("gru_reset_after_bwd", dhs)(*_c(dhs, dhT), *ctx.saved_tensors))
 
 
 class _GRUAfterPy(torch.autograd.Function):

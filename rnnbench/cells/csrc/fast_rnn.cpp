@@ -15,9 +15,14 @@
 // cell states live in (T+1, B, H) buffers whose slot 0 is the initial state: slot t is step t's
 // previous state, and slots 1..T are the outputs (returned as a view).
 //
+// K models at once (ops *_many, for rnnbench/many_models.py): the same arguments stacked along a new
+// leading dimension K; the K time loops run in parallel over the CPU threads. One
+// step's products are too small to split between threads, but K models' loops are independent.
+//
 // float uses a Cephes-style exp (<= 2 ulp) so the gate pass vectorises; double uses std::exp and
 // std::tanh, so float64 results match the step-by-step autograd reference to rounding.
 // Only per-operator ATen headers are included: the file compiles in seconds, not a minute.
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -30,6 +35,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -82,7 +89,22 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
             const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL splits even these tiny products between threads, and the hand-off costs more than the product:
+// measured 2.3x slower loops with 2 threads than with 1 on the 2-core CPU. Each loop below therefore
+// asks MKL for one thread on its own thread for its duration (MKL's thread-local setting; a no-op
+// where the BLAS is not MKL); the large weight-gradient products after the loops keep all threads.
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // the C interface (lower case is Fortran's, by pointer)
 }
+
+struct OneBlasThread {
+  int previous = 0;
+  OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);  // 0: the global setting again
+  }
+};
 
 inline bool have_blas(float*) { return sgemm_ != nullptr; }
 inline bool have_blas(double*) { return dgemm_ != nullptr; }
@@ -130,6 +152,7 @@ void check(std::initializer_list<const Tensor*> ts, const char* op) {
 template <typename T_>
 void lstm_fwd(const Tensor& xw, const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
               Tensor& hbuf, Tensor& cbuf, Tensor& gates, Tensor& tcs) {
+  OneBlasThread one_blas_thread;
   const int64_t T = xw.size(0), B = xw.size(1), H = hbuf.size(2), G = 4 * H, BH = B * H;
   Tensor gh = at::empty({B, G}, xw.options());
   const T_* __restrict__ pci = wci.data_ptr<T_>();
@@ -196,6 +219,7 @@ template <typename T_>
 void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
               const Tensor& cbuf, const Tensor& gates, const Tensor& tcs, Tensor& dxw, Tensor& dh, Tensor& dc,
               Tensor& acc) {
+  OneBlasThread one_blas_thread;
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), G = 4 * H, BH = B * H;
   const T_* __restrict__ pci = wci.data_ptr<T_>();
   const T_* __restrict__ pcf = wcf.data_ptr<T_>();
@@ -246,21 +270,29 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
   }
 }
 
+// dh, dc hold dL/dh_T, dL/dc_T on entry and dL/dh_0, dL/dc_0 on return; dxw, dwhh, dpeep (3,H) are written.
+void peephole_bwd_into(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
+                       const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates, const Tensor& tcs, Tensor& dxw,
+                       Tensor& dh, Tensor& dc, Tensor& dwhh, Tensor& dpeep) {
+  const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
+  Tensor acc = at::zeros({3, H}, dhs.options().dtype(at::kDouble));
+  if (dhs.scalar_type() == at::kFloat)
+    lstm_bwd<float>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
+  else
+    lstm_bwd<double>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
+  at::mm_out(dwhh, dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
+  dpeep.copy_(acc);
+}
+
 std::vector<Tensor> peephole_lstm_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& dcT, const Tensor& whh,
                                       const Tensor& wci, const Tensor& wcf, const Tensor& wco, const Tensor& hbuf,
                                       const Tensor& cbuf, const Tensor& gates, const Tensor& tcs) {
   check({&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, "peephole_lstm_bwd");
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
   auto o = dhs.options();
-  Tensor dxw = at::empty({T, B, 4 * H}, o);
+  Tensor dxw = at::empty({T, B, 4 * H}, o), dwhh = at::empty({4 * H, H}, o), dpeep = at::empty({3, H}, o);
   Tensor dh = dhT.clone(), dc = dcT.clone();
-  Tensor acc = at::zeros({3, H}, o.dtype(at::kDouble));
-  if (dhs.scalar_type() == at::kFloat)
-    lstm_bwd<float>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
-  else
-    lstm_bwd<double>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
-  Tensor dwhh = at::mm(dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
-  Tensor dpeep = acc.to(o.dtype());
+  peephole_bwd_into(dhs, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, dxw, dh, dc, dwhh, dpeep);
   return {dxw, dh, dc, dwhh, dpeep[0], dpeep[1], dpeep[2]};
 }
 
@@ -270,6 +302,7 @@ std::vector<Tensor> peephole_lstm_bwd(const Tensor& dhs, const Tensor& dhT, cons
 // Returns hbuf (T+1,B,H), gates (T,B,3H) = r, z, h~, rh (T,B,H) = r_t * h_{t-1}.
 template <typename T_>
 void grub_fwd(const Tensor& xw, const Tensor& whh, Tensor& hbuf, Tensor& gates, Tensor& rh) {
+  OneBlasThread one_blas_thread;
   const int64_t T = xw.size(0), B = xw.size(1), H = hbuf.size(2), G = 3 * H, BH = B * H;
   Tensor u_rz = whh.narrow(0, 0, 2 * H), u_h = whh.narrow(0, 2 * H, H);
   Tensor grz = at::empty({B, 2 * H}, xw.options()), gh = at::empty({B, H}, xw.options());
@@ -332,6 +365,7 @@ std::vector<Tensor> gru_reset_before_fwd(const Tensor& xw, const Tensor& h0, con
 template <typename T_>
 void grub_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Tensor& gates, Tensor& dxw,
               Tensor& dh) {
+  OneBlasThread one_blas_thread;
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), G = 3 * H, BH = B * H;
   Tensor u_rz = whh.narrow(0, 0, 2 * H), u_h = whh.narrow(0, 2 * H, H);
   Tensor drh = at::empty({B, H}, dhs.options());
@@ -376,21 +410,27 @@ void grub_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
   }
 }
 
-std::vector<Tensor> gru_reset_before_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
-                                         const Tensor& hbuf, const Tensor& gates, const Tensor& rh) {
-  check({&dhs, &dhT, &whh, &hbuf, &gates, &rh}, "gru_reset_before_bwd");
+// dh holds dL/dh_T on entry and dL/dh_0 on return; dxw and dwhh are written.
+void grub_bwd_into(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Tensor& gates, const Tensor& rh,
+                   Tensor& dxw, Tensor& dh, Tensor& dwhh) {
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
-  Tensor dxw = at::empty({T, B, 3 * H}, dhs.options());
-  Tensor dh = dhT.clone();
   if (dhs.scalar_type() == at::kFloat)
     grub_bwd<float>(dhs, whh, hbuf, gates, dxw, dh);
   else
     grub_bwd<double>(dhs, whh, hbuf, gates, dxw, dh);
   Tensor da = dxw.view({T * B, 3 * H});
-  Tensor dwhh = at::empty({3 * H, H}, dhs.options());
   Tensor top = dwhh.narrow(0, 0, 2 * H), bottom = dwhh.narrow(0, 2 * H, H);
   at::mm_out(top, da.narrow(1, 0, 2 * H).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
   at::mm_out(bottom, da.narrow(1, 2 * H, H).t(), rh.view({T * B, H}));
+}
+
+std::vector<Tensor> gru_reset_before_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
+                                         const Tensor& hbuf, const Tensor& gates, const Tensor& rh) {
+  check({&dhs, &dhT, &whh, &hbuf, &gates, &rh}, "gru_reset_before_bwd");
+  const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
+  Tensor dxw = at::empty({T, B, 3 * H}, dhs.options()), dwhh = at::empty({3 * H, H}, dhs.options());
+  Tensor dh = dhT.clone();
+  grub_bwd_into(dhs, whh, hbuf, gates, rh, dxw, dh, dwhh);
   return {dxw, dh, dwhh};
 }
 
@@ -401,6 +441,7 @@ std::vector<Tensor> gru_reset_before_bwd(const Tensor& dhs, const Tensor& dhT, c
 // Returns hbuf (T+1,B,H), gates (T,B,4H) = r, z, n, hn.
 template <typename T_>
 void grua_fwd(const Tensor& gi, const Tensor& whh, const Tensor& bhh, Tensor& hbuf, Tensor& gates) {
+  OneBlasThread one_blas_thread;
   const int64_t T = gi.size(0), B = gi.size(1), H = hbuf.size(2), G = 3 * H, BH = B * H;
   Tensor gh = at::empty({B, G}, gi.options());
   const T_* __restrict__ pgh = gh.data_ptr<T_>();
@@ -451,6 +492,7 @@ std::vector<Tensor> gru_reset_after_fwd(const Tensor& gi, const Tensor& h0, cons
 template <typename T_>
 void grua_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Tensor& gates, Tensor& dgi,
               Tensor& dgh, Tensor& dh) {
+  OneBlasThread one_blas_thread;
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), G = 3 * H, BH = B * H;
   T_* __restrict__ pdh = dh.data_ptr<T_>();
   for (int64_t t = T - 1; t >= 0; --t) {
@@ -487,20 +529,162 @@ void grua_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
   }
 }
 
-std::vector<Tensor> gru_reset_after_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
-                                        const Tensor& hbuf, const Tensor& gates) {
-  check({&dhs, &dhT, &whh, &hbuf, &gates}, "gru_reset_after_bwd");
+// dh holds dL/dh_T on entry and dL/dh_0 on return; dgi, dwhh, dbhh are written.
+void grua_bwd_into(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Tensor& gates, Tensor& dgi,
+                   Tensor& dh, Tensor& dwhh, Tensor& dbhh) {
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
-  auto o = dhs.options();
-  Tensor dgi = at::empty({T, B, 3 * H}, o), dgh = at::empty({T, B, 3 * H}, o);
-  Tensor dh = dhT.clone();
+  Tensor dgh = at::empty({T, B, 3 * H}, dhs.options());
   if (dhs.scalar_type() == at::kFloat)
     grua_bwd<float>(dhs, whh, hbuf, gates, dgi, dgh, dh);
   else
     grua_bwd<double>(dhs, whh, hbuf, gates, dgi, dgh, dh);
   Tensor dgh2 = dgh.view({T * B, 3 * H});
-  Tensor dwhh = at::mm(dgh2.t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
-  Tensor dbhh = at::sum(dgh2, {0});
+  at::mm_out(dwhh, dgh2.t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
+  at::sum_out(dbhh, dgh2, {0});
+}
+
+std::vector<Tensor> gru_reset_after_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
+                                        const Tensor& hbuf, const Tensor& gates) {
+  check({&dhs, &dhT, &whh, &hbuf, &gates}, "gru_reset_after_bwd");
+  const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
+  auto o = dhs.options();
+  Tensor dgi = at::empty({T, B, 3 * H}, o), dwhh = at::empty({3 * H, H}, o), dbhh = at::empty({3 * H}, o);
+  Tensor dh = dhT.clone();
+  grua_bwd_into(dhs, whh, hbuf, gates, dgi, dh, dwhh, dbhh);
+  return {dgi, dh, dwhh, dbhh};
+}
+
+// ==== K models at once =============================================================================
+// Arguments as the one-model ops above with a leading K; returns likewise. Model k's loop reads and
+// writes only slice k of every tensor, so the loops run on different threads without sharing anything.
+//
+// The threads are std::threads, as many as torch's intra-op setting (torch.set_num_threads): ATen's
+// parallel_for is OpenMP pragmas in a header, which this file (built without -fopenmp, to stay clear of a
+// second OpenMP runtime beside torch's) would run serially. Each thread takes every n-th model and runs
+// MKL single-threaded; an exception on any thread is re-raised on the caller's.
+template <typename F>
+void over_models(int64_t K, const F& f) {
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(K, at::get_num_threads()));
+  std::vector<std::exception_ptr> errors(n);
+  auto work = [&](int64_t w) {
+    try {
+      OneBlasThread one_blas_thread;
+      for (int64_t k = w; k < K; k += n) f(k);
+    } catch (...) {
+      errors[w] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int64_t w = 1; w < n; ++w) threads.emplace_back(work, w);
+  work(0);
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+std::vector<Tensor> peephole_lstm_fwd_many(const Tensor& xw, const Tensor& h0, const Tensor& c0, const Tensor& whh,
+                                           const Tensor& wci, const Tensor& wcf, const Tensor& wco) {
+  check({&xw, &h0, &c0, &whh, &wci, &wcf, &wco}, "peephole_lstm_fwd_many");
+  TORCH_CHECK(xw.dim() == 4 && h0.dim() == 3, "peephole_lstm_fwd_many: shapes");
+  const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(2);
+  TORCH_CHECK(T >= 1 && xw.size(3) == 4 * H && h0.size(0) == K && h0.size(1) == B && whh.size(0) == K,
+              "peephole_lstm_fwd_many: shapes");
+  auto o = xw.options();
+  Tensor hbuf = at::empty({K, T + 1, B, H}, o), cbuf = at::empty({K, T + 1, B, H}, o);
+  Tensor gates = at::empty({K, T, B, 4 * H}, o), tcs = at::empty({K, T, B, H}, o);
+  hbuf.select(1, 0).copy_(h0);
+  cbuf.select(1, 0).copy_(c0);
+  const bool f32 = xw.scalar_type() == at::kFloat;
+  over_models(K, [&](int64_t k) {
+    Tensor hb = hbuf.select(0, k), cb = cbuf.select(0, k), g = gates.select(0, k), tc = tcs.select(0, k);
+    if (f32)
+      lstm_fwd<float>(xw.select(0, k), whh.select(0, k), wci.select(0, k), wcf.select(0, k), wco.select(0, k), hb, cb, g, tc);
+    else
+      lstm_fwd<double>(xw.select(0, k), whh.select(0, k), wci.select(0, k), wcf.select(0, k), wco.select(0, k), hb, cb, g, tc);
+  });
+  return {hbuf, cbuf, gates, tcs};
+}
+
+std::vector<Tensor> peephole_lstm_bwd_many(const Tensor& dhs, const Tensor& dhT, const Tensor& dcT, const Tensor& whh,
+                                           const Tensor& wci, const Tensor& wcf, const Tensor& wco, const Tensor& hbuf,
+                                           const Tensor& cbuf, const Tensor& gates, const Tensor& tcs) {
+  check({&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, "peephole_lstm_bwd_many");
+  const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
+  auto o = dhs.options();
+  Tensor dxw = at::empty({K, T, B, 4 * H}, o), dwhh = at::empty({K, 4 * H, H}, o), dpeep = at::empty({K, 3, H}, o);
+  Tensor dh = dhT.clone(), dc = dcT.clone();
+  over_models(K, [&](int64_t k) {
+    Tensor dx = dxw.select(0, k), dhk = dh.select(0, k), dck = dc.select(0, k), dw = dwhh.select(0, k), dp = dpeep.select(0, k);
+    peephole_bwd_into(dhs.select(0, k), whh.select(0, k), wci.select(0, k), wcf.select(0, k), wco.select(0, k),
+                      hbuf.select(0, k), cbuf.select(0, k), gates.select(0, k), tcs.select(0, k), dx, dhk, dck, dw, dp);
+  });
+  return {dxw, dh, dc, dwhh, dpeep.select(1, 0), dpeep.select(1, 1), dpeep.select(1, 2)};
+}
+
+std::vector<Tensor> gru_reset_before_fwd_many(const Tensor& xw, const Tensor& h0, const Tensor& whh) {
+  check({&xw, &h0, &whh}, "gru_reset_before_fwd_many");
+  TORCH_CHECK(xw.dim() == 4 && h0.dim() == 3, "gru_reset_before_fwd_many: shapes");
+  const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(2);
+  TORCH_CHECK(T >= 1 && xw.size(3) == 3 * H && h0.size(0) == K && h0.size(1) == B && whh.size(0) == K,
+              "gru_reset_before_fwd_many: shapes");
+  auto o = xw.options();
+  Tensor hbuf = at::empty({K, T + 1, B, H}, o), gates = at::empty({K, T, B, 3 * H}, o), rh = at::empty({K, T, B, H}, o);
+  hbuf.select(1, 0).copy_(h0);
+  const bool f32 = xw.scalar_type() == at::kFloat;
+  over_models(K, [&](int64_t k) {
+    Tensor hb = hbuf.select(0, k), g = gates.select(0, k), r = rh.select(0, k);
+    if (f32)
+      grub_fwd<float>(xw.select(0, k), whh.select(0, k), hb, g, r);
+    else
+      grub_fwd<double>(xw.select(0, k), whh.select(0, k), hb, g, r);
+  });
+  return {hbuf, gates, rh};
+}
+
+std::vector<Tensor> gru_reset_before_bwd_many(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
+                                              const Tensor& hbuf, const Tensor& gates, const Tensor& rh) {
+  check({&dhs, &dhT, &whh, &hbuf, &gates, &rh}, "gru_reset_before_bwd_many");
+  const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
+  Tensor dxw = at::empty({K, T, B, 3 * H}, dhs.options()), dwhh = at::empty({K, 3 * H, H}, dhs.options());
+  Tensor dh = dhT.clone();
+  over_models(K, [&](int64_t k) {
+    Tensor dx = dxw.select(0, k), dhk = dh.select(0, k), dw = dwhh.select(0, k);
+    grub_bwd_into(dhs.select(0, k), whh.select(0, k), hbuf.select(0, k), gates.select(0, k), rh.select(0, k), dx, dhk, dw);
+  });
+  return {dxw, dh, dwhh};
+}
+
+std::vector<Tensor> gru_reset_after_fwd_many(const Tensor& gi, const Tensor& h0, const Tensor& whh, const Tensor& bhh) {
+  check({&gi, &h0, &whh, &bhh}, "gru_reset_after_fwd_many");
+  TORCH_CHECK(gi.dim() == 4 && h0.dim() == 3, "gru_reset_after_fwd_many: shapes");
+  const int64_t K = gi.size(0), T = gi.size(1), B = gi.size(2), H = h0.size(2);
+  TORCH_CHECK(T >= 1 && gi.size(3) == 3 * H && h0.size(0) == K && h0.size(1) == B && whh.size(0) == K,
+              "gru_reset_after_fwd_many: shapes");
+  auto o = gi.options();
+  Tensor hbuf = at::empty({K, T + 1, B, H}, o), gates = at::empty({K, T, B, 4 * H}, o);
+  hbuf.select(1, 0).copy_(h0);
+  const bool f32 = gi.scalar_type() == at::kFloat;
+  over_models(K, [&](int64_t k) {
+    Tensor hb = hbuf.select(0, k), g = gates.select(0, k);
+    if (f32)
+      grua_fwd<float>(gi.select(0, k), whh.select(0, k), bhh.select(0, k), hb, g);
+    else
+      grua_fwd<double>(gi.select(0, k), whh.select(0, k), bhh.select(0, k), hb, g);
+  });
+  return {hbuf, gates};
+}
+
+std::vector<Tensor> gru_reset_after_bwd_many(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
+                                             const Tensor& hbuf, const Tensor& gates) {
+  check({&dhs, &dhT, &whh, &hbuf, &gates}, "gru_reset_after_bwd_many");
+  const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
+  auto o = dhs.options();
+  Tensor dgi = at::empty({K, T, B, 3 * H}, o), dwhh = at::empty({K, 3 * H, H}, o), dbhh = at::empty({K, 3 * H}, o);
+  Tensor dh = dhT.clone();
+  over_models(K, [&](int64_t k) {
+    Tensor dg = dgi.select(0, k), dhk = dh.select(0, k), dw = dwhh.select(0, k), db = dbhh.select(0, k);
+    grua_bwd_into(dhs.select(0, k), whh.select(0, k), hbuf.select(0, k), gates.select(0, k), dg, dhk, dw, db);
+  });
   return {dgi, dh, dwhh, dbhh};
 }
 
@@ -513,4 +697,10 @@ TORCH_LIBRARY(rnnbench_fast, m) {
   m.def("gru_reset_before_bwd", &gru_reset_before_bwd);
   m.def("gru_reset_after_fwd", &gru_reset_after_fwd);
   m.def("gru_reset_after_bwd", &gru_reset_after_bwd);
+  m.def("peephole_lstm_fwd_many", &peephole_lstm_fwd_many);
+  m.def("peephole_lstm_bwd_many", &peephole_lstm_bwd_many);
+  m.def("gru_reset_before_fwd_many", &gru_reset_before_fwd_many);
+  m.def("gru_reset_before_bwd_many", &gru_reset_before_bwd_many);
+  m.def("gru_reset_after_fwd_many", &gru_reset_after_fwd_many);
+  m.def("gru_reset_after_bwd_many", &gru_reset_after_bwd_many);
 }
