@@ -37,7 +37,7 @@ def test_bench_writes_tables_and_one_mlflow_run(tmp_path: Path, store: str) -> N
         rows = list(csv.DictReader(fh))
     assert "torch" in md and "threads" in md and "shape: seq 4, batch 2, input 3" in md
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"bare", "cell", "harness", "lightning", "setup", "many"}
+    assert kinds == {"bare", "cell", "bare-step", "harness", "lightning", "setup", "many"}
     many = [r for r in rows if r["kind"] == "many"]  # K=3 batched and sequential, each cell, first hidden size
     assert {(r["cell"], r["impl"]) for r in many} == {(c, s) for c in ("tanh", "lstm", "gru", "lstm_peephole", "gru_reset_before") for s in ("batched", "sequential")}
     assert all(float(r["speedup"]) > 0 for r in many if r["impl"] == "batched") and "models trained together" in md
@@ -48,6 +48,7 @@ def test_bench_writes_tables_and_one_mlflow_run(tmp_path: Path, store: str) -> N
         assert {("cell", c, "reference") for c in ("lstm_peephole", "gru_reset_before")} <= got
         assert {("cell", c, "python") for c in ("lstm_peephole", "gru_reset_before")} <= got
         assert {("harness", c) for c in ("tanh", "lstm", "gru", "lstm_peephole", "gru_reset_before")} <= {k[:2] for k in got}
+        assert {("bare-step", c) for c in ("tanh", "lstm", "gru", "lstm_peephole", "gru_reset_before")} <= {k[:2] for k in got}
         assert {("lightning", c) for c in ("tanh", "lstm", "gru", "lstm_peephole", "gru_reset_before")} <= {k[:2] for k in got}
         if _fast.extension_info()["state"]:
             assert {("cell", "lstm_peephole", "cpp"), ("cell", "gru_reset_before", "cpp"), ("cell", "gru", "cpp")} <= got
@@ -62,7 +63,8 @@ def test_bench_writes_tables_and_one_mlflow_run(tmp_path: Path, store: str) -> N
     assert all(float(r["ms"]) > 0 and int(r["repeats"]) == 2 for r in timed)
     lstm = [r for r in rows if (r["kind"], r["cell"]) == ("bare", "lstm")]
     assert all(float(r["x_fused_lstm"]) == 1.0 for r in lstm)
-    assert all(float(r["harness_over_bare"]) > 0 for r in rows if r["kind"] == "harness")
+    assert all(float(r["harness_over_bare"]) > 0 and float(r["harness_over_step"]) > 0 for r in rows if r["kind"] == "harness")
+    assert "a bare PyTorch training step of the same model" in md  # the floor beside each harness target
     setup = [r for r in rows if r["kind"] == "setup"]
     assert [r["impl"] for r in setup] == ["first", "second"] and all(float(r["ms"]) > 0 for r in setup)
 
@@ -88,7 +90,7 @@ def test_bench_without_optional_parts(tmp_path: Path, store: str) -> None:
     assert result.exit_code == 0, (result.output, result.exception)
     with (out_dir / "bench_cpu.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert {r["kind"] for r in rows} == {"bare", "cell", "harness"}
+    assert {r["kind"] for r in rows} == {"bare", "cell", "bare-step", "harness"}
     assert not [r for r in rows if r["impl"] == "reference"]
 
 
