@@ -72,11 +72,16 @@ def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(tensors))
 
 
-def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """x (K, T, B, D), w (K, G, D), b (K, G) -> T tensors (K, B, G): W x_t + b for every t at once."""
+def _project_time_major(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x (K, T, B, D), w (K, G, D), b (K, G) -> (T, K, B, G): W x_t + b for every model and step at once."""
     K, T, B, D = x.shape
     xw = torch.baddbmm(b.unsqueeze(1), x.reshape(K, T * B, D), w.transpose(1, 2))
-    return xw.view(K, T, B, -1).transpose(0, 1).contiguous().unbind(0)  # unbind: one backward copy, not T
+    return xw.view(K, T, B, -1).transpose(0, 1).contiguous()
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x (K, T, B, D), w (K, G, D), b (K, G) -> T tensors (K, B, G): W x_t + b for every t at once."""
+    return _project_time_major(x, w, b).unbind(0)  # unbind: one backward copy, not T
 
 
 def _layer_params(rnn: nn.Module, cell: str, layer: int) -> dict[str, torch.Tensor]:
@@ -236,6 +241,48 @@ def _uses_cpp(cell: str, x: torch.Tensor) -> bool:
     return cell in _LAYERS_CPP and _fast.resolve("auto", x) == "cpp"
 
 
+# --- the Chung-form layers with Triton-fused steps on CUDA (rnnbench/cells/_triton.py) -----------------
+# Per step: the batched product of all K models and one (peephole LSTM) or two (reset-before GRU) gate
+# kernels over all K·B rows, instead of ~10 torch ops. A Triton failure (no compiler for this GPU, ...)
+# warns once and the torch-op loops above take over, as for a single model (_fast._run_triton).
+def _lstm_peephole_layer_triton(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    from rnnbench.cells._fast import _run_triton
+    from rnnbench.cells._triton import PeepholeTriton
+
+    H = p["weight_hh"].shape[2]
+    h0 = _zeros_state(x, H)
+    out = _run_triton(PeepholeTriton, "auto", _project_time_major(x, p["weight_ih"], p["bias"]), h0, h0,
+                      p["weight_hh"], p["w_ci"], p["w_cf"], p["w_co"])
+    return _lstm_peephole_layer(x, p) if out is None else out[0].transpose(0, 1)
+
+
+def _gru_reset_before_layer_triton(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    from rnnbench.cells._fast import _run_triton
+    from rnnbench.cells._triton import GRUBeforeTriton
+
+    H = p["weight_hh"].shape[2]
+    out = _run_triton(GRUBeforeTriton, "auto", _project_time_major(x, p["weight_ih"], p["bias"]), _zeros_state(x, H),
+                      p["weight_hh"])
+    return _gru_reset_before_layer(x, p) if out is None else out[0].transpose(0, 1)
+
+
+_LAYERS_TRITON: dict[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]] = {
+    "lstm_peephole": _lstm_peephole_layer_triton,
+    "gru_reset_before": _gru_reset_before_layer_triton,
+}
+
+
+def _uses_triton(cell: str, x: torch.Tensor) -> bool:
+    """CUDA (or Triton's CPU interpreter, for tests), triton installed and not failed before."""
+    import os
+
+    from rnnbench.cells import _fast, _triton
+
+    if cell not in _LAYERS_TRITON or not _triton.available() or _fast._triton_failed:
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 _LAYERS: dict[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]] = {
     "tanh": _tanh_layer,
     "lstm": _lstm_layer,
@@ -255,7 +302,7 @@ def stacked_forward(models: Sequence[nn.Module], cell: str, x: torch.Tensor) -> 
         raise RnnbenchError(f"cell {cell!r} has no batched form; batched cells: {', '.join(BATCHED_CELLS)}")
     K, B, T, _ = x.shape
     h = x.transpose(1, 2)  # (K, T, B, D): time-major per model
-    layers = _LAYERS_CPP if _uses_cpp(cell, x) else _LAYERS
+    layers = _LAYERS_CPP if _uses_cpp(cell, x) else _LAYERS_TRITON if _uses_triton(cell, x) else _LAYERS
     for layer in range(models[0].rnn.num_layers):
         per_model = [_layer_params(m.rnn, cell, layer) for m in models]
         stacked = {name: _stack([p[name] for p in per_model]) for name in per_model[0]}

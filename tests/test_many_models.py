@@ -147,6 +147,48 @@ def test_group_forward_and_gradients_match_each_model(cell: str, loops: str, mon
             torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-14)
 
 
+_TRITON_GROUP_CHECK = """
+import torch
+from torch import nn
+from rnnbench import many_models
+from rnnbench.cells import get_cell
+for cell in ("lstm_peephole", "gru_reset_before"):
+    torch.manual_seed(0)
+    models = []
+    for _ in range(3):
+        m = nn.Module()
+        m.rnn = get_cell(cell)(4, 5, num_layers=2, forget_bias=1.0)
+        m.head = nn.Linear(5, 3)
+        models.append(m.double())
+    xs = [torch.randn(2, T, 4, dtype=torch.float64) for T in (6, 4, 6)]
+    assert many_models._uses_triton(cell, xs[0]) and not many_models._uses_cpp(cell, xs[0])
+    outs = many_models.group_forward(models, cell, xs)
+    sum((o**2).sum() for o in outs).backward()
+    batched = [[p.grad.clone() for p in m.parameters()] for m in models]
+    for m, x, out, grads in zip(models, xs, outs, batched):
+        m.zero_grad()
+        ref = m.head(m.rnn(x)[0])  # the one-model path: the torch-op loop here (no compiled loops)
+        (ref**2).sum().backward()
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+        for g, p in zip(grads, m.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-14)
+print("ok")
+"""
+
+
+def test_group_forward_through_triton_steps_in_the_interpreter() -> None:
+    """CUDA's path for the Chung-form cells (K models' steps as one Triton kernel over all K·B rows), run
+    by Triton's CPU interpreter in float64, against each model's own forward and backward."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="triton is not installed (torch's CPU wheels come without it)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "RNNBENCH_FAST_EXT": "0"}  # a fresh process: read at import
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _TRITON_GROUP_CHECK], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 # --- training: parameters after N updates and logged metrics -----------------------------------------
 @pytest.mark.parametrize("cell, task, recurrence", [
     ("tanh", "copy", "stacked"), ("lstm", "adding", "stacked"), ("gru", "copy", "stacked"),

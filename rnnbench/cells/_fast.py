@@ -207,15 +207,25 @@ def _outputs(hbuf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Returns hs (T, B, H), h_T, c_T.
 
 
+def _per_model_product(da: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """sum over steps and rows of da^T h: da (T, B, G), h (T, B, H) -> (G, H); or K models stacked on
+    dim 1, da (T, K, B, G), h (T, K, B, H) -> (K, G, H)."""
+    if da.dim() == 3:
+        return da.reshape(-1, da.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
+    T, K, B, G = da.shape
+    return torch.bmm(da.permute(1, 3, 0, 2).reshape(K, G, T * B), h.transpose(0, 1).reshape(K, T * B, h.shape[-1]))
+
+
 def peephole_weight_grads(da: torch.Tensor, hbuf: torch.Tensor, cbuf: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """d W_hh, d w_ci, d w_cf, d w_co from all steps' dA (T, B, 4H) and the state buffers (T+1, B, H)."""
-    T, B, G = da.shape
-    H = G // 4
+    """d W_hh, d w_ci, d w_cf, d w_co from all steps' dA (T, B, 4H) and the state buffers (T+1, B, H)
+    (K models: dA (T, K, B, 4H), buffers (T+1, K, B, H), gradients per model)."""
+    H = da.shape[-1] // 4
+    rows = (0, 1) if da.dim() == 3 else (0, 2)
     cprev = cbuf[:-1]
-    dwhh = da.view(T * B, G).t() @ hbuf[:-1].reshape(T * B, H)
-    dwci = (da[..., :H] * cprev).sum((0, 1))
-    dwcf = (da[..., H : 2 * H] * cprev).sum((0, 1))
-    dwco = (da[..., 3 * H :] * cbuf[1:]).sum((0, 1))
+    dwhh = _per_model_product(da, hbuf[:-1])
+    dwci = (da[..., :H] * cprev).sum(rows)
+    dwcf = (da[..., H : 2 * H] * cprev).sum(rows)
+    dwco = (da[..., 3 * H :] * cbuf[1:]).sum(rows)
     return dwhh, dwci, dwcf, dwco
 
 
@@ -298,11 +308,10 @@ def peephole_lstm(xw, h0, c0, whh, wci, wcf, wco, impl: str = "auto"):
 
 
 def gru_before_weight_grad(da: torch.Tensor, hbuf: torch.Tensor, rh: torch.Tensor) -> torch.Tensor:
-    """d [U_r; U_z; U_h] from all steps' dA (T, B, 3H): U_r, U_z see h_{t-1}, U_h sees r_t h_{t-1}."""
-    T, B, G = da.shape
-    H = G // 3
-    da2 = da.view(T * B, G)
-    return torch.cat([da2[:, : 2 * H].t() @ hbuf[:-1].reshape(T * B, H), da2[:, 2 * H :].t() @ rh.reshape(T * B, H)])
+    """d [U_r; U_z; U_h] from all steps' dA (T, B, 3H): U_r, U_z see h_{t-1}, U_h sees r_t h_{t-1}
+    (K models: dA (T, K, B, 3H), buffers (T(+1), K, B, H), gradients (K, 3H, H))."""
+    H = da.shape[-1] // 3
+    return torch.cat([_per_model_product(da[..., : 2 * H], hbuf[:-1]), _per_model_product(da[..., 2 * H :], rh)], dim=-2)
 
 
 class _GRUBeforeCpp(torch.autograd.Function):

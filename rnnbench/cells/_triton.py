@@ -9,7 +9,12 @@ gives the layout), with the ~8-12 elementwise kernels of a step replaced by one 
                    backward per step: kernel (dA_z, dA_h), mm, kernel (dA_r, dh part), addmm
 
 A Chung-size step is launch-bound (36-100 hidden units, batch 32), so kernel count is what sets the
-speed; the loops are meant to be captured in a CUDA graph (bench impl "triton-graphed"). Checked
+speed; the loops are meant to be captured in a CUDA graph (bench impl "triton-graphed").
+
+K models at once (rnnbench/many_models.py on CUDA): the same Functions take xw (T, K, B, G), states
+(K, B, H) and per-model weights (K, ...); a step's products become one batched matmul over the K
+models and the gate kernels run over all K·B rows (the peephole kernels find row b's model as
+b // B). The kernel count per step is the one-model count, whatever K. Checked
 against the "python" loop in float32 and float64 (tests/test_fast_cells.py; on the CPU through
 Triton's interpreter, TRITON_INTERPRET=1, when triton is installed).
 """
@@ -46,24 +51,26 @@ if triton is not None:
         return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
     @triton.jit
-    def _peephole_fwd_step(a_ptr, cp_ptr, wci_ptr, wcf_ptr, wco_ptr, g_ptr, c_ptr, tc_ptr, h_ptr, H, N,
+    def _peephole_fwd_step(a_ptr, cp_ptr, wci_ptr, wcf_ptr, wco_ptr, g_ptr, c_ptr, tc_ptr, h_ptr, H, N, RB,
                            BLOCK: tl.constexpr):
-        # a (B, 4H) pre-activations i, f, g, o; cp, c, tc, h (B, H); g (B, 4H) gate activations out
+        # a (R, 4H) pre-activations i, f, g, o; cp, c, tc, h (R, H); g (R, 4H) gate activations out;
+        # R = K * RB rows, model k's peepholes at w + k H
         n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = n < N
         b = n // H
         j = n % H
         row = b * 4 * H
+        w = (b // RB) * H + j
         a_i = tl.load(a_ptr + row + j, mask=m)
         a_f = tl.load(a_ptr + row + H + j, mask=m)
         a_g = tl.load(a_ptr + row + 2 * H + j, mask=m)
         a_o = tl.load(a_ptr + row + 3 * H + j, mask=m)
         cp = tl.load(cp_ptr + n, mask=m)
-        i = _sigmoid(a_i + tl.load(wci_ptr + j, mask=m) * cp)
-        f = _sigmoid(a_f + tl.load(wcf_ptr + j, mask=m) * cp)
+        i = _sigmoid(a_i + tl.load(wci_ptr + w, mask=m) * cp)
+        f = _sigmoid(a_f + tl.load(wcf_ptr + w, mask=m) * cp)
         g = _tanh(a_g)
         c = f * cp + i * g
-        o = _sigmoid(a_o + tl.load(wco_ptr + j, mask=m) * c)
+        o = _sigmoid(a_o + tl.load(wco_ptr + w, mask=m) * c)
         tc = _tanh(c)
         tl.store(g_ptr + row + j, i, mask=m)
         tl.store(g_ptr + row + H + j, f, mask=m)
@@ -75,13 +82,14 @@ if triton is not None:
 
     @triton.jit
     def _peephole_bwd_step(dh_ptr, dhs_ptr, dc_ptr, g_ptr, cp_ptr, c_ptr, tc_ptr, wci_ptr, wcf_ptr, wco_ptr,
-                           da_ptr, dc_out_ptr, H, N, BLOCK: tl.constexpr):
-        # dh (B, H) from step t+1, dhs (B, H) from the output; dc (B, H) carried; da (B, 4H) out
+                           da_ptr, dc_out_ptr, H, N, RB, BLOCK: tl.constexpr):
+        # dh (R, H) from step t+1, dhs (R, H) from the output; dc (R, H) carried; da (R, 4H) out
         n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = n < N
         b = n // H
         j = n % H
         row = b * 4 * H
+        w = (b // RB) * H + j
         i = tl.load(g_ptr + row + j, mask=m)
         f = tl.load(g_ptr + row + H + j, mask=m)
         g = tl.load(g_ptr + row + 2 * H + j, mask=m)
@@ -90,7 +98,7 @@ if triton is not None:
         tc = tl.load(tc_ptr + n, mask=m)
         dht = tl.load(dh_ptr + n, mask=m) + tl.load(dhs_ptr + n, mask=m)
         dao = dht * tc * o * (1.0 - o)
-        dct = tl.load(dc_ptr + n, mask=m) + dao * tl.load(wco_ptr + j, mask=m) + dht * o * (1.0 - tc * tc)
+        dct = tl.load(dc_ptr + n, mask=m) + dao * tl.load(wco_ptr + w, mask=m) + dht * o * (1.0 - tc * tc)
         dai = dct * g * i * (1.0 - i)
         daf = dct * cp * f * (1.0 - f)
         dag = dct * i * (1.0 - g * g)
@@ -98,7 +106,7 @@ if triton is not None:
         tl.store(da_ptr + row + H + j, daf, mask=m)
         tl.store(da_ptr + row + 2 * H + j, dag, mask=m)
         tl.store(da_ptr + row + 3 * H + j, dao, mask=m)
-        dcp = dct * f + dai * tl.load(wci_ptr + j, mask=m) + daf * tl.load(wcf_ptr + j, mask=m)
+        dcp = dct * f + dai * tl.load(wci_ptr + w, mask=m) + daf * tl.load(wcf_ptr + w, mask=m)
         tl.store(dc_out_ptr + n, dcp, mask=m)
 
     @triton.jit
@@ -161,22 +169,32 @@ def _grid(n: int) -> tuple[int]:
     return ((n + BLOCK - 1) // BLOCK,)
 
 
+def _addmm(bias: torch.Tensor, h: torch.Tensor, w_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = bias + h w_t: one model (2-D) or K models (3-D, one batched product)."""
+    return (torch.addmm if h.dim() == 2 else torch.baddbmm)(bias, h, w_t, out=out)
+
+
+def _mm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return (torch.mm if a.dim() == 2 else torch.bmm)(a, w, out=out)
+
+
 class PeepholeTriton(torch.autograd.Function):
-    """(hs, h_T, c_T) of one peephole LSTM layer; arguments as _fast.peephole_lstm."""
+    """(hs, h_T, c_T) of one peephole LSTM layer; arguments as _fast.peephole_lstm. K models: xw (T, K, B, 4H),
+    h0, c0 (K, B, H), whh (K, 4H, H), wci, wcf, wco (K, H)."""
 
     @staticmethod
     def forward(ctx: Any, xw, h0, c0, whh, wci, wcf, wco):  # type: ignore[override]
-        T, B, G = xw.shape
+        T, *rows, G = xw.shape  # rows: (B,) or (K, B)
         H = G // 4
         xw, whh, wci, wcf, wco = (t.contiguous() for t in (xw, whh, wci, wcf, wco))
-        hbuf, cbuf = xw.new_empty(T + 1, B, H), xw.new_empty(T + 1, B, H)
-        gates, tcs, a = xw.new_empty(T, B, G), xw.new_empty(T, B, H), xw.new_empty(B, G)
+        hbuf, cbuf = xw.new_empty(T + 1, *rows, H), xw.new_empty(T + 1, *rows, H)
+        gates, tcs, a = xw.new_empty(T, *rows, G), xw.new_empty(T, *rows, H), xw.new_empty(*rows, G)
         hbuf[0], cbuf[0] = h0, c0
-        whh_t, N = whh.t(), B * H
+        whh_t, N, RB = whh.transpose(-1, -2), hbuf[0].numel(), rows[-1]
         for t in range(T):
-            torch.addmm(xw[t], hbuf[t], whh_t, out=a)
+            _addmm(xw[t], hbuf[t], whh_t, out=a)
             _peephole_fwd_step[_grid(N)](a, cbuf[t], wci, wcf, wco, gates[t], cbuf[t + 1], tcs[t], hbuf[t + 1],
-                                         H, N, BLOCK=BLOCK)
+                                         H, N, RB, BLOCK=BLOCK)
         ctx.save_for_backward(whh, wci, wcf, wco, hbuf, cbuf, gates, tcs)
         return hbuf[1:], hbuf[-1].clone(), cbuf[-1].clone()
 
@@ -184,37 +202,39 @@ class PeepholeTriton(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dhs, dhT, dcT):  # type: ignore[override]
         whh, wci, wcf, wco, hbuf, cbuf, gates, tcs = ctx.saved_tensors
-        T, B, H = tcs.shape
+        T, *rows, H = tcs.shape
         dhs = dhs.contiguous()
-        da = gates.new_empty(T, B, 4 * H)
-        dh, dc, dc_next = dhT.contiguous().clone(), dcT.contiguous().clone(), gates.new_empty(B, H)
-        N = B * H
+        da = gates.new_empty(T, *rows, 4 * H)
+        dh, dc, dc_next = dhT.contiguous().clone(), dcT.contiguous().clone(), gates.new_empty(*rows, H)
+        N, RB = dh.numel(), rows[-1]
         for t in range(T - 1, -1, -1):
             _peephole_bwd_step[_grid(N)](dh, dhs[t], dc, gates[t], cbuf[t], cbuf[t + 1], tcs[t], wci, wcf, wco,
-                                         da[t], dc_next, H, N, BLOCK=BLOCK)
+                                         da[t], dc_next, H, N, RB, BLOCK=BLOCK)
             dc, dc_next = dc_next, dc
-            torch.mm(da[t], whh, out=dh)
+            _mm(da[t], whh, out=dh)
         from rnnbench.cells._fast import peephole_weight_grads
 
         return da, dh, dc, *peephole_weight_grads(da, hbuf, cbuf)
 
 
 class GRUBeforeTriton(torch.autograd.Function):
-    """(hs, h_T) of one reset-before GRU layer; arguments as _fast.gru_reset_before."""
+    """(hs, h_T) of one reset-before GRU layer; arguments as _fast.gru_reset_before. K models: xw (T, K, B, 3H),
+    h0 (K, B, H), whh (K, 3H, H)."""
 
     @staticmethod
     def forward(ctx: Any, xw, h0, whh):  # type: ignore[override]
-        T, B, G = xw.shape
+        T, *rows, G = xw.shape
         H = G // 3
         xw, whh = xw.contiguous(), whh.contiguous()
-        hbuf, gates, rh = xw.new_empty(T + 1, B, H), xw.new_empty(T, B, G), xw.new_empty(T, B, H)
-        a_rz, a_h = xw.new_empty(B, 2 * H), xw.new_empty(B, H)
+        hbuf, gates, rh = xw.new_empty(T + 1, *rows, H), xw.new_empty(T, *rows, G), xw.new_empty(T, *rows, H)
+        a_rz, a_h = xw.new_empty(*rows, 2 * H), xw.new_empty(*rows, H)
         hbuf[0] = h0
-        u_rz_t, u_h_t, N = whh[: 2 * H].t(), whh[2 * H :].t(), B * H
+        u_rz_t, u_h_t = whh[..., : 2 * H, :].transpose(-1, -2), whh[..., 2 * H :, :].transpose(-1, -2)
+        N = hbuf[0].numel()
         for t in range(T):
-            torch.addmm(xw[t, :, : 2 * H], hbuf[t], u_rz_t, out=a_rz)
+            _addmm(xw[t, ..., : 2 * H], hbuf[t], u_rz_t, out=a_rz)
             _grub_fwd_rz[_grid(N)](a_rz, hbuf[t], gates[t], rh[t], H, N, BLOCK=BLOCK)
-            torch.addmm(xw[t, :, 2 * H :], rh[t], u_h_t, out=a_h)
+            _addmm(xw[t, ..., 2 * H :], rh[t], u_h_t, out=a_h)
             _grub_fwd_h[_grid(N)](a_h, hbuf[t], gates[t], hbuf[t + 1], H, N, BLOCK=BLOCK)
         ctx.save_for_backward(whh, hbuf, gates, rh)
         return hbuf[1:], hbuf[-1].clone()
@@ -223,18 +243,18 @@ class GRUBeforeTriton(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dhs, dhT):  # type: ignore[override]
         whh, hbuf, gates, rh = ctx.saved_tensors
-        T, B, H = rh.shape
+        T, *rows, H = rh.shape
         dhs = dhs.contiguous()
-        u_rz, u_h = whh[: 2 * H], whh[2 * H :]
-        da = gates.new_empty(T, B, 3 * H)
+        u_rz, u_h = whh[..., : 2 * H, :], whh[..., 2 * H :, :]
+        da = gates.new_empty(T, *rows, 3 * H)
         dh = dhT.contiguous().clone()
-        dht, drh, base = (gates.new_empty(B, H) for _ in range(3))
-        N = B * H
+        dht, drh, base = (gates.new_empty(*rows, H) for _ in range(3))
+        N = dh.numel()
         for t in range(T - 1, -1, -1):
             _grub_bwd_zh[_grid(N)](dh, dhs[t], gates[t], hbuf[t], da[t], dht, H, N, BLOCK=BLOCK)
-            torch.mm(da[t, :, 2 * H :], u_h, out=drh)
+            _mm(da[t, ..., 2 * H :], u_h, out=drh)
             _grub_bwd_r[_grid(N)](drh, dht, gates[t], hbuf[t], da[t], base, H, N, BLOCK=BLOCK)
-            torch.addmm(base, da[t, :, : 2 * H], u_rz, out=dh)
+            _addmm(base, da[t, ..., : 2 * H], u_rz, out=dh)
         from rnnbench.cells._fast import gru_before_weight_grad
 
         return da, dh, gru_before_weight_grad(da, hbuf, rh)
