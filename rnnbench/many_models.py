@@ -11,11 +11,19 @@ of K models trained side by side. Each model keeps everything a separate `train(
 * its early stopping (Lightning's rule: mode min, `patience` epochs without a strict improvement;
   a non-finite validation score stops it), best-validation state and final scoring with that state.
 
-What is shared is the arithmetic: per time step, one batched matmul (torch.baddbmm over a (K, ...)
-stack of the K models' weights, stacked once per forward) advances all K recurrences, for every
-cell form (tanh, lstm, gru reset-after, lstm_peephole, gru_reset_before; equations in
-../shared/docs/cells.md). Each model's parameters stay separate leaf tensors, so autograd hands
-each model its own gradients and standard torch optimizers update them. Models of different
+What is shared is the arithmetic. The input projections and output layers of all K models are one
+batched matmul each (torch.baddbmm over a (K, ...) stack of the K models' weights, stacked once per
+forward). The recurrences, for every cell form (tanh, lstm, gru reset-after, lstm_peephole,
+gru_reset_before; equations in ../shared/docs/cells.md), run as
+
+* CPU: the compiled loops of rnnbench/cells/csrc/fast_rnn.cpp (ops *_many), the K models' loops in
+  parallel over the CPU threads, each with its hand-written backward (tanh: the stacked loop below);
+* CUDA, Chung-form cells: the Triton-fused steps of rnnbench/cells/_triton.py, one batched matmul and
+  one or two gate kernels per step for all K models;
+* otherwise: a stacked torch-op loop, one torch.baddbmm per step for all K models.
+
+Each model's parameters stay separate leaf tensors, so autograd hands each model its own gradients
+and standard torch optimizers update them. Models of different
 sequence lengths in a batch (music, speech) are padded to a common T; the loss of model k only
 reads its own, unpadded, time steps. A model that diverges is marked FAILED and dropped; a model
 that stops early keeps its best state and leaves the batch while the others go on. Where a fused
@@ -183,6 +191,8 @@ def _gru_reset_before_layer(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torc
 # --- the same layers through the compiled CPU loops (rnnbench/cells/csrc/fast_rnn.cpp, ops *_many) ------
 # The K models' time loops run in parallel over the CPU threads, each with the hand-written backward
 # of its one-model loop; the input projections stay one batched matmul. x (K, T, B, D) -> (K, T, B, H).
+# lengths[k]: model k's own padded length (batches of different lengths padded to one T): its loop
+# stops there and holds its state, so padding costs nothing (music: 1.3-3x more steps otherwise).
 def _project_all(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """x (K, T, B, D), w (K, G, D), b (K, G) -> (K, T, B, G) = W x_t + b for every model and step."""
     K, T, B, D = x.shape
@@ -193,40 +203,41 @@ def _zeros_state(x: torch.Tensor, H: int) -> torch.Tensor:
     return x.new_zeros(x.shape[0], x.shape[2], H)
 
 
-def _lstm_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+def _lstm_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor], lengths: list[int] | None) -> torch.Tensor:
     # torch.nn.LSTM is the peephole loop with zero peepholes: (a + 0 * c) == a exactly, same gate order
     from rnnbench.cells._fast import _PeepholeCpp
 
     H = p["weight_hh"].shape[2]
     xw = _project_all(x, p["weight_ih"], p["bias_ih"] + p["bias_hh"])
     zero = x.new_zeros(x.shape[0], H)
-    return _PeepholeCpp.apply(xw, _zeros_state(x, H), _zeros_state(x, H), p["weight_hh"], zero, zero, zero)[0]
+    return _PeepholeCpp.apply(xw, _zeros_state(x, H), _zeros_state(x, H), p["weight_hh"], zero, zero, zero, lengths)[0]
 
 
-def _gru_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+def _gru_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor], lengths: list[int] | None) -> torch.Tensor:
     from rnnbench.cells._fast import _GRUAfterCpp
 
     H = p["weight_hh"].shape[2]
     gi = _project_all(x, p["weight_ih"], p["bias_ih"])
-    return _GRUAfterCpp.apply(gi, _zeros_state(x, H), p["weight_hh"], p["bias_hh"])[0]
+    return _GRUAfterCpp.apply(gi, _zeros_state(x, H), p["weight_hh"], p["bias_hh"], lengths)[0]
 
 
-def _lstm_peephole_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+def _lstm_peephole_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor], lengths: list[int] | None) -> torch.Tensor:
     from rnnbench.cells._fast import _PeepholeCpp
 
     H = p["weight_hh"].shape[2]
     xw = _project_all(x, p["weight_ih"], p["bias"])
-    return _PeepholeCpp.apply(xw, _zeros_state(x, H), _zeros_state(x, H), p["weight_hh"], p["w_ci"], p["w_cf"], p["w_co"])[0]
+    return _PeepholeCpp.apply(xw, _zeros_state(x, H), _zeros_state(x, H), p["weight_hh"], p["w_ci"], p["w_cf"], p["w_co"],
+                              lengths)[0]
 
 
-def _gru_reset_before_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+def _gru_reset_before_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor], lengths: list[int] | None) -> torch.Tensor:
     from rnnbench.cells._fast import _GRUBeforeCpp
 
     H = p["weight_hh"].shape[2]
-    return _GRUBeforeCpp.apply(_project_all(x, p["weight_ih"], p["bias"]), _zeros_state(x, H), p["weight_hh"])[0]
+    return _GRUBeforeCpp.apply(_project_all(x, p["weight_ih"], p["bias"]), _zeros_state(x, H), p["weight_hh"], lengths)[0]
 
 
-_LAYERS_CPP: dict[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]] = {
+_LAYERS_CPP: dict[str, Callable[[torch.Tensor, dict[str, torch.Tensor], list[int] | None], torch.Tensor]] = {
     "lstm": _lstm_layer_cpp,
     "gru": _gru_layer_cpp,
     "lstm_peephole": _lstm_peephole_layer_cpp,
@@ -292,21 +303,25 @@ _LAYERS: dict[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tenso
 }
 
 
-def stacked_forward(models: Sequence[nn.Module], cell: str, x: torch.Tensor) -> torch.Tensor:
+def stacked_forward(models: Sequence[nn.Module], cell: str, x: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
     """Head outputs (K, B, T, O) of K models (each with `.rnn` of `cell` and a Linear `.head`) on x (K, B, T, D).
 
     The same function as each model's own forward (`head(rnn(x_k)[0])`), all K at once: the weights are
-    stacked once per call, the time loop runs once with one batched matmul per step and layer.
+    stacked once per call, the time loop runs once for all K models. lengths[k] (optional): model k's
+    input is x[k, :, :lengths[k]], zero-padded after; its outputs there are to be ignored.
     """
     if cell not in _LAYERS:
         raise RnnbenchError(f"cell {cell!r} has no batched form; batched cells: {', '.join(BATCHED_CELLS)}")
     K, B, T, _ = x.shape
     h = x.transpose(1, 2)  # (K, T, B, D): time-major per model
-    layers = _LAYERS_CPP if _uses_cpp(cell, x) else _LAYERS_TRITON if _uses_triton(cell, x) else _LAYERS
+    if _uses_cpp(cell, x):
+        layer_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] = lambda h, p: _LAYERS_CPP[cell](h, p, lengths)
+    else:
+        layer_fn = (_LAYERS_TRITON if _uses_triton(cell, x) else _LAYERS)[cell]
     for layer in range(models[0].rnn.num_layers):
         per_model = [_layer_params(m.rnn, cell, layer) for m in models]
         stacked = {name: _stack([p[name] for p in per_model]) for name in per_model[0]}
-        h = layers[cell](h, stacked)  # (K, T, B, H)
+        h = layer_fn(h, stacked)  # (K, T, B, H)
     w, b = _stack([m.head.weight for m in models]), _stack([m.head.bias for m in models])
     out = torch.baddbmm(b.unsqueeze(1), h.reshape(K, T * B, h.shape[-1]), w.transpose(1, 2))
     return out.view(K, T, B, -1).transpose(1, 2)
@@ -333,7 +348,8 @@ def group_forward(
     """
     if recurrence == "per_model":
         return [m.head(m.rnn(x)[0]) for m, x in zip(models, xs)]
-    out = stacked_forward(models, cell, pad_stack(xs)).unbind(0)  # unbind: one backward op, not K
+    lengths = [x.shape[1] for x in xs]
+    out = stacked_forward(models, cell, pad_stack(xs), lengths if len(set(lengths)) > 1 else None).unbind(0)  # unbind: one backward op, not K
     return [o if o.shape[1] == x.shape[1] else o[:, : x.shape[1]] for o, x in zip(out, xs)]
 
 

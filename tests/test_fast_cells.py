@@ -220,6 +220,35 @@ def test_many_models_op_equals_one_model_ops(name: str, dtype: torch.dtype, thre
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("name", ["lstm", "gru_before", "gru_after"])
+def test_many_models_op_with_own_lengths(name: str) -> None:
+    """lengths[k] < T: model k runs its first lengths[k] steps (== the one-model op on them), then holds
+    its state (padded outputs and final state = h at its length; their gradients flow into that state)."""
+    _require_cpp()
+    fn = {"lstm": _fast._PeepholeCpp, "gru_before": _fast._GRUBeforeCpp, "gru_after": _fast._GRUAfterCpp}[name]
+    lengths = [T, 3, 7, 1, 5]
+    K = len(lengths)
+    args, grads = _many_problem(name, K, torch.float64)
+    inputs = [a.clone().requires_grad_() for a in args]
+    outs = fn.apply(*inputs, lengths)
+    torch.autograd.backward(outs, grads)
+    for k, L in enumerate(lengths):
+        one_in = [a[k].clone().requires_grad_() for a in args]
+        one_in[0] = args[0][k, :L].clone().requires_grad_()
+        one_out = fn.apply(*one_in)
+        held = grads[0][k, L:].sum(0)
+        torch.autograd.backward(one_out, [grads[0][k, :L], grads[1][k] + held, *[g[k] for g in grads[2:]]])
+        hs = outs[0][k].detach()
+        torch.testing.assert_close(hs[:L], one_out[0].detach(), rtol=1e-12, atol=1e-12)
+        assert torch.equal(hs[L:], hs[L - 1].expand(T - L, -1, -1))  # held: copies of its last state
+        for got, want in zip(outs[1:], one_out[1:]):  # final states: the state at the model's own length
+            torch.testing.assert_close(got[k].detach(), want.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(inputs[0].grad[k, :L], one_in[0].grad, rtol=1e-12, atol=1e-12)
+        assert not inputs[0].grad[k, L:].any()  # padded steps feed nothing back
+        for a, b in zip(inputs[1:], one_in[1:]):
+            torch.testing.assert_close(a.grad[k], b.grad, rtol=1e-12, atol=1e-12)
+
+
 # --- the `gru` cell's CPU loop == torch.nn.GRU ---------------------------------------------------------
 
 

@@ -10,8 +10,10 @@ float64 by tests/test_fast_cells.py (outputs, final states, input, state and wei
             cached in torch's extension directory (TORCH_EXTENSIONS_DIR). Only per-operator ATen headers
             are included, so the build takes ~7-15 s on 2 cores (0.1 s to load once cached);
             concurrent processes share one build through torch's file lock. CPU, float32 and float64.
-            Per step: one small MKL product (two for the reset-before GRU) and one vectorised pass over
-            the gates (-march=native).
+            Per step: one small MKL product (two for the reset-before GRU), single-threaded (MKL's
+            threads cost more than these products: 2.3x slower loops on 2 cores), and one vectorised
+            pass over the gates (-march=native). Ops *_many take K models stacked on a leading dim and
+            run their loops in parallel over torch's intra-op thread count (rnnbench/many_models.py).
   "python"  the same algorithm in torch ops, with the activation derivatives of all steps computed
             before the backward loop (~8 kernels per step): any device and float dtype. The path on
             CUDA without triton, and on the CPU when the extension cannot be built (no compiler,
@@ -191,10 +193,21 @@ def _c(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t.contiguous() for t in ts]
 
 
-def _op(name: str, xw: torch.Tensor) -> Any:
-    """The compiled op `name` for one model (xw (T, B, G)) or K models stacked (xw (K, T, B, G): `name_many`,
-    the K loops in parallel over the CPU threads)."""
-    return getattr(torch.ops.rnnbench_fast, name if xw.dim() == 3 else name + "_many")
+def _op(name: str, xw: torch.Tensor, lengths: list[int] | None) -> Any:
+    """The compiled op `name` for one model (xw (T, B, G)), or for K models stacked (xw (K, T, B, G)):
+    `name_many`, the K loops in parallel over the CPU threads, model k running lengths[k] steps (all
+    T when None) and holding its state after them."""
+    if xw.dim() == 3:
+        return getattr(torch.ops.rnnbench_fast, name)
+    many = getattr(torch.ops.rnnbench_fast, name + "_many")
+    return lambda *args: many(*args, list(lengths or []))
+
+
+def _lengths(ctx: Any, lengths: tuple[list[int], ...]) -> list[int] | None:
+    """The optional trailing `lengths` argument of the compiled Functions (K models only), kept on ctx."""
+    ctx.n_lengths = len(lengths)  # backward owes it a None
+    ctx.lengths = lengths[0] if lengths else None
+    return ctx.lengths
 
 
 def _outputs(hbuf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,16 +244,16 @@ def peephole_weight_grads(da: torch.Tensor, hbuf: torch.Tensor, cbuf: torch.Tens
 
 class _PeepholeCpp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, xw, h0, c0, whh, wci, wcf, wco):  # type: ignore[override]
+    def forward(ctx: Any, xw, h0, c0, whh, wci, wcf, wco, *lengths):  # type: ignore[override]
         xw, h0, c0, whh, wci, wcf, wco = _c(xw, h0, c0, whh, wci, wcf, wco)
-        hbuf, cbuf, gates, tcs = _op("peephole_lstm_fwd", xw)(xw, h0, c0, whh, wci, wcf, wco)
+        hbuf, cbuf, gates, tcs = _op("peephole_lstm_fwd", xw, _lengths(ctx, lengths))(xw, h0, c0, whh, wci, wcf, wco)
         ctx.save_for_backward(whh, wci, wcf, wco, hbuf, cbuf, gates, tcs)
         return *_outputs(hbuf), cbuf.select(-3, -1).clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dhs, dhT, dcT):  # type: ignore[override]
-        return tuple(_op("peephole_lstm_bwd", dhs)(*_c(dhs, dhT, dcT), *ctx.saved_tensors))
+        return *_op("peephole_lstm_bwd", dhs, ctx.lengths)(*_c(dhs, dhT, dcT), *ctx.saved_tensors), *[None] * ctx.n_lengths
 
 
 class _PeepholePy(torch.autograd.Function):
@@ -316,16 +329,16 @@ def gru_before_weight_grad(da: torch.Tensor, hbuf: torch.Tensor, rh: torch.Tenso
 
 class _GRUBeforeCpp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, xw, h0, whh):  # type: ignore[override]
+    def forward(ctx: Any, xw, h0, whh, *lengths):  # type: ignore[override]
         xw, h0, whh = _c(xw, h0, whh)
-        hbuf, gates, rh = _op("gru_reset_before_fwd", xw)(xw, h0, whh)
+        hbuf, gates, rh = _op("gru_reset_before_fwd", xw, _lengths(ctx, lengths))(xw, h0, whh)
         ctx.save_for_backward(whh, hbuf, gates, rh)
         return _outputs(hbuf)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dhs, dhT):  # type: ignore[override]
-        return tuple(_op("gru_reset_before_bwd", dhs)(*_c(dhs, dhT), *ctx.saved_tensors))
+        return *_op("gru_reset_before_bwd", dhs, ctx.lengths)(*_c(dhs, dhT), *ctx.saved_tensors), *[None] * ctx.n_lengths
 
 
 class _GRUBeforePy(torch.autograd.Function):
@@ -388,16 +401,16 @@ def gru_reset_before(xw, h0, whh, impl: str = "auto"):
 
 class _GRUAfterCpp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, gi, h0, whh, bhh):  # type: ignore[override]
+    def forward(ctx: Any, gi, h0, whh, bhh, *lengths):  # type: ignore[override]
         gi, h0, whh, bhh = _c(gi, h0, whh, bhh)
-        hbuf, gates = _op("gru_reset_after_fwd", gi)(gi, h0, whh, bhh)
+        hbuf, gates = _op("gru_reset_after_fwd", gi, _lengths(ctx, lengths))(gi, h0, whh, bhh)
         ctx.save_for_backward(whh, hbuf, gates)
         return _outputs(hbuf)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dhs, dhT):  # type: ignore[override]
-        return tuple(_op("gru_reset_after_bwd", dhs)(*_c(dhs, dhT), *ctx.saved_tensors))
+        return *_op("gru_reset_after_bwd", dhs, ctx.lengths)(*_c(dhs, dhT), *ctx.saved_tensors), *[None] * ctx.n_lengths
 
 
 class _GRUAfterPy(torch.autograd.Function):

@@ -582,13 +582,36 @@ void over_models(int64_t K, const F& f) {
     if (e) std::rethrow_exception(e);
 }
 
+// Model k runs lengths[k] steps (all T when `lengths` is empty): K models' batches of different
+// lengths padded to one T cost each model only its own steps. Past its length a model's state is held
+// (h_t = h_{T_k} for t > T_k): its padded outputs are finite copies of its last state, its final state
+// is its own, and in the backward their gradients flow into h_{T_k}.
+std::vector<int64_t> model_lengths(c10::IntArrayRef lengths, int64_t K, int64_t T, const char* op) {
+  if (lengths.empty()) return std::vector<int64_t>(K, T);
+  TORCH_CHECK(static_cast<int64_t>(lengths.size()) == K, "rnnbench_fast::", op, ": one length per model");
+  for (int64_t L : lengths) TORCH_CHECK(L >= 1 && L <= T, "rnnbench_fast::", op, ": lengths must lie in [1, T]");
+  return lengths.vec();
+}
+
+void hold_state(const Tensor& buf, int64_t L) {  // buf (T+1, B, H): slots L+1..T = slot L
+  const int64_t T = buf.size(0) - 1;
+  if (L < T) buf.narrow(0, L + 1, T - L).copy_(buf.select(0, L).unsqueeze(0).expand({T - L, buf.size(1), buf.size(2)}));
+}
+
+void add_held_outputs(const Tensor& dh, const Tensor& dhs, int64_t L) {  // dh += sum of dL/dh_t, t > L
+  const int64_t T = dhs.size(0);
+  if (L < T) dh.add_(dhs.narrow(0, L, T - L).sum(0));
+}
+
 std::vector<Tensor> peephole_lstm_fwd_many(const Tensor& xw, const Tensor& h0, const Tensor& c0, const Tensor& whh,
-                                           const Tensor& wci, const Tensor& wcf, const Tensor& wco) {
+                                           const Tensor& wci, const Tensor& wcf, const Tensor& wco,
+                                           c10::IntArrayRef lengths) {
   check({&xw, &h0, &c0, &whh, &wci, &wcf, &wco}, "peephole_lstm_fwd_many");
   TORCH_CHECK(xw.dim() == 4 && h0.dim() == 3, "peephole_lstm_fwd_many: shapes");
   const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(2);
   TORCH_CHECK(T >= 1 && xw.size(3) == 4 * H && h0.size(0) == K && h0.size(1) == B && whh.size(0) == K,
               "peephole_lstm_fwd_many: shapes");
+  const auto Ls = model_lengths(lengths, K, T, "peephole_lstm_fwd_many");
   auto o = xw.options();
   Tensor hbuf = at::empty({K, T + 1, B, H}, o), cbuf = at::empty({K, T + 1, B, H}, o);
   Tensor gates = at::empty({K, T, B, 4 * H}, o), tcs = at::empty({K, T, B, H}, o);
@@ -596,94 +619,129 @@ std::vector<Tensor> peephole_lstm_fwd_many(const Tensor& xw, const Tensor& h0, c
   cbuf.select(1, 0).copy_(c0);
   const bool f32 = xw.scalar_type() == at::kFloat;
   over_models(K, [&](int64_t k) {
-    Tensor hb = hbuf.select(0, k), cb = cbuf.select(0, k), g = gates.select(0, k), tc = tcs.select(0, k);
+    const int64_t L = Ls[k];
+    Tensor hb = hbuf.select(0, k).narrow(0, 0, L + 1), cb = cbuf.select(0, k).narrow(0, 0, L + 1);
+    Tensor g = gates.select(0, k).narrow(0, 0, L), tc = tcs.select(0, k).narrow(0, 0, L);
+    Tensor x = xw.select(0, k).narrow(0, 0, L);
     if (f32)
-      lstm_fwd<float>(xw.select(0, k), whh.select(0, k), wci.select(0, k), wcf.select(0, k), wco.select(0, k), hb, cb, g, tc);
+      lstm_fwd<float>(x, whh.select(0, k), wci.select(0, k), wcf.select(0, k), wco.select(0, k), hb, cb, g, tc);
     else
-      lstm_fwd<double>(xw.select(0, k), whh.select(0, k), wci.select(0, k), wcf.select(0, k), wco.select(0, k), hb, cb, g, tc);
+      lstm_fwd<double>(x, whh.select(0, k), wci.select(0, k), wcf.select(0, k), wco.select(0, k), hb, cb, g, tc);
+    hold_state(hbuf.select(0, k), L);
+    hold_state(cbuf.select(0, k), L);
   });
   return {hbuf, cbuf, gates, tcs};
 }
 
 std::vector<Tensor> peephole_lstm_bwd_many(const Tensor& dhs, const Tensor& dhT, const Tensor& dcT, const Tensor& whh,
                                            const Tensor& wci, const Tensor& wcf, const Tensor& wco, const Tensor& hbuf,
-                                           const Tensor& cbuf, const Tensor& gates, const Tensor& tcs) {
+                                           const Tensor& cbuf, const Tensor& gates, const Tensor& tcs,
+                                           c10::IntArrayRef lengths) {
   check({&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, "peephole_lstm_bwd_many");
   const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
+  const auto Ls = model_lengths(lengths, K, T, "peephole_lstm_bwd_many");
   auto o = dhs.options();
   Tensor dxw = at::empty({K, T, B, 4 * H}, o), dwhh = at::empty({K, 4 * H, H}, o), dpeep = at::empty({K, 3, H}, o);
   Tensor dh = dhT.clone(), dc = dcT.clone();
   over_models(K, [&](int64_t k) {
+    const int64_t L = Ls[k];
     Tensor dx = dxw.select(0, k), dhk = dh.select(0, k), dck = dc.select(0, k), dw = dwhh.select(0, k), dp = dpeep.select(0, k);
-    peephole_bwd_into(dhs.select(0, k), whh.select(0, k), wci.select(0, k), wcf.select(0, k), wco.select(0, k),
-                      hbuf.select(0, k), cbuf.select(0, k), gates.select(0, k), tcs.select(0, k), dx, dhk, dck, dw, dp);
+    add_held_outputs(dhk, dhs.select(0, k), L);
+    Tensor dxL = dx.narrow(0, 0, L);
+    peephole_bwd_into(dhs.select(0, k).narrow(0, 0, L), whh.select(0, k), wci.select(0, k), wcf.select(0, k),
+                      wco.select(0, k), hbuf.select(0, k).narrow(0, 0, L + 1), cbuf.select(0, k).narrow(0, 0, L + 1),
+                      gates.select(0, k).narrow(0, 0, L), tcs.select(0, k).narrow(0, 0, L), dxL, dhk, dck, dw, dp);
+    if (L < T) dx.narrow(0, L, T - L).zero_();
   });
   return {dxw, dh, dc, dwhh, dpeep.select(1, 0), dpeep.select(1, 1), dpeep.select(1, 2)};
 }
 
-std::vector<Tensor> gru_reset_before_fwd_many(const Tensor& xw, const Tensor& h0, const Tensor& whh) {
+std::vector<Tensor> gru_reset_before_fwd_many(const Tensor& xw, const Tensor& h0, const Tensor& whh,
+                                              c10::IntArrayRef lengths) {
   check({&xw, &h0, &whh}, "gru_reset_before_fwd_many");
   TORCH_CHECK(xw.dim() == 4 && h0.dim() == 3, "gru_reset_before_fwd_many: shapes");
   const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(2);
   TORCH_CHECK(T >= 1 && xw.size(3) == 3 * H && h0.size(0) == K && h0.size(1) == B && whh.size(0) == K,
               "gru_reset_before_fwd_many: shapes");
+  const auto Ls = model_lengths(lengths, K, T, "gru_reset_before_fwd_many");
   auto o = xw.options();
   Tensor hbuf = at::empty({K, T + 1, B, H}, o), gates = at::empty({K, T, B, 3 * H}, o), rh = at::empty({K, T, B, H}, o);
   hbuf.select(1, 0).copy_(h0);
   const bool f32 = xw.scalar_type() == at::kFloat;
   over_models(K, [&](int64_t k) {
-    Tensor hb = hbuf.select(0, k), g = gates.select(0, k), r = rh.select(0, k);
+    const int64_t L = Ls[k];
+    Tensor hb = hbuf.select(0, k).narrow(0, 0, L + 1), g = gates.select(0, k).narrow(0, 0, L);
+    Tensor r = rh.select(0, k).narrow(0, 0, L), x = xw.select(0, k).narrow(0, 0, L);
     if (f32)
-      grub_fwd<float>(xw.select(0, k), whh.select(0, k), hb, g, r);
+      grub_fwd<float>(x, whh.select(0, k), hb, g, r);
     else
-      grub_fwd<double>(xw.select(0, k), whh.select(0, k), hb, g, r);
+      grub_fwd<double>(x, whh.select(0, k), hb, g, r);
+    hold_state(hbuf.select(0, k), L);
   });
   return {hbuf, gates, rh};
 }
 
 std::vector<Tensor> gru_reset_before_bwd_many(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
-                                              const Tensor& hbuf, const Tensor& gates, const Tensor& rh) {
+                                              const Tensor& hbuf, const Tensor& gates, const Tensor& rh,
+                                              c10::IntArrayRef lengths) {
   check({&dhs, &dhT, &whh, &hbuf, &gates, &rh}, "gru_reset_before_bwd_many");
   const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
+  const auto Ls = model_lengths(lengths, K, T, "gru_reset_before_bwd_many");
   Tensor dxw = at::empty({K, T, B, 3 * H}, dhs.options()), dwhh = at::empty({K, 3 * H, H}, dhs.options());
   Tensor dh = dhT.clone();
   over_models(K, [&](int64_t k) {
+    const int64_t L = Ls[k];
     Tensor dx = dxw.select(0, k), dhk = dh.select(0, k), dw = dwhh.select(0, k);
-    grub_bwd_into(dhs.select(0, k), whh.select(0, k), hbuf.select(0, k), gates.select(0, k), rh.select(0, k), dx, dhk, dw);
+    add_held_outputs(dhk, dhs.select(0, k), L);
+    Tensor dxL = dx.narrow(0, 0, L);
+    grub_bwd_into(dhs.select(0, k).narrow(0, 0, L), whh.select(0, k), hbuf.select(0, k).narrow(0, 0, L + 1),
+                  gates.select(0, k).narrow(0, 0, L), rh.select(0, k).narrow(0, 0, L), dxL, dhk, dw);
+    if (L < T) dx.narrow(0, L, T - L).zero_();
   });
   return {dxw, dh, dwhh};
 }
 
-std::vector<Tensor> gru_reset_after_fwd_many(const Tensor& gi, const Tensor& h0, const Tensor& whh, const Tensor& bhh) {
+std::vector<Tensor> gru_reset_after_fwd_many(const Tensor& gi, const Tensor& h0, const Tensor& whh, const Tensor& bhh,
+                                             c10::IntArrayRef lengths) {
   check({&gi, &h0, &whh, &bhh}, "gru_reset_after_fwd_many");
   TORCH_CHECK(gi.dim() == 4 && h0.dim() == 3, "gru_reset_after_fwd_many: shapes");
   const int64_t K = gi.size(0), T = gi.size(1), B = gi.size(2), H = h0.size(2);
   TORCH_CHECK(T >= 1 && gi.size(3) == 3 * H && h0.size(0) == K && h0.size(1) == B && whh.size(0) == K,
               "gru_reset_after_fwd_many: shapes");
+  const auto Ls = model_lengths(lengths, K, T, "gru_reset_after_fwd_many");
   auto o = gi.options();
   Tensor hbuf = at::empty({K, T + 1, B, H}, o), gates = at::empty({K, T, B, 4 * H}, o);
   hbuf.select(1, 0).copy_(h0);
   const bool f32 = gi.scalar_type() == at::kFloat;
   over_models(K, [&](int64_t k) {
-    Tensor hb = hbuf.select(0, k), g = gates.select(0, k);
+    const int64_t L = Ls[k];
+    Tensor hb = hbuf.select(0, k).narrow(0, 0, L + 1), g = gates.select(0, k).narrow(0, 0, L);
+    Tensor x = gi.select(0, k).narrow(0, 0, L);
     if (f32)
-      grua_fwd<float>(gi.select(0, k), whh.select(0, k), bhh.select(0, k), hb, g);
+      grua_fwd<float>(x, whh.select(0, k), bhh.select(0, k), hb, g);
     else
-      grua_fwd<double>(gi.select(0, k), whh.select(0, k), bhh.select(0, k), hb, g);
+      grua_fwd<double>(x, whh.select(0, k), bhh.select(0, k), hb, g);
+    hold_state(hbuf.select(0, k), L);
   });
   return {hbuf, gates};
 }
 
 std::vector<Tensor> gru_reset_after_bwd_many(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
-                                             const Tensor& hbuf, const Tensor& gates) {
+                                             const Tensor& hbuf, const Tensor& gates, c10::IntArrayRef lengths) {
   check({&dhs, &dhT, &whh, &hbuf, &gates}, "gru_reset_after_bwd_many");
   const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
+  const auto Ls = model_lengths(lengths, K, T, "gru_reset_after_bwd_many");
   auto o = dhs.options();
   Tensor dgi = at::empty({K, T, B, 3 * H}, o), dwhh = at::empty({K, 3 * H, H}, o), dbhh = at::empty({K, 3 * H}, o);
   Tensor dh = dhT.clone();
   over_models(K, [&](int64_t k) {
+    const int64_t L = Ls[k];
     Tensor dg = dgi.select(0, k), dhk = dh.select(0, k), dw = dwhh.select(0, k), db = dbhh.select(0, k);
-    grua_bwd_into(dhs.select(0, k), whh.select(0, k), hbuf.select(0, k), gates.select(0, k), dg, dhk, dw, db);
+    add_held_outputs(dhk, dhs.select(0, k), L);
+    Tensor dgL = dg.narrow(0, 0, L);
+    grua_bwd_into(dhs.select(0, k).narrow(0, 0, L), whh.select(0, k), hbuf.select(0, k).narrow(0, 0, L + 1),
+                  gates.select(0, k).narrow(0, 0, L), dgL, dhk, dw, db);
+    if (L < T) dg.narrow(0, L, T - L).zero_();
   });
   return {dgi, dh, dwhh, dbhh};
 }
