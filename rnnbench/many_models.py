@@ -11,24 +11,24 @@ of K models trained side by side. Each model keeps everything a separate `train(
 * its early stopping (Lightning's rule: mode min, `patience` epochs without a strict improvement;
   a non-finite validation score stops it), best-validation state and final scoring with that state.
 
-What is shared is the arithmetic. The input projections and output layers of all K models are one
-batched matmul each (torch.baddbmm over a (K, ...) stack of the K models' weights, stacked once per
-forward). The recurrences, for every cell form (tanh, lstm, gru reset-after, lstm_peephole,
-gru_reset_before; equations in ../shared/docs/cells.md), run as
+What is shared is the hardware, used once for all K models per step:
 
-* CPU: the compiled loops of rnnbench/cells/csrc/fast_rnn.cpp (ops *_many), the K models' loops in
-  parallel over the CPU threads, each with its hand-written backward (tanh: the stacked loop below);
-* CUDA, Chung-form cells: the Triton-fused steps of rnnbench/cells/_triton.py, one batched matmul and
-  one or two gate kernels per step for all K models;
-* otherwise: a stacked torch-op loop, one torch.baddbmm per step for all K models.
+* CPU (lstm, gru, lstm_peephole, gru_reset_before): every model keeps its own input projection and
+  output layer at its own sequence length, and each layer's K recurrences run in one call of the
+  compiled loops (rnnbench/cells/csrc/fast_rnn.cpp, ops *_many), the models in parallel over the CPU
+  threads, each with the hand-written backward of its one-model loop;
+* elsewhere (tanh on the CPU; CUDA): the K models as one batch, padded to the longest input: the
+  input projections and output layers one batched matmul each (torch.baddbmm over a (K, ...) stack of
+  the weights, stacked once per forward), the time loop one batched matmul per step, with the gate
+  arithmetic of the Chung-form cells fused into Triton kernels on CUDA (rnnbench/cells/_triton.py).
+  The loss of model k only reads its own, unpadded, time steps.
 
-Each model's parameters stay separate leaf tensors, so autograd hands each model its own gradients
-and standard torch optimizers update them. Models of different
-sequence lengths in a batch (music, speech) are padded to a common T; the loss of model k only
-reads its own, unpadded, time steps. A model that diverges is marked FAILED and dropped; a model
-that stops early keeps its best state and leaves the batch while the others go on. Where a fused
-kernel per model is faster than the stacked loop (`choose_recurrence`), the models run their own
-forwards one after another inside the same loop ('per_model').
+The cell forms and their equations: ../shared/docs/cells.md. Each model's parameters stay separate
+leaf tensors, so autograd hands each model its own gradients and standard torch optimizers update
+them. A model that diverges is marked FAILED and dropped; a model that stops early keeps its best
+state and leaves the batch while the others go on. Where a fused kernel per model is faster than
+the stacked loop (`choose_recurrence`: CUDA's cuDNN cells), the models run their own forwards one
+after another inside the same loop ('per_model').
 
 On the CPU in float64 a group reproduces K separate runs to rounding (tests/test_many_models.py).
 Each model is recorded in its own MLflow run with the params, tags and metrics of `train()`, plus
@@ -188,68 +188,50 @@ def _gru_reset_before_layer(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torc
     return torch.stack(outs, 1)
 
 
-# --- the same layers through the compiled CPU loops (rnnbench/cells/csrc/fast_rnn.cpp, ops *_many) ------
-# The K models' time loops run in parallel over the CPU threads, each with the hand-written backward
-# of its one-model loop; the input projections stay one batched matmul. x (K, T, B, D) -> (K, T, B, H).
-# lengths[k]: model k's own padded length (batches of different lengths padded to one T): its loop
-# stops there and holds its state, so padding costs nothing (music: 1.3-3x more steps otherwise).
-def _project_all(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x (K, T, B, D), w (K, G, D), b (K, G) -> (K, T, B, G) = W x_t + b for every model and step."""
-    K, T, B, D = x.shape
-    return torch.baddbmm(b.unsqueeze(1), x.reshape(K, T * B, D), w.transpose(1, 2)).view(K, T, B, -1)
-
-
-def _zeros_state(x: torch.Tensor, H: int) -> torch.Tensor:
-    return x.new_zeros(x.shape[0], x.shape[2], H)
-
-
-def _lstm_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor], lengths: list[int] | None) -> torch.Tensor:
-    # torch.nn.LSTM is the peephole loop with zero peepholes: (a + 0 * c) == a exactly, same gate order
-    from rnnbench.cells._fast import _PeepholeCpp
-
-    H = p["weight_hh"].shape[2]
-    xw = _project_all(x, p["weight_ih"], p["bias_ih"] + p["bias_hh"])
-    zero = x.new_zeros(x.shape[0], H)
-    return _PeepholeCpp.apply(xw, _zeros_state(x, H), _zeros_state(x, H), p["weight_hh"], zero, zero, zero, lengths)[0]
-
-
-def _gru_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor], lengths: list[int] | None) -> torch.Tensor:
-    from rnnbench.cells._fast import _GRUAfterCpp
-
-    H = p["weight_hh"].shape[2]
-    gi = _project_all(x, p["weight_ih"], p["bias_ih"])
-    return _GRUAfterCpp.apply(gi, _zeros_state(x, H), p["weight_hh"], p["bias_hh"], lengths)[0]
-
-
-def _lstm_peephole_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor], lengths: list[int] | None) -> torch.Tensor:
-    from rnnbench.cells._fast import _PeepholeCpp
-
-    H = p["weight_hh"].shape[2]
-    xw = _project_all(x, p["weight_ih"], p["bias"])
-    return _PeepholeCpp.apply(xw, _zeros_state(x, H), _zeros_state(x, H), p["weight_hh"], p["w_ci"], p["w_cf"], p["w_co"],
-                              lengths)[0]
-
-
-def _gru_reset_before_layer_cpp(x: torch.Tensor, p: dict[str, torch.Tensor], lengths: list[int] | None) -> torch.Tensor:
-    from rnnbench.cells._fast import _GRUBeforeCpp
-
-    H = p["weight_hh"].shape[2]
-    return _GRUBeforeCpp.apply(_project_all(x, p["weight_ih"], p["bias"]), _zeros_state(x, H), p["weight_hh"], lengths)[0]
-
-
-_LAYERS_CPP: dict[str, Callable[[torch.Tensor, dict[str, torch.Tensor], list[int] | None], torch.Tensor]] = {
-    "lstm": _lstm_layer_cpp,
-    "gru": _gru_layer_cpp,
-    "lstm_peephole": _lstm_peephole_layer_cpp,
-    "gru_reset_before": _gru_reset_before_layer_cpp,
-}
+# --- CPU: the K models' recurrences in parallel (rnnbench/cells/csrc/fast_rnn.cpp, ops *_many) ----------
+# Every model keeps its own input projection and output layer (its own length: no padding), and the K
+# recurrences of a layer run in one compiled call, the models in parallel over the CPU threads, each
+# with the hand-written backward of its one-model loop.
+_CPP_OPS = {"lstm": "peephole_lstm", "lstm_peephole": "peephole_lstm", "gru": "gru_reset_after",
+            "gru_reset_before": "gru_reset_before"}
 
 
 def _uses_cpp(cell: str, x: torch.Tensor) -> bool:
     """The compiled loops run where the cell has one and they load (CPU, float32/float64)."""
     from rnnbench.cells import _fast
 
-    return cell in _LAYERS_CPP and _fast.resolve("auto", x) == "cpp"
+    return cell in _CPP_OPS and _fast.resolve("auto", x) == "cpp"
+
+
+def _parallel_forward(models: Sequence[nn.Module], cell: str, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each model's outputs (B, T_k, O) on its own input (B, T_k, D), the recurrences through _ManyCpp."""
+    import torch.nn.functional as F
+
+    from rnnbench.cells._fast import _ManyCpp
+
+    K = len(models)
+    hs = [x.transpose(0, 1) for x in xs]  # time major (T_k, B, D), as the compiled loops want
+    for layer in range(models[0].rnn.num_layers):
+        ps = [_layer_params(m.rnn, cell, layer) for m in models]
+        H = ps[0]["weight_hh"].shape[1]
+        h0 = [h.new_zeros(h.shape[1], H) for h in hs]
+        whh = [p["weight_hh"] for p in ps]
+        if cell == "lstm":  # torch.nn.LSTM is the peephole loop with zero peepholes: (a + 0 * c) == a exactly
+            xw = [F.linear(h, p["weight_ih"], p["bias_ih"] + p["bias_hh"]) for h, p in zip(hs, ps)]
+            zeros = [hs[0].new_zeros(H)] * K
+            outs = _ManyCpp.apply("peephole_lstm", K, *xw, *h0, *h0, *whh, *zeros, *zeros, *zeros)
+        elif cell == "lstm_peephole":
+            xw = [F.linear(h, p["weight_ih"], p["bias"]) for h, p in zip(hs, ps)]
+            peep = [p[n] for n in ("w_ci", "w_cf", "w_co") for p in ps]
+            outs = _ManyCpp.apply("peephole_lstm", K, *xw, *h0, *h0, *whh, *peep)
+        elif cell == "gru":
+            gi = [F.linear(h, p["weight_ih"], p["bias_ih"]) for h, p in zip(hs, ps)]
+            outs = _ManyCpp.apply("gru_reset_after", K, *gi, *h0, *whh, *[p["bias_hh"] for p in ps])
+        else:  # gru_reset_before
+            xw = [F.linear(h, p["weight_ih"], p["bias"]) for h, p in zip(hs, ps)]
+            outs = _ManyCpp.apply("gru_reset_before", K, *xw, *h0, *whh)
+        hs = list(outs[:: len(outs) // K])  # each model's hs (T_k, B, H); the final states are not needed
+    return [m.head(h.transpose(0, 1)) for m, h in zip(models, hs)]
 
 
 # --- the Chung-form layers with Triton-fused steps on CUDA (rnnbench/cells/_triton.py) -----------------
@@ -283,6 +265,10 @@ _LAYERS_TRITON: dict[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], torc
 }
 
 
+def _zeros_state(x: torch.Tensor, H: int) -> torch.Tensor:
+    return x.new_zeros(x.shape[0], x.shape[2], H)  # x (K, T, B, D) -> (K, B, H)
+
+
 def _uses_triton(cell: str, x: torch.Tensor) -> bool:
     """CUDA (or Triton's CPU interpreter, for tests), triton installed and not failed before."""
     import os
@@ -303,25 +289,22 @@ _LAYERS: dict[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tenso
 }
 
 
-def stacked_forward(models: Sequence[nn.Module], cell: str, x: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+def stacked_forward(models: Sequence[nn.Module], cell: str, x: torch.Tensor) -> torch.Tensor:
     """Head outputs (K, B, T, O) of K models (each with `.rnn` of `cell` and a Linear `.head`) on x (K, B, T, D).
 
     The same function as each model's own forward (`head(rnn(x_k)[0])`), all K at once: the weights are
-    stacked once per call, the time loop runs once for all K models. lengths[k] (optional): model k's
-    input is x[k, :, :lengths[k]], zero-padded after; its outputs there are to be ignored.
+    stacked once per call, the time loop runs once with one batched matmul per step and layer (or the
+    Triton-fused steps on CUDA).
     """
     if cell not in _LAYERS:
         raise RnnbenchError(f"cell {cell!r} has no batched form; batched cells: {', '.join(BATCHED_CELLS)}")
     K, B, T, _ = x.shape
     h = x.transpose(1, 2)  # (K, T, B, D): time-major per model
-    if _uses_cpp(cell, x):
-        layer_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] = lambda h, p: _LAYERS_CPP[cell](h, p, lengths)
-    else:
-        layer_fn = (_LAYERS_TRITON if _uses_triton(cell, x) else _LAYERS)[cell]
+    layers = _LAYERS_TRITON if _uses_triton(cell, x) else _LAYERS
     for layer in range(models[0].rnn.num_layers):
         per_model = [_layer_params(m.rnn, cell, layer) for m in models]
         stacked = {name: _stack([p[name] for p in per_model]) for name in per_model[0]}
-        h = layer_fn(h, stacked)  # (K, T, B, H)
+        h = layers[cell](h, stacked)  # (K, T, B, H)
     w, b = _stack([m.head.weight for m in models]), _stack([m.head.bias for m in models])
     out = torch.baddbmm(b.unsqueeze(1), h.reshape(K, T * B, h.shape[-1]), w.transpose(1, 2))
     return out.view(K, T, B, -1).transpose(1, 2)
@@ -343,13 +326,16 @@ def group_forward(
 ) -> list[torch.Tensor]:
     """Each model's outputs (B, T_k, O) on its own input (B, T_k, D).
 
-    recurrence 'stacked': all K as one batch (`stacked_forward`); 'per_model': each model's own
-    forward one after another (its fused kernel where the cell has one).
+    recurrence 'stacked': the K recurrences together: on the CPU the compiled K-model loops
+    (`_parallel_forward`, each model at its own length), elsewhere as one batch padded to the longest
+    input (`stacked_forward`); 'per_model': each model's own forward one after another (its fused
+    kernel where the cell has one).
     """
     if recurrence == "per_model":
         return [m.head(m.rnn(x)[0]) for m, x in zip(models, xs)]
-    lengths = [x.shape[1] for x in xs]
-    out = stacked_forward(models, cell, pad_stack(xs), lengths if len(set(lengths)) > 1 else None).unbind(0)  # unbind: one backward op, not K
+    if _uses_cpp(cell, xs[0]):
+        return _parallel_forward(models, cell, xs)
+    out = stacked_forward(models, cell, pad_stack(xs)).unbind(0)  # unbind: one backward op, not K
     return [o if o.shape[1] == x.shape[1] else o[:, : x.shape[1]] for o, x in zip(out, xs)]
 
 

@@ -171,82 +171,58 @@ def test_cpp_float32_close_on_a_long_sequence(cell: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-# --- K models at once (ops *_many, used by rnnbench/many_models.py) == K one-model calls ----------------
+# --- K models at once (_ManyCpp, used by rnnbench/many_models.py) == K one-model calls -------------------
+MANY = {"peephole_lstm": _fast._PeepholeCpp, "gru_reset_before": _fast._GRUBeforeCpp, "gru_reset_after": _fast._GRUAfterCpp}
 
 
-def _many_problem(name: str, K: int, dtype: torch.dtype):
-    g = torch.Generator().manual_seed(2)
-
+def _one_model_problem(op: str, steps: int, dtype: torch.dtype, g: torch.Generator):
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
-    gates = {"lstm": 4, "gru_before": 3, "gru_after": 3}[name]
-    args = [rnd(K, T, B, gates * H), rnd(K, B, H)]
-    args += [rnd(K, B, H)] if name == "lstm" else []
-    args += [rnd(K, gates * H, H, scale=0.5)]
-    args += [rnd(K, H) for _ in range(3)] if name == "lstm" else []
-    args += [rnd(K, gates * H)] if name == "gru_after" else []
-    grads = [rnd(K, T, B, H), rnd(K, B, H)] + ([rnd(K, B, H)] if name == "lstm" else [])
+    gates = 4 if op == "peephole_lstm" else 3
+    args = [rnd(steps, B, gates * H), rnd(B, H)] + ([rnd(B, H)] if op == "peephole_lstm" else [])
+    args += [rnd(gates * H, H, scale=0.5)]
+    args += [rnd(H) for _ in range(3)] if op == "peephole_lstm" else []
+    args += [rnd(gates * H)] if op == "gru_reset_after" else []
+    grads = [rnd(steps, B, H), rnd(B, H)] + ([rnd(B, H)] if op == "peephole_lstm" else [])
     return args, grads
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", ["lstm", "gru_before", "gru_after"])
-def test_many_models_op_equals_one_model_ops(name: str, dtype: torch.dtype, threads: int) -> None:
-    """Outputs and every gradient of K stacked models == each model through the one-model op: model k's
-    loop runs the same code on slice k, whichever thread takes it. Equal to rounding, not bit for bit:
-    MKL's kernels may round differently for differently aligned operands (slice k's address)."""
+@pytest.mark.parametrize("op", list(MANY))
+def test_many_models_equal_one_model_calls(op: str, dtype: torch.dtype, threads: int) -> None:
+    """Outputs and every gradient of K models of different lengths through one _ManyCpp call == each
+    model through the one-model Function (the same loop on the same tensors, whichever thread runs it)."""
     _require_cpp()
-    fn = {"lstm": _fast._PeepholeCpp, "gru_before": _fast._GRUBeforeCpp, "gru_after": _fast._GRUAfterCpp}[name]
-    K = 5  # more models than threads, and not a multiple of 2
-    args, grads = _many_problem(name, K, dtype)
+    g = torch.Generator().manual_seed(2)
+    problems = [_one_model_problem(op, steps, dtype, g) for steps in (T, 3, 7, 1, 5)]  # more models than threads
+    K, n_in = len(problems), len(problems[0][0])
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        def outputs_and_grads(inputs, gs):
-            inputs = [a.clone().requires_grad_() for a in inputs]
-            outs = fn.apply(*inputs)
-            torch.autograd.backward(outs, gs)
-            return [o.detach() for o in outs] + [a.grad for a in inputs]
-
-        many = outputs_and_grads(args, grads)
-        for k in range(K):
-            one = outputs_and_grads([a[k] for a in args], [gr[k] for gr in grads])
-            for i, (a, b) in enumerate(zip(one, many, strict=True)):
-                tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
-                torch.testing.assert_close(b[k], a, **tol, msg=lambda m, k=k, i=i: f"{name} model {k}, tensor {i}: {m}")
+        inputs = [[a.clone().requires_grad_() for a in args] for args, _ in problems]
+        outs = _fast._ManyCpp.apply(op, K, *(inputs[k][i] for i in range(n_in) for k in range(K)))
+        per = len(outs) // K
+        torch.autograd.backward(outs, [gr for _, grads in problems for gr in grads])
+        for k, (args, grads) in enumerate(problems):
+            one_in = [a.clone().requires_grad_() for a in args]
+            one_out = MANY[op].apply(*one_in)
+            torch.autograd.backward(one_out, grads)
+            got = [o.detach() for o in outs[k * per : (k + 1) * per]] + [a.grad for a in inputs[k]]
+            want = [o.detach() for o in one_out] + [a.grad for a in one_in]
+            for i, (a, b) in enumerate(zip(got, want, strict=True)):
+                assert torch.equal(a, b), f"{op} model {k}: tensor {i} differs"
     finally:
         torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("name", ["lstm", "gru_before", "gru_after"])
-def test_many_models_op_with_own_lengths(name: str) -> None:
-    """lengths[k] < T: model k runs its first lengths[k] steps (== the one-model op on them), then holds
-    its state (padded outputs and final state = h at its length; their gradients flow into that state)."""
+def test_many_models_refuse_mismatched_lists() -> None:
     _require_cpp()
-    fn = {"lstm": _fast._PeepholeCpp, "gru_before": _fast._GRUBeforeCpp, "gru_after": _fast._GRUAfterCpp}[name]
-    lengths = [T, 3, 7, 1, 5]
-    K = len(lengths)
-    args, grads = _many_problem(name, K, torch.float64)
-    inputs = [a.clone().requires_grad_() for a in args]
-    outs = fn.apply(*inputs, lengths)
-    torch.autograd.backward(outs, grads)
-    for k, L in enumerate(lengths):
-        one_in = [a[k].clone().requires_grad_() for a in args]
-        one_in[0] = args[0][k, :L].clone().requires_grad_()
-        one_out = fn.apply(*one_in)
-        held = grads[0][k, L:].sum(0)
-        torch.autograd.backward(one_out, [grads[0][k, :L], grads[1][k] + held, *[g[k] for g in grads[2:]]])
-        hs = outs[0][k].detach()
-        torch.testing.assert_close(hs[:L], one_out[0].detach(), rtol=1e-12, atol=1e-12)
-        assert torch.equal(hs[L:], hs[L - 1].expand(T - L, -1, -1))  # held: copies of its last state
-        for got, want in zip(outs[1:], one_out[1:]):  # final states: the state at the model's own length
-            torch.testing.assert_close(got[k].detach(), want.detach(), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(inputs[0].grad[k, :L], one_in[0].grad, rtol=1e-12, atol=1e-12)
-        assert not inputs[0].grad[k, L:].any()  # padded steps feed nothing back
-        for a, b in zip(inputs[1:], one_in[1:]):
-            torch.testing.assert_close(a.grad[k], b.grad, rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(3)
+    (xw, h0, whh), _ = _one_model_problem("gru_reset_before", 4, torch.float64, g)
+    with pytest.raises(RuntimeError, match="one tensor per model"):
+        torch.ops.rnnbench_fast.gru_reset_before_fwd_many([xw, xw], [h0], [whh, whh])
 
 
 # --- the `gru` cell's CPU loop == torch.nn.GRU ---------------------------------------------------------

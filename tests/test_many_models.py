@@ -120,7 +120,7 @@ def test_group_forward_and_gradients_match_each_model(cell: str, loops: str, mon
 
     if loops == "torch_ops":
         monkeypatch.setattr(many_models, "_uses_cpp", lambda cell, x: False)
-    elif cell not in many_models._LAYERS_CPP:
+    elif cell not in many_models._CPP_OPS:
         pytest.skip(f"{cell} has no compiled loop (its stacked torch-op loop is the CPU's path too)")
     elif not many_models._uses_cpp(cell, torch.zeros(1, dtype=torch.float64)):
         pytest.skip("compiled loops unavailable here")

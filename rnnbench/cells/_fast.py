@@ -193,26 +193,9 @@ def _c(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t.contiguous() for t in ts]
 
 
-def _op(name: str, xw: torch.Tensor, lengths: list[int] | None) -> Any:
-    """The compiled op `name` for one model (xw (T, B, G)), or for K models stacked (xw (K, T, B, G)):
-    `name_many`, the K loops in parallel over the CPU threads, model k running lengths[k] steps (all
-    T when None) and holding its state after them."""
-    if xw.dim() == 3:
-        return getattr(torch.ops.rnnbench_fast, name)
-    many = getattr(torch.ops.rnnbench_fast, name + "_many")
-    return lambda *args: many(*args, list(lengths or []))
-
-
-def _lengths(ctx: Any, lengths: tuple[list[int], ...]) -> list[int] | None:
-    """The optional trailing `lengths` argument of the compiled Functions (K models only), kept on ctx."""
-    ctx.n_lengths = len(lengths)  # backward owes it a None
-    ctx.lengths = lengths[0] if lengths else None
-    return ctx.lengths
-
-
 def _outputs(hbuf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hs (slots 1..T) and the final state (a copy) of a (..., T+1, B, H) state buffer."""
-    return hbuf.narrow(-3, 1, hbuf.shape[-3] - 1), hbuf.select(-3, -1).clone()
+    """hs (slots 1..T) and the final state (a copy) of a (T+1, B, H) state buffer."""
+    return hbuf[1:], hbuf[-1].clone()
 
 
 # ==== peephole LSTM ================================================================================
@@ -244,16 +227,16 @@ def peephole_weight_grads(da: torch.Tensor, hbuf: torch.Tensor, cbuf: torch.Tens
 
 class _PeepholeCpp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, xw, h0, c0, whh, wci, wcf, wco, *lengths):  # type: ignore[override]
+    def forward(ctx: Any, xw, h0, c0, whh, wci, wcf, wco):  # type: ignore[override]
         xw, h0, c0, whh, wci, wcf, wco = _c(xw, h0, c0, whh, wci, wcf, wco)
-        hbuf, cbuf, gates, tcs = _op("peephole_lstm_fwd", xw, _lengths(ctx, lengths))(xw, h0, c0, whh, wci, wcf, wco)
+        hbuf, cbuf, gates, tcs = torch.ops.rnnbench_fast.peephole_lstm_fwd(xw, h0, c0, whh, wci, wcf, wco)
         ctx.save_for_backward(whh, wci, wcf, wco, hbuf, cbuf, gates, tcs)
-        return *_outputs(hbuf), cbuf.select(-3, -1).clone()
+        return *_outputs(hbuf), cbuf[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dhs, dhT, dcT):  # type: ignore[override]
-        return *_op("peephole_lstm_bwd", dhs, ctx.lengths)(*_c(dhs, dhT, dcT), *ctx.saved_tensors), *[None] * ctx.n_lengths
+        return tuple(torch.ops.rnnbench_fast.peephole_lstm_bwd(*_c(dhs, dhT, dcT), *ctx.saved_tensors))
 
 
 class _PeepholePy(torch.autograd.Function):
@@ -329,16 +312,16 @@ def gru_before_weight_grad(da: torch.Tensor, hbuf: torch.Tensor, rh: torch.Tenso
 
 class _GRUBeforeCpp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, xw, h0, whh, *lengths):  # type: ignore[override]
+    def forward(ctx: Any, xw, h0, whh):  # type: ignore[override]
         xw, h0, whh = _c(xw, h0, whh)
-        hbuf, gates, rh = _op("gru_reset_before_fwd", xw, _lengths(ctx, lengths))(xw, h0, whh)
+        hbuf, gates, rh = torch.ops.rnnbench_fast.gru_reset_before_fwd(xw, h0, whh)
         ctx.save_for_backward(whh, hbuf, gates, rh)
         return _outputs(hbuf)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dhs, dhT):  # type: ignore[override]
-        return *_op("gru_reset_before_bwd", dhs, ctx.lengths)(*_c(dhs, dhT), *ctx.saved_tensors), *[None] * ctx.n_lengths
+        return tuple(torch.ops.rnnbench_fast.gru_reset_before_bwd(*_c(dhs, dhT), *ctx.saved_tensors))
 
 
 class _GRUBeforePy(torch.autograd.Function):
@@ -401,16 +384,16 @@ def gru_reset_before(xw, h0, whh, impl: str = "auto"):
 
 class _GRUAfterCpp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, gi, h0, whh, bhh, *lengths):  # type: ignore[override]
+    def forward(ctx: Any, gi, h0, whh, bhh):  # type: ignore[override]
         gi, h0, whh, bhh = _c(gi, h0, whh, bhh)
-        hbuf, gates = _op("gru_reset_after_fwd", gi, _lengths(ctx, lengths))(gi, h0, whh, bhh)
+        hbuf, gates = torch.ops.rnnbench_fast.gru_reset_after_fwd(gi, h0, whh, bhh)
         ctx.save_for_backward(whh, hbuf, gates)
         return _outputs(hbuf)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dhs, dhT):  # type: ignore[override]
-        return *_op("gru_reset_after_bwd", dhs, ctx.lengths)(*_c(dhs, dhT), *ctx.saved_tensors), *[None] * ctx.n_lengths
+        return tuple(torch.ops.rnnbench_fast.gru_reset_after_bwd(*_c(dhs, dhT), *ctx.saved_tensors))
 
 
 class _GRUAfterPy(torch.autograd.Function):
@@ -461,3 +444,48 @@ def gru_reset_after(gi, h0, whh, bhh, impl: str = "auto"):
     """(hs (T, B, H), h_T) of one torch.nn.GRU layer; gi = x W_ih^T + b_ih, time major."""
     fn = _GRUAfterCpp if resolve(impl, gi) == "cpp" else _GRUAfterPy
     return fn.apply(gi, h0, whh, bhh)
+
+
+# ==== K models at once (rnnbench/many_models.py on the CPU) =======================================
+class _ManyCpp(torch.autograd.Function):
+    """K independent one-model compiled loops (`op`_fwd / `op`_bwd), run in parallel over the CPU threads
+    by the ops `op`_fwd_many / `op`_bwd_many: the same numbers as K calls of the one-model Function.
+
+    apply(op, K, *args): args are the one-model Function's arguments, each as K consecutive tensors (all
+    K xw, then all K h0, ...); models may differ in length. Returns, for model after model, what the
+    one-model Function returns: hs, h_T (and c_T for the LSTM).
+    """
+
+    # per op: (inputs per model, final states besides hs, indices of the inputs the backward needs)
+    SPEC: dict[str, tuple[int, int, tuple[int, ...]]] = {
+        "peephole_lstm": (7, 2, (3, 4, 5, 6)),  # xw, h0, c0, whh, wci, wcf, wco
+        "gru_reset_before": (3, 1, (2,)),  # xw, h0, whh
+        "gru_reset_after": (4, 1, (2,)),  # gi, h0, whh, bhh
+    }
+
+    @staticmethod
+    def forward(ctx: Any, op: str, K: int, *flat):  # type: ignore[override]
+        n_in, n_states, needed = _ManyCpp.SPEC[op]
+        args = [_c(*flat[i * K : (i + 1) * K]) for i in range(n_in)]
+        results = getattr(torch.ops.rnnbench_fast, op + "_fwd_many")(*args)
+        n_res = len(results) // K
+        outs, saved = [], []
+        for k in range(K):
+            res = results[k * n_res : (k + 1) * n_res]
+            outs += [*_outputs(res[0])] + ([res[1][-1].clone()] if n_states == 2 else [])
+            saved += [args[i][k] for i in needed] + list(res)
+        ctx.save_for_backward(*saved)
+        ctx.op, ctx.K, ctx.per_model = op, K, len(needed) + n_res
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads):  # type: ignore[override]
+        op, K, m = ctx.op, ctx.K, ctx.per_model
+        n_in, n_states, _ = _ManyCpp.SPEC[op]
+        per = 1 + n_states  # outputs per model
+        saved = ctx.saved_tensors
+        lists = [_c(*grads[j::per]) for j in range(per)] + [list(saved[j::m]) for j in range(m)]
+        results = getattr(torch.ops.rnnbench_fast, op + "_bwd_many")(*lists)
+        # results: model after model, n_in gradients each; autograd wants all K of input 0, then input 1, ...
+        return None, None, *(results[k * n_in + i] for i in range(n_in) for k in range(K))

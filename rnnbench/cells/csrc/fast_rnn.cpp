@@ -15,14 +15,15 @@
 // cell states live in (T+1, B, H) buffers whose slot 0 is the initial state: slot t is step t's
 // previous state, and slots 1..T are the outputs (returned as a view).
 //
-// K models at once (ops *_many, for rnnbench/many_models.py): the same arguments stacked along a new
-// leading dimension K; the K time loops run in parallel over the CPU threads. One
-// step's products are too small to split between threads, but K models' loops are independent.
+// K models at once (ops *_many, for rnnbench/many_models.py): each argument a list of K tensors, one per
+// model (lengths may differ); the K one-model loops run in parallel over the CPU threads. One step's
+// products are too small to split between threads, but K models' loops are independent.
 //
 // float uses a Cephes-style exp (<= 2 ulp) so the gate pass vectorises; double uses std::exp and
 // std::tanh, so float64 results match the step-by-step autograd reference to rounding.
 // Only per-operator ATen headers are included: the file compiles in seconds, not a minute.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -33,6 +34,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -553,21 +555,24 @@ std::vector<Tensor> gru_reset_after_bwd(const Tensor& dhs, const Tensor& dhT, co
 }
 
 // ==== K models at once =============================================================================
-// Arguments as the one-model ops above with a leading K; returns likewise. Model k's loop reads and
-// writes only slice k of every tensor, so the loops run on different threads without sharing anything.
-//
-// The threads are std::threads, as many as torch's intra-op setting (torch.set_num_threads): ATen's
-// parallel_for is OpenMP pragmas in a header, which this file (built without -fopenmp, to stay clear of a
-// second OpenMP runtime beside torch's) would run serially. Each thread takes every n-th model and runs
-// MKL single-threaded; an exception on any thread is re-raised on the caller's.
+// Model k's loop reads and writes only its own tensors, so the loops run on different threads without
+// sharing anything. The threads are std::threads, as many as torch's intra-op setting
+// (torch.set_num_threads): ATen's parallel_for is OpenMP pragmas in a header, which this file (built
+// without -fopenmp, to stay clear of a second OpenMP runtime beside torch's) would run serially. Each
+// thread takes the next model not yet taken (models differ in length), runs MKL single-threaded and
+// carries the caller's thread-local state (grad mode: no autograd inside the loops); an exception on
+// any thread is re-raised on the caller's.
 template <typename F>
 void over_models(int64_t K, const F& f) {
   const int64_t n = std::max<int64_t>(1, std::min<int64_t>(K, at::get_num_threads()));
   std::vector<std::exception_ptr> errors(n);
+  std::atomic<int64_t> next{0};
+  const at::ThreadLocalState caller;  // grad mode and the like: a new thread starts with the defaults
   auto work = [&](int64_t w) {
     try {
+      at::ThreadLocalStateGuard same_state_as_caller(caller);
       OneBlasThread one_blas_thread;
-      for (int64_t k = w; k < K; k += n) f(k);
+      for (int64_t k = next++; k < K; k = next++) f(k);
     } catch (...) {
       errors[w] = std::current_exception();
     }
@@ -580,168 +585,60 @@ void over_models(int64_t K, const F& f) {
     if (e) std::rethrow_exception(e);
 }
 
-// Model k runs lengths[k] steps (all T when `lengths` is empty): K models' batches of different
-// lengths padded to one T cost each model only its own steps. Past its length a model's state is held
-// (h_t = h_{T_k} for t > T_k): its padded outputs are finite copies of its last state, its final state
-// is its own, and in the backward their gradients flow into h_{T_k}.
-std::vector<int64_t> model_lengths(c10::IntArrayRef lengths, int64_t K, int64_t T, const char* op) {
-  if (lengths.empty()) return std::vector<int64_t>(K, T);
-  TORCH_CHECK(static_cast<int64_t>(lengths.size()) == K, "rnnbench_fast::", op, ": one length per model");
-  for (int64_t L : lengths) TORCH_CHECK(L >= 1 && L <= T, "rnnbench_fast::", op, ": lengths must lie in [1, T]");
-  return lengths.vec();
+// Each *_many op takes, per argument of its one-model op, a list of K tensors (model k's arguments at
+// index k; models may differ in length T_k), runs the one-model op for every model, the models in
+// parallel, and returns the K results one model after another: [model 0's outputs..., model 1's ...].
+template <typename Op>
+std::vector<Tensor> per_model(int64_t K, const Op& op) {
+  std::vector<std::vector<Tensor>> results(K);
+  over_models(K, [&](int64_t k) { results[k] = op(k); });
+  std::vector<Tensor> flat;
+  for (auto& r : results) flat.insert(flat.end(), r.begin(), r.end());
+  return flat;
 }
 
-void hold_state(const Tensor& buf, int64_t L) {  // buf (T+1, B, H): slots L+1..T = slot L
-  const int64_t T = buf.size(0) - 1;
-  if (L < T) buf.narrow(0, L + 1, T - L).copy_(buf.select(0, L).unsqueeze(0).expand({T - L, buf.size(1), buf.size(2)}));
+int64_t models_in(std::initializer_list<at::TensorList> lists, const char* op) {
+  const int64_t K = static_cast<int64_t>(lists.begin()->size());
+  for (const auto& l : lists)
+    TORCH_CHECK(static_cast<int64_t>(l.size()) == K, "rnnbench_fast::", op, ": every list needs one tensor per model");
+  return K;
 }
 
-void add_held_outputs(const Tensor& dh, const Tensor& dhs, int64_t L) {  // dh += sum of dL/dh_t, t > L
-  const int64_t T = dhs.size(0);
-  if (L < T) dh.add_(dhs.narrow(0, L, T - L).sum(0));
+std::vector<Tensor> peephole_lstm_fwd_many(at::TensorList xw, at::TensorList h0, at::TensorList c0, at::TensorList whh,
+                                           at::TensorList wci, at::TensorList wcf, at::TensorList wco) {
+  const int64_t K = models_in({xw, h0, c0, whh, wci, wcf, wco}, "peephole_lstm_fwd_many");
+  return per_model(K, [&](int64_t k) { return peephole_lstm_fwd(xw[k], h0[k], c0[k], whh[k], wci[k], wcf[k], wco[k]); });
 }
 
-std::vector<Tensor> peephole_lstm_fwd_many(const Tensor& xw, const Tensor& h0, const Tensor& c0, const Tensor& whh,
-                                           const Tensor& wci, const Tensor& wcf, const Tensor& wco,
-                                           c10::IntArrayRef lengths) {
-  check({&xw, &h0, &c0, &whh, &wci, &wcf, &wco}, "peephole_lstm_fwd_many");
-  TORCH_CHECK(xw.dim() == 4 && h0.dim() == 3, "peephole_lstm_fwd_many: shapes");
-  const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(2);
-  TORCH_CHECK(T >= 1 && xw.size(3) == 4 * H && h0.size(0) == K && h0.size(1) == B && whh.size(0) == K,
-              "peephole_lstm_fwd_many: shapes");
-  const auto Ls = model_lengths(lengths, K, T, "peephole_lstm_fwd_many");
-  auto o = xw.options();
-  Tensor hbuf = at::empty({K, T + 1, B, H}, o), cbuf = at::empty({K, T + 1, B, H}, o);
-  Tensor gates = at::empty({K, T, B, 4 * H}, o), tcs = at::empty({K, T, B, H}, o);
-  hbuf.select(1, 0).copy_(h0);
-  cbuf.select(1, 0).copy_(c0);
-  const bool f32 = xw.scalar_type() == at::kFloat;
-  over_models(K, [&](int64_t k) {
-    const int64_t L = Ls[k];
-    Tensor hb = hbuf.select(0, k).narrow(0, 0, L + 1), cb = cbuf.select(0, k).narrow(0, 0, L + 1);
-    Tensor g = gates.select(0, k).narrow(0, 0, L), tc = tcs.select(0, k).narrow(0, 0, L);
-    Tensor x = xw.select(0, k).narrow(0, 0, L);
-    if (f32)
-      lstm_fwd<float>(x, whh.select(0, k), wci.select(0, k), wcf.select(0, k), wco.select(0, k), hb, cb, g, tc);
-    else
-      lstm_fwd<double>(x, whh.select(0, k), wci.select(0, k), wcf.select(0, k), wco.select(0, k), hb, cb, g, tc);
-    hold_state(hbuf.select(0, k), L);
-    hold_state(cbuf.select(0, k), L);
+std::vector<Tensor> peephole_lstm_bwd_many(at::TensorList dhs, at::TensorList dhT, at::TensorList dcT, at::TensorList whh,
+                                           at::TensorList wci, at::TensorList wcf, at::TensorList wco, at::TensorList hbuf,
+                                           at::TensorList cbuf, at::TensorList gates, at::TensorList tcs) {
+  const int64_t K = models_in({dhs, dhT, dcT, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs}, "peephole_lstm_bwd_many");
+  return per_model(K, [&](int64_t k) {
+    return peephole_lstm_bwd(dhs[k], dhT[k], dcT[k], whh[k], wci[k], wcf[k], wco[k], hbuf[k], cbuf[k], gates[k], tcs[k]);
   });
-  return {hbuf, cbuf, gates, tcs};
 }
 
-std::vector<Tensor> peephole_lstm_bwd_many(const Tensor& dhs, const Tensor& dhT, const Tensor& dcT, const Tensor& whh,
-                                           const Tensor& wci, const Tensor& wcf, const Tensor& wco, const Tensor& hbuf,
-                                           const Tensor& cbuf, const Tensor& gates, const Tensor& tcs,
-                                           c10::IntArrayRef lengths) {
-  check({&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, "peephole_lstm_bwd_many");
-  const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
-  const auto Ls = model_lengths(lengths, K, T, "peephole_lstm_bwd_many");
-  auto o = dhs.options();
-  Tensor dxw = at::empty({K, T, B, 4 * H}, o), dwhh = at::empty({K, 4 * H, H}, o), dpeep = at::empty({K, 3, H}, o);
-  Tensor dh = dhT.clone(), dc = dcT.clone();
-  over_models(K, [&](int64_t k) {
-    const int64_t L = Ls[k];
-    Tensor dx = dxw.select(0, k), dhk = dh.select(0, k), dck = dc.select(0, k), dw = dwhh.select(0, k), dp = dpeep.select(0, k);
-    add_held_outputs(dhk, dhs.select(0, k), L);
-    Tensor dxL = dx.narrow(0, 0, L);
-    peephole_bwd_into(dhs.select(0, k).narrow(0, 0, L), whh.select(0, k), wci.select(0, k), wcf.select(0, k),
-                      wco.select(0, k), hbuf.select(0, k).narrow(0, 0, L + 1), cbuf.select(0, k).narrow(0, 0, L + 1),
-                      gates.select(0, k).narrow(0, 0, L), tcs.select(0, k).narrow(0, 0, L), dxL, dhk, dck, dw, dp);
-    if (L < T) dx.narrow(0, L, T - L).zero_();
-  });
-  return {dxw, dh, dc, dwhh, dpeep.select(1, 0), dpeep.select(1, 1), dpeep.select(1, 2)};
+std::vector<Tensor> gru_reset_before_fwd_many(at::TensorList xw, at::TensorList h0, at::TensorList whh) {
+  const int64_t K = models_in({xw, h0, whh}, "gru_reset_before_fwd_many");
+  return per_model(K, [&](int64_t k) { return gru_reset_before_fwd(xw[k], h0[k], whh[k]); });
 }
 
-std::vector<Tensor> gru_reset_before_fwd_many(const Tensor& xw, const Tensor& h0, const Tensor& whh,
-                                              c10::IntArrayRef lengths) {
-  check({&xw, &h0, &whh}, "gru_reset_before_fwd_many");
-  TORCH_CHECK(xw.dim() == 4 && h0.dim() == 3, "gru_reset_before_fwd_many: shapes");
-  const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(2);
-  TORCH_CHECK(T >= 1 && xw.size(3) == 3 * H && h0.size(0) == K && h0.size(1) == B && whh.size(0) == K,
-              "gru_reset_before_fwd_many: shapes");
-  const auto Ls = model_lengths(lengths, K, T, "gru_reset_before_fwd_many");
-  auto o = xw.options();
-  Tensor hbuf = at::empty({K, T + 1, B, H}, o), gates = at::empty({K, T, B, 3 * H}, o), rh = at::empty({K, T, B, H}, o);
-  hbuf.select(1, 0).copy_(h0);
-  const bool f32 = xw.scalar_type() == at::kFloat;
-  over_models(K, [&](int64_t k) {
-    const int64_t L = Ls[k];
-    Tensor hb = hbuf.select(0, k).narrow(0, 0, L + 1), g = gates.select(0, k).narrow(0, 0, L);
-    Tensor r = rh.select(0, k).narrow(0, 0, L), x = xw.select(0, k).narrow(0, 0, L);
-    if (f32)
-      grub_fwd<float>(x, whh.select(0, k), hb, g, r);
-    else
-      grub_fwd<double>(x, whh.select(0, k), hb, g, r);
-    hold_state(hbuf.select(0, k), L);
-  });
-  return {hbuf, gates, rh};
+std::vector<Tensor> gru_reset_before_bwd_many(at::TensorList dhs, at::TensorList dhT, at::TensorList whh,
+                                              at::TensorList hbuf, at::TensorList gates, at::TensorList rh) {
+  const int64_t K = models_in({dhs, dhT, whh, hbuf, gates, rh}, "gru_reset_before_bwd_many");
+  return per_model(K, [&](int64_t k) { return gru_reset_before_bwd(dhs[k], dhT[k], whh[k], hbuf[k], gates[k], rh[k]); });
 }
 
-std::vector<Tensor> gru_reset_before_bwd_many(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
-                                              const Tensor& hbuf, const Tensor& gates, const Tensor& rh,
-                                              c10::IntArrayRef lengths) {
-  check({&dhs, &dhT, &whh, &hbuf, &gates, &rh}, "gru_reset_before_bwd_many");
-  const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
-  const auto Ls = model_lengths(lengths, K, T, "gru_reset_before_bwd_many");
-  Tensor dxw = at::empty({K, T, B, 3 * H}, dhs.options()), dwhh = at::empty({K, 3 * H, H}, dhs.options());
-  Tensor dh = dhT.clone();
-  over_models(K, [&](int64_t k) {
-    const int64_t L = Ls[k];
-    Tensor dx = dxw.select(0, k), dhk = dh.select(0, k), dw = dwhh.select(0, k);
-    add_held_outputs(dhk, dhs.select(0, k), L);
-    Tensor dxL = dx.narrow(0, 0, L);
-    grub_bwd_into(dhs.select(0, k).narrow(0, 0, L), whh.select(0, k), hbuf.select(0, k).narrow(0, 0, L + 1),
-                  gates.select(0, k).narrow(0, 0, L), rh.select(0, k).narrow(0, 0, L), dxL, dhk, dw);
-    if (L < T) dx.narrow(0, L, T - L).zero_();
-  });
-  return {dxw, dh, dwhh};
+std::vector<Tensor> gru_reset_after_fwd_many(at::TensorList gi, at::TensorList h0, at::TensorList whh, at::TensorList bhh) {
+  const int64_t K = models_in({gi, h0, whh, bhh}, "gru_reset_after_fwd_many");
+  return per_model(K, [&](int64_t k) { return gru_reset_after_fwd(gi[k], h0[k], whh[k], bhh[k]); });
 }
 
-std::vector<Tensor> gru_reset_after_fwd_many(const Tensor& gi, const Tensor& h0, const Tensor& whh, const Tensor& bhh,
-                                             c10::IntArrayRef lengths) {
-  check({&gi, &h0, &whh, &bhh}, "gru_reset_after_fwd_many");
-  TORCH_CHECK(gi.dim() == 4 && h0.dim() == 3, "gru_reset_after_fwd_many: shapes");
-  const int64_t K = gi.size(0), T = gi.size(1), B = gi.size(2), H = h0.size(2);
-  TORCH_CHECK(T >= 1 && gi.size(3) == 3 * H && h0.size(0) == K && h0.size(1) == B && whh.size(0) == K,
-              "gru_reset_after_fwd_many: shapes");
-  const auto Ls = model_lengths(lengths, K, T, "gru_reset_after_fwd_many");
-  auto o = gi.options();
-  Tensor hbuf = at::empty({K, T + 1, B, H}, o), gates = at::empty({K, T, B, 4 * H}, o);
-  hbuf.select(1, 0).copy_(h0);
-  const bool f32 = gi.scalar_type() == at::kFloat;
-  over_models(K, [&](int64_t k) {
-    const int64_t L = Ls[k];
-    Tensor hb = hbuf.select(0, k).narrow(0, 0, L + 1), g = gates.select(0, k).narrow(0, 0, L);
-    Tensor x = gi.select(0, k).narrow(0, 0, L);
-    if (f32)
-      grua_fwd<float>(x, whh.select(0, k), bhh.select(0, k), hb, g);
-    else
-      grua_fwd<double>(x, whh.select(0, k), bhh.select(0, k), hb, g);
-    hold_state(hbuf.select(0, k), L);
-  });
-  return {hbuf, gates};
-}
-
-std::vector<Tensor> gru_reset_after_bwd_many(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
-                                             const Tensor& hbuf, const Tensor& gates, c10::IntArrayRef lengths) {
-  check({&dhs, &dhT, &whh, &hbuf, &gates}, "gru_reset_after_bwd_many");
-  const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
-  const auto Ls = model_lengths(lengths, K, T, "gru_reset_after_bwd_many");
-  auto o = dhs.options();
-  Tensor dgi = at::empty({K, T, B, 3 * H}, o), dwhh = at::empty({K, 3 * H, H}, o), dbhh = at::empty({K, 3 * H}, o);
-  Tensor dh = dhT.clone();
-  over_models(K, [&](int64_t k) {
-    const int64_t L = Ls[k];
-    Tensor dg = dgi.select(0, k), dhk = dh.select(0, k), dw = dwhh.select(0, k), db = dbhh.select(0, k);
-    add_held_outputs(dhk, dhs.select(0, k), L);
-    Tensor dgL = dg.narrow(0, 0, L);
-    grua_bwd_into(dhs.select(0, k).narrow(0, 0, L), whh.select(0, k), hbuf.select(0, k).narrow(0, 0, L + 1),
-                  gates.select(0, k).narrow(0, 0, L), dgL, dhk, dw, db);
-    if (L < T) dg.narrow(0, L, T - L).zero_();
-  });
-  return {dgi, dh, dwhh, dbhh};
+std::vector<Tensor> gru_reset_after_bwd_many(at::TensorList dhs, at::TensorList dhT, at::TensorList whh,
+                                             at::TensorList hbuf, at::TensorList gates) {
+  const int64_t K = models_in({dhs, dhT, whh, hbuf, gates}, "gru_reset_after_bwd_many");
+  return per_model(K, [&](int64_t k) { return gru_reset_after_bwd(dhs[k], dhT[k], whh[k], hbuf[k], gates[k]); });
 }
 
 }  // namespace
