@@ -869,6 +869,9 @@ def _targets(rows: list[Row], dev: str, many_k: int = 0) -> list[str]:
             if floor and math.isfinite(floor.harness_over_bare) and math.isfinite(r.harness_over_step):
                 context = (f" (a bare PyTorch training step of the same model: {1 / floor.harness_over_bare:.2f}x; the harness"
                            f" step is {1 / r.harness_over_step:.2f}x that bare step)")
+            fused = next((x for x in rows if (x.kind, x.cell, x.hidden) == ("bare", r.cell, r.hidden)), None)
+            if r.impl != "torch" and fused and math.isfinite(fused.ms):  # the gru cell on the CPU: not the fused kernel
+                context += f"; {fused.ms / r.ms:.2f}x the torch.nn fused kernel alone"
             out.append(f"- harness step {r.cell} ({r.impl}), hidden {r.hidden}: {ratio:.2f}x the throughput of its bare"
                        f" kernel: {verdict} the >= 0.9x target{context}")
     for r in rows:

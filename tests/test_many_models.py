@@ -189,6 +189,36 @@ def test_group_forward_through_triton_steps_in_the_interpreter() -> None:
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cell", ["lstm_peephole", "gru_reset_before"])
+def test_group_forward_on_cuda_matches_each_model(cell: str) -> None:
+    """On CUDA (Triton-fused steps over all K models where triton is installed) in float64."""
+    from torch import nn
+
+    from rnnbench import many_models
+    from rnnbench.cells import get_cell
+
+    torch.manual_seed(0)
+    models = []
+    for _ in range(4):
+        m = nn.Module()
+        m.rnn = get_cell(cell)(6, 7, num_layers=2)
+        m.head = nn.Linear(7, 5)
+        models.append(m.double().cuda())
+    xs = [torch.randn(3, T, 6, dtype=torch.float64, device="cuda") for T in (9, 5, 9, 2)]
+    outs = many_models.group_forward(models, cell, xs)
+    sum((o**2).sum() for o in outs).backward()
+    batched = [[p.grad.clone() for p in m.parameters()] for m in models]
+    for m, x, out, grads in zip(models, xs, outs, batched):
+        m.zero_grad()
+        ref = m.head(m.rnn(x)[0])
+        (ref**2).sum().backward()
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        for g, p in zip(grads, m.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-12)
+
+
 # --- training: parameters after N updates and logged metrics -----------------------------------------
 @pytest.mark.parametrize("cell, task, recurrence", [
     ("tanh", "copy", "stacked"), ("lstm", "adding", "stacked"), ("gru", "copy", "stacked"),
