@@ -171,6 +171,37 @@ def test_cpp_float32_close_on_a_long_sequence(cell: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+_NO_BLAS_CHECK = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_fast_cells import make, random_problem, run, assert_same
+from rnnbench.cells import _fast
+assert _fast.load_extension() and "-DRNNBENCH_NO_BLAS" in _fast.extension_info()["flags"], _fast.extension_info()
+for cell, ref_impl in (("lstm_peephole", "reference"), ("gru_reset_before", "reference"), ("gru", "torch")):
+    layer = make(cell, 2)
+    problem = random_problem(cell, 2)
+    layer.impl = ref_impl
+    ref = run(layer, *problem)
+    layer.impl = "cpp"
+    assert_same(run(layer, *problem), ref)
+print("ok")
+"""
+
+
+def test_compiled_loops_without_blas_symbols() -> None:
+    """Where libtorch exports no sgemm_/dgemm_ (another BLAS), the loops take ATen's mm on views of the
+    same memory: that build (RNNBENCH_FAST_NO_BLAS=1) against the references, in a fresh process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _require_cpp()
+    env = {**os.environ, "RNNBENCH_FAST_NO_BLAS": "1"}
+    code = _NO_BLAS_CHECK.format(tests=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 # --- K models at once (_ManyCpp, used by rnnbench/many_models.py) == K one-model calls -------------------
 MANY = {"peephole_lstm": _fast._PeepholeCpp, "gru_reset_before": _fast._GRUBeforeCpp, "gru_reset_after": _fast._GRUAfterCpp}
 

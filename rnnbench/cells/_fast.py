@@ -65,6 +65,8 @@ def _cflags() -> tuple[list[str], str]:
     flags = ["-O3", "-DNDEBUG", "-fno-trapping-math", "-fno-math-errno"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-march=native")
+    if os.environ.get("RNNBENCH_FAST_NO_BLAS") == "1":  # tests: the path for a BLAS without sgemm_ symbols
+        flags.append("-DRNNBENCH_NO_BLAS")
     model, isa = _cpu_signature()
     return flags, model + " " + " ".join(sorted(isa))
 

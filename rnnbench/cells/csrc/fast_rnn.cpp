@@ -109,8 +109,13 @@ struct OneBlasThread {
   }
 };
 
+#ifdef RNNBENCH_NO_BLAS  // tests build this variant (RNNBENCH_FAST_NO_BLAS=1) to check ATen's path
+inline bool have_blas(float*) { return false; }
+inline bool have_blas(double*) { return false; }
+#else
 inline bool have_blas(float*) { return sgemm_ != nullptr; }
 inline bool have_blas(double*) { return dgemm_ != nullptr; }
+#endif
 inline void blas_gemm(const char* ta, const char* tb, int m, int n, int k, float alpha, const float* a, int lda,
                       const float* b, int ldb, float beta, float* c, int ldc) {
   sgemm_(ta, tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
