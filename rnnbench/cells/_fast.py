@@ -12,8 +12,9 @@ float64 by tests/test_fast_cells.py (outputs, final states, input, state and wei
             concurrent processes share one build through torch's file lock. CPU, float32 and float64.
             Per step: one small MKL product (two for the reset-before GRU), single-threaded (MKL's
             threads cost more than these products: 2.3x slower loops on 2 cores), and one vectorised
-            pass over the gates (-march=native). Ops *_many take K models stacked on a leading dim and
-            run their loops in parallel over torch's intra-op thread count (rnnbench/many_models.py).
+            pass over the gates (-march=native). Ops *_many (`_ManyCpp`) take lists of K models'
+            tensors (lengths may differ) and run the K loops in parallel over torch's intra-op
+            threads (rnnbench/many_models.py).
   "python"  the same algorithm in torch ops, with the activation derivatives of all steps computed
             before the backward loop (~8 kernels per step): any device and float dtype. The path on
             CUDA without triton, and on the CPU when the extension cannot be built (no compiler,
