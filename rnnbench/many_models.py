@@ -881,14 +881,18 @@ def throughput_many(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     recurrence: str = "auto",
+    unequal_lengths: bool = False,
 ) -> dict[str, float]:
     """Training time steps per second of K models batched vs the same K models stepped one after another.
+
+    unequal_lengths: model k's batches are T_k long, T_k spread evenly over [seq_len / 4, seq_len] (as
+    K models' music batches differ), instead of all seq_len; steps/s count the real steps.
 
     A training step is forward, Bernoulli NLL on random 0/1 targets, backward, per-model clipping and
     an Adam step; the batched side runs `recurrence` ('auto': `choose_recurrence`, what train_many
     picks), the sequential side each model's own cell implementation (fused where it exists).
-    Returns {'batched', 'sequential'} in time steps/s (K × batch × seq_len per round, best of
-    `steps` interleaved rounds after one warm-up) and 'speedup'.
+    Returns {'batched', 'sequential'} in time steps/s (best of `steps` interleaved rounds after one
+    warm-up), 'speedup', and 'steps_per_round' (batch × the K lengths).
     """
     from rnnbench.cells import get_cell
 
@@ -902,8 +906,9 @@ def throughput_many(
         m.head = nn.Linear(hidden_size, input_size)
         models.append(m.to(device=device, dtype=dtype))
     opts = [torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in models]
-    xs = [torch.randn(batch_size, seq_len, input_size, generator=gen).to(device, dtype) for _ in range(K)]
-    ys = [(torch.rand(batch_size, seq_len, input_size, generator=gen) < 0.1).to(device, dtype) for _ in range(K)]
+    lengths = [max(1, seq_len // 4 + (seq_len - seq_len // 4) * k // max(1, K - 1)) for k in range(K)] if unequal_lengths else [seq_len] * K
+    xs = [torch.randn(batch_size, T, input_size, generator=gen).to(device, dtype) for T in lengths]
+    ys = [(torch.rand(batch_size, T, input_size, generator=gen) < 0.1).to(device, dtype) for T in lengths]
 
     def update(k: int) -> None:
         torch.nn.utils.clip_grad_norm_([p for p in models[k].parameters() if p.requires_grad], 1.0)
@@ -939,5 +944,5 @@ def throughput_many(
     for _ in range(steps):  # interleaved, best of `steps`: robust to other load on the machine
         for name, fn in (("sequential", sequential), ("batched", batched)):
             best[name] = min(best[name], seconds(fn))
-    seq, bat = (K * batch_size * seq_len / best[name] for name in ("sequential", "batched"))
-    return {"batched": bat, "sequential": seq, "speedup": bat / seq}
+    seq, bat = (batch_size * sum(lengths) / best[name] for name in ("sequential", "batched"))
+    return {"batched": bat, "sequential": seq, "speedup": bat / seq, "steps_per_round": float(batch_size * sum(lengths))}

@@ -39,7 +39,8 @@ def test_bench_writes_tables_and_one_mlflow_run(tmp_path: Path, store: str) -> N
     kinds = {r["kind"] for r in rows}
     assert kinds == {"bare", "cell", "bare-step", "harness", "lightning", "setup", "many"}
     many = [r for r in rows if r["kind"] == "many"]  # K=3 batched and sequential, each cell, first hidden size
-    assert {(r["cell"], r["impl"]) for r in many} == {(c, s) for c in ("tanh", "lstm", "gru", "lstm_peephole", "gru_reset_before") for s in ("batched", "sequential")}
+    assert {(r["cell"], r["impl"]) for r in many} == {
+        (c, s + u) for c in ("tanh", "lstm", "gru", "lstm_peephole", "gru_reset_before") for s in ("batched", "sequential") for u in ("", "-unequal")}
     assert all(float(r["speedup"]) > 0 for r in many if r["impl"] == "batched") and "models trained together" in md
     rows = [r for r in rows if r["kind"] != "many"]
     for hidden in ("3", "5"):

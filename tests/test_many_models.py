@@ -365,5 +365,7 @@ def test_throughput_probe_runs() -> None:
     from rnnbench.many_models import throughput_many
 
     r = throughput_many("lstm_peephole", 2, seq_len=3, batch_size=2, input_size=3, hidden_size=4, steps=1)
-    assert set(r) == {"batched", "sequential", "speedup"}
-    assert all(v > 0 and math.isfinite(v) for v in r.values())
+    assert set(r) == {"batched", "sequential", "speedup", "steps_per_round"}
+    assert all(v > 0 and math.isfinite(v) for v in r.values()) and r["steps_per_round"] == 2 * 2 * 3
+    r = throughput_many("gru", 3, seq_len=8, batch_size=2, input_size=3, hidden_size=4, steps=1, unequal_lengths=True)
+    assert r["steps_per_round"] == 2 * (2 + 5 + 8)  # lengths spread over [seq/4, seq]
