@@ -400,6 +400,48 @@ def test_sigkill_mid_sweep_then_restart(tmp_path: Path, store: str) -> None:
         assert steps == sorted(set(steps)) and steps[-1] == 3  # every epoch once, up to the last
 
 
+def test_sigkill_mid_batched_sweep_then_restart(tmp_path: Path, store: str) -> None:
+    """A group killed mid-way (--batch-models on) continues from its batched_last.pt checkpoints on the
+    next invocation, even with --batch-models off: same runs, every epoch recorded once."""
+    from rnnbench.many_models import CHECKPOINT_NAME
+    from rnnbench.sweep.runs import BATCHED_CHECKPOINT
+
+    assert CHECKPOINT_NAME == BATCHED_CHECKPOINT
+    spec = write_spec(tmp_path, {**SLOW_POINTS, "name": "killed_group", "grid": {"train.seed": [0, 1], "train.lr": [0.001, 0.003]}})
+    proc = subprocess.Popen(
+        CLI + [str(spec), "--batch-models", "on", "--no-progress"], cwd=tmp_path, env=dict(os.environ),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    db, ckpts = tmp_path / "mlflow.db", tmp_path / "rnnbench_runs"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            statuses, _ = _store_state(db, ckpts)
+            interrupted = [p.parent.name for p in ckpts.glob(f"*/{CHECKPOINT_NAME}")] if ckpts.is_dir() else []
+            if len(interrupted) == 4:  # every member has finished an epoch
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail(f"sweep never reached mid-way (exit {proc.poll()})")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    statuses, _ = _store_state(db, ckpts)
+    assert statuses.count("RUNNING") == 4, statuses
+
+    out = run_cli([str(spec), "--batch-models", "off", "--no-progress"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "4 to resume" in out.stderr and "training 4 points together" in out.stderr
+    runs = assert_one_finished_per_point(store, "killed_group", 4)
+    assert {r.info.run_id for r in runs} == set(interrupted)  # continued, not restarted
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    for run_id in interrupted:
+        steps = [m.step for m in client.get_metric_history(run_id, "val_ce")]
+        assert steps == sorted(set(steps)) and steps[-1] == 3  # every epoch once, up to the last
+
+
 def test_parallel_workers_lose_and_double_nothing(tmp_path: Path, store: str) -> None:
     from mlflow.tracking import MlflowClient
 

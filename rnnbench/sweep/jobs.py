@@ -21,6 +21,7 @@ class Job:
     experiment_id: str
     tags: dict[str, str] = field(default_factory=dict)
     resume_run_id: str | None = None  # a run left RUNNING/KILLED with a checkpoint: continue it
+    resume_batched: bool = False  # that checkpoint is train_many's: the run continues in a group (run_group)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ def run_point(job: Job) -> Outcome:
     from rnnbench.errors import RnnbenchError
     from rnnbench.train import train
 
+    if job.resume_batched:  # its checkpoint is a group's: continue it as a group of one
+        return run_group([job])[0]
     start = time.perf_counter()
     if job.resume_run_id is not None:  # Lightning warns that the run's checkpoint folder exists: it should
         warnings.filterwarnings("ignore", ".*exists and is not empty.*")
@@ -131,9 +134,11 @@ def run_group(jobs: list[Job]) -> list[Outcome]:
     start = time.perf_counter()
     try:
         results = train_many([Config.from_dict(j.config) for j in jobs], experiment_id=jobs[0].experiment_id,
-                             tags=[j.tags for j in jobs])
+                             tags=[j.tags for j in jobs], run_ids=[j.resume_run_id for j in jobs])
     except Exception as e:  # noqa: BLE001 - train_many already closed its runs as FAILED
         reason = one_line(e)
-        return [Outcome(j.index, j.point_id, j.label, None, "FAILED", reason, time.perf_counter() - start) for j in jobs]
+        return [Outcome(j.index, j.point_id, j.label, j.resume_run_id, "FAILED", reason, time.perf_counter() - start,
+                        j.resume_run_id is not None) for j in jobs]
     seconds = time.perf_counter() - start
-    return [Outcome(j.index, j.point_id, j.label, r.run_id, r.status, r.reason, seconds) for j, r in zip(jobs, results)]
+    return [Outcome(j.index, j.point_id, j.label, r.run_id, r.status, r.reason, seconds, j.resume_run_id is not None)
+            for j, r in zip(jobs, results)]

@@ -25,7 +25,7 @@ import yaml
 
 from rnnbench.errors import RnnbenchError
 from rnnbench.sweep.jobs import Job, Outcome
-from rnnbench.sweep.runs import POINT_ROLE, Decision, child_runs, decide, parent_run, retire
+from rnnbench.sweep.runs import POINT_ROLE, Decision, checkpoint_of, child_runs, decide, parent_run, retire
 from rnnbench.sweep.spec import Point, SweepSpec, expand
 
 
@@ -82,7 +82,9 @@ def _job(point: Point, decision: Decision, experiment_id: str, tags: dict[str, s
     point_tags = {**tags, "point_id": point.point_id}
     if point.sample is not None:
         point_tags["sample"] = str(point.sample)
-    return Job(point.index, point.point_id, point.label, config, experiment_id, point_tags, decision.run_id if decision.action == "resume" else None)
+    resume = decision.run_id if decision.action == "resume" else None
+    batched = resume is not None and checkpoint_of(resume, shared["checkpoint_dir"]) == "batched"
+    return Job(point.index, point.point_id, point.label, config, experiment_id, point_tags, resume, batched)
 
 
 def plan(spec: SweepSpec, overrides: list[str] | None = None) -> tuple[list[Point], dict[str, Any]]:
@@ -168,7 +170,7 @@ def _run_planned(
             retire(client, run, why)
     tags = {"sweep": spec.name, "sweep_role": POINT_ROLE, "spec_hash": spec_hash, "mlflow.parentRunId": parent_id}
     jobs = [_job(pp.point, pp.decision, experiment_id, tags, shared) for pp in planned if pp.decision.action != "done"]
-    groups, jobs = _batchable(jobs) if batched else ([], jobs)
+    groups, jobs = _batchable(jobs, new_points=batched)
     _execute(jobs, summary, client, executor, workers, progress, echo, groups)
 
 
@@ -190,21 +192,23 @@ def _batching_on(mode: str, executor: str) -> bool:
     return torch.cuda.is_available()
 
 
-def _batchable(jobs: list[Job]) -> tuple[list[list[Job]], list[Job]]:
-    """(groups of >= 2 new points that may train together, the other jobs). Resumed points keep
-    their own Lightning checkpoints, so only new points are grouped."""
+def _batchable(jobs: list[Job], new_points: bool = True) -> tuple[list[list[Job]], list[Job]]:
+    """(groups that train together, the other jobs). Points resuming a group's checkpoint always train
+    in a group (train_many continues them; with --batch-models off too), joined by new points of
+    their key when `new_points`; new points form groups of >= 2 when `new_points`. Points resuming a
+    one-model run keep their own Lightning checkpoints and run alone."""
     from rnnbench.config import Config
     from rnnbench.many_models import group_key
 
     by_key: dict[Any, list[Job]] = {}
     rest: list[Job] = []
     for job in jobs:
-        if job.resume_run_id is None:
+        if job.resume_batched or (new_points and job.resume_run_id is None):
             by_key.setdefault(group_key(Config.from_dict(job.config)), []).append(job)
         else:
             rest.append(job)
-    groups = [g for g in by_key.values() if len(g) >= 2]
-    rest += [g[0] for g in by_key.values() if len(g) == 1]
+    groups = [g for g in by_key.values() if len(g) >= 2 or g[0].resume_batched]
+    rest += [g[0] for g in by_key.values() if len(g) == 1 and not g[0].resume_batched]
     return groups, sorted(rest, key=lambda j: j.index)
 
 

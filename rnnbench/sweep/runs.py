@@ -79,12 +79,27 @@ def retire(client: Any, run: Any, reason: str) -> None:
     client.delete_run(run_id)
 
 
+LIGHTNING_CHECKPOINT = "last.ckpt"  # rnnbench.train (Lightning's ModelCheckpoint, save_last)
+BATCHED_CHECKPOINT = "batched_last.pt"  # rnnbench.many_models.CHECKPOINT_NAME (a group of models)
+
+
+def checkpoint_of(run_id: str, checkpoint_dir: str | Path) -> str | None:
+    """Which checkpoint a run left: 'lightning' (train()), 'batched' (train_many()), or None."""
+    folder = Path(checkpoint_dir) / run_id
+    if (folder / LIGHTNING_CHECKPOINT).is_file():
+        return "lightning"
+    if (folder / BATCHED_CHECKPOINT).is_file():
+        return "batched"
+    return None
+
+
 def resumable(run: Any, checkpoint_dir: str | Path) -> bool:
-    """A RUNNING/KILLED run can be continued when its params are logged and its last checkpoint exists."""
+    """A RUNNING/KILLED run can be continued when its params are logged and its last checkpoint exists
+    (Lightning's of a one-model run, or the batched_last.pt of a model trained in a group)."""
     return (
         run.info.status in ("RUNNING", "KILLED")
         and bool(run.data.params)
-        and (Path(checkpoint_dir) / run.info.run_id / "last.ckpt").is_file()
+        and checkpoint_of(run.info.run_id, checkpoint_dir) is not None
     )
 
 
