@@ -248,12 +248,20 @@ def test_many_models_equal_one_model_calls(op: str, dtype: torch.dtype, threads:
         torch.set_num_threads(old)
 
 
-def test_many_models_refuse_mismatched_lists() -> None:
+def test_many_models_refuse_bad_input_in_one_line() -> None:
     _require_cpp()
     g = torch.Generator().manual_seed(3)
     (xw, h0, whh), _ = _one_model_problem("gru_reset_before", 4, torch.float64, g)
     with pytest.raises(RuntimeError, match="one tensor per model"):
         torch.ops.rnnbench_fast.gru_reset_before_fwd_many([xw, xw], [h0], [whh, whh])
+    # an error inside one model's loop, on a worker thread, reaches the caller as an exception
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="gru_reset_before_fwd: shapes"):
+            torch.ops.rnnbench_fast.gru_reset_before_fwd_many([xw, xw[..., :-1].contiguous()], [h0, h0], [whh, whh])
+    finally:
+        torch.set_num_threads(old)
 
 
 # --- the `gru` cell's CPU loop == torch.nn.GRU ---------------------------------------------------------
