@@ -278,29 +278,21 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
   }
 }
 
-// dh, dc hold dL/dh_T, dL/dc_T on entry and dL/dh_0, dL/dc_0 on return; dxw, dwhh, dpeep (3,H) are written.
-void peephole_bwd_into(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
-                       const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates, const Tensor& tcs, Tensor& dxw,
-                       Tensor& dh, Tensor& dc, Tensor& dwhh, Tensor& dpeep) {
-  const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
-  Tensor acc = at::zeros({3, H}, dhs.options().dtype(at::kDouble));
-  if (dhs.scalar_type() == at::kFloat)
-    lstm_bwd<float>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
-  else
-    lstm_bwd<double>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
-  at::mm_out(dwhh, dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
-  dpeep.copy_(acc);
-}
-
 std::vector<Tensor> peephole_lstm_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& dcT, const Tensor& whh,
                                       const Tensor& wci, const Tensor& wcf, const Tensor& wco, const Tensor& hbuf,
                                       const Tensor& cbuf, const Tensor& gates, const Tensor& tcs) {
   check({&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, "peephole_lstm_bwd");
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
   auto o = dhs.options();
-  Tensor dxw = at::empty({T, B, 4 * H}, o), dwhh = at::empty({4 * H, H}, o), dpeep = at::empty({3, H}, o);
+  Tensor dxw = at::empty({T, B, 4 * H}, o);
   Tensor dh = dhT.clone(), dc = dcT.clone();
-  peephole_bwd_into(dhs, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, dxw, dh, dc, dwhh, dpeep);
+  Tensor acc = at::zeros({3, H}, o.dtype(at::kDouble));
+  if (dhs.scalar_type() == at::kFloat)
+    lstm_bwd<float>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
+  else
+    lstm_bwd<double>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
+  Tensor dwhh = at::mm(dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
+  Tensor dpeep = acc.to(o.dtype());
   return {dxw, dh, dc, dwhh, dpeep[0], dpeep[1], dpeep[2]};
 }
 
@@ -417,27 +409,21 @@ void grub_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
   }
 }
 
-// dh holds dL/dh_T on entry and dL/dh_0 on return; dxw and dwhh are written.
-void grub_bwd_into(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Tensor& gates, const Tensor& rh,
-                   Tensor& dxw, Tensor& dh, Tensor& dwhh) {
+std::vector<Tensor> gru_reset_before_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
+                                         const Tensor& hbuf, const Tensor& gates, const Tensor& rh) {
+  check({&dhs, &dhT, &whh, &hbuf, &gates, &rh}, "gru_reset_before_bwd");
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
+  Tensor dxw = at::empty({T, B, 3 * H}, dhs.options());
+  Tensor dh = dhT.clone();
   if (dhs.scalar_type() == at::kFloat)
     grub_bwd<float>(dhs, whh, hbuf, gates, dxw, dh);
   else
     grub_bwd<double>(dhs, whh, hbuf, gates, dxw, dh);
   Tensor da = dxw.view({T * B, 3 * H});
+  Tensor dwhh = at::empty({3 * H, H}, dhs.options());
   Tensor top = dwhh.narrow(0, 0, 2 * H), bottom = dwhh.narrow(0, 2 * H, H);
   at::mm_out(top, da.narrow(1, 0, 2 * H).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
   at::mm_out(bottom, da.narrow(1, 2 * H, H).t(), rh.view({T * B, H}));
-}
-
-std::vector<Tensor> gru_reset_before_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
-                                         const Tensor& hbuf, const Tensor& gates, const Tensor& rh) {
-  check({&dhs, &dhT, &whh, &hbuf, &gates, &rh}, "gru_reset_before_bwd");
-  const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
-  Tensor dxw = at::empty({T, B, 3 * H}, dhs.options()), dwhh = at::empty({3 * H, H}, dhs.options());
-  Tensor dh = dhT.clone();
-  grub_bwd_into(dhs, whh, hbuf, gates, rh, dxw, dh, dwhh);
   return {dxw, dh, dwhh};
 }
 
@@ -534,28 +520,20 @@ void grua_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
   }
 }
 
-// dh holds dL/dh_T on entry and dL/dh_0 on return; dgi, dwhh, dbhh are written.
-void grua_bwd_into(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Tensor& gates, Tensor& dgi,
-                   Tensor& dh, Tensor& dwhh, Tensor& dbhh) {
-  const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
-  Tensor dgh = at::empty({T, B, 3 * H}, dhs.options());
-  if (dhs.scalar_type() == at::kFloat)
-    grua_bwd<float>(dhs, whh, hbuf, gates, dgi, dgh, dh);
-  else
-    grua_bwd<double>(dhs, whh, hbuf, gates, dgi, dgh, dh);
-  Tensor dgh2 = dgh.view({T * B, 3 * H});
-  at::mm_out(dwhh, dgh2.t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
-  at::sum_out(dbhh, dgh2, {0});
-}
-
 std::vector<Tensor> gru_reset_after_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
                                         const Tensor& hbuf, const Tensor& gates) {
   check({&dhs, &dhT, &whh, &hbuf, &gates}, "gru_reset_after_bwd");
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
   auto o = dhs.options();
-  Tensor dgi = at::empty({T, B, 3 * H}, o), dwhh = at::empty({3 * H, H}, o), dbhh = at::empty({3 * H}, o);
+  Tensor dgi = at::empty({T, B, 3 * H}, o), dgh = at::empty({T, B, 3 * H}, o);
   Tensor dh = dhT.clone();
-  grua_bwd_into(dhs, whh, hbuf, gates, dgi, dh, dwhh, dbhh);
+  if (dhs.scalar_type() == at::kFloat)
+    grua_bwd<float>(dhs, whh, hbuf, gates, dgi, dgh, dh);
+  else
+    grua_bwd<double>(dhs, whh, hbuf, gates, dgi, dgh, dh);
+  Tensor dgh2 = dgh.view({T * B, 3 * H});
+  Tensor dwhh = at::mm(dgh2.t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
+  Tensor dbhh = at::sum(dgh2, {0});
   return {dgi, dh, dwhh, dbhh};
 }
 
