@@ -365,25 +365,33 @@ def _store_state(db: Path, ckpt_root: Path) -> tuple[list[str], list[str]]:
     return [s for s, _ in rows], [u for s, u in rows if s == "RUNNING" and (ckpt_root / u / "last.ckpt").is_file()]
 
 
-def test_sigkill_mid_sweep_then_restart(tmp_path: Path, store: str) -> None:
-    spec = write_spec(tmp_path, SLOW_POINTS)
-    proc = subprocess.Popen(
-        CLI + [str(spec), "--workers", "2", "--no-progress"], cwd=tmp_path, env=dict(os.environ),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    db, ckpts = tmp_path / "mlflow.db", tmp_path / "rnnbench_runs"
+def _kill_sweep_when(tmp_path: Path, args: list[str], reached: Any) -> None:
+    """Start `rnnbench sweep *args` in its own process group, wait (at most 240 s) until `reached()`, then
+    SIGKILL the driver and its workers, the whole group."""
+    proc = subprocess.Popen(CLI + args, cwd=tmp_path, env=dict(os.environ), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            statuses, running_with_ckpt = _store_state(db, ckpts)
-            if statuses.count("FINISHED") >= 1 and running_with_ckpt:
+            if reached():
                 break
             time.sleep(0.3)
         else:
             pytest.fail(f"sweep never reached mid-way (exit {proc.poll()})")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # driver and workers: the whole process group
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_sigkill_mid_sweep_then_restart(tmp_path: Path, store: str) -> None:
+    spec = write_spec(tmp_path, SLOW_POINTS)
+    db, ckpts = tmp_path / "mlflow.db", tmp_path / "rnnbench_runs"
+
+    def mid_way() -> bool:
+        statuses, running_with_ckpt = _store_state(db, ckpts)
+        return statuses.count("FINISHED") >= 1 and bool(running_with_ckpt)
+
+    _kill_sweep_when(tmp_path, [str(spec), "--workers", "2", "--no-progress"], mid_way)
     statuses, interrupted = _store_state(db, ckpts)
     assert "RUNNING" in statuses and statuses.count("FINISHED") < 4
 
@@ -408,24 +416,14 @@ def test_sigkill_mid_batched_sweep_then_restart(tmp_path: Path, store: str) -> N
 
     assert CHECKPOINT_NAME == BATCHED_CHECKPOINT
     spec = write_spec(tmp_path, {**SLOW_POINTS, "name": "killed_group", "grid": {"train.seed": [0, 1], "train.lr": [0.001, 0.003]}})
-    proc = subprocess.Popen(
-        CLI + [str(spec), "--batch-models", "on", "--no-progress"], cwd=tmp_path, env=dict(os.environ),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
     db, ckpts = tmp_path / "mlflow.db", tmp_path / "rnnbench_runs"
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            statuses, _ = _store_state(db, ckpts)
-            interrupted = [p.parent.name for p in ckpts.glob(f"*/{CHECKPOINT_NAME}")] if ckpts.is_dir() else []
-            if len(interrupted) == 4:  # every member has finished an epoch
-                break
-            time.sleep(0.3)
-        else:
-            pytest.fail(f"sweep never reached mid-way (exit {proc.poll()})")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+
+    def group_checkpoints() -> list[str]:
+        return [p.parent.name for p in ckpts.glob(f"*/{CHECKPOINT_NAME}")] if ckpts.is_dir() else []
+
+    # mid-way: every member has finished an epoch (and written its checkpoint)
+    _kill_sweep_when(tmp_path, [str(spec), "--batch-models", "on", "--no-progress"], lambda: len(group_checkpoints()) == 4)
+    interrupted = group_checkpoints()
     statuses, _ = _store_state(db, ckpts)
     assert statuses.count("RUNNING") == 4, statuses
 
