@@ -107,16 +107,40 @@ def saved_state(config: Config, run_id: str) -> dict[str, Any]:
 
 
 # --- the K-model recurrence --------------------------------------------------------------------------
+def assert_group_matches_each_model(cell: str, device: str = "cpu", rtol: float = 1e-12) -> None:
+    """Outputs and parameter gradients of 3 two-layer models (inputs of unequal lengths) run together by
+    group_forward equal each model's own forward/backward, in float64."""
+    from torch import nn
+
+    from rnnbench.cells import get_cell
+    from rnnbench.many_models import group_forward
+
+    torch.manual_seed(0)
+    models = []
+    for _ in range(3):
+        m = nn.Module()
+        m.rnn = get_cell(cell)(4, 5, num_layers=2, forget_bias=1.0)
+        m.head = nn.Linear(5, 3)
+        models.append(m.double().to(device))
+    xs = [torch.randn(2, T, 4, dtype=torch.float64, device=device) for T in (6, 4, 6)]
+
+    outs = group_forward(models, cell, xs)
+    sum((o**2).sum() for o in outs).backward()
+    batched = [[p.grad.clone() for p in m.parameters() if p.requires_grad] for m in models]
+    for m, x, out, grads in zip(models, xs, outs, batched):
+        m.zero_grad()
+        ref = m.head(m.rnn(x)[0])
+        (ref**2).sum().backward()
+        torch.testing.assert_close(out, ref, rtol=rtol, atol=1e-14)
+        for g, p in zip(grads, [p for p in m.parameters() if p.requires_grad]):
+            torch.testing.assert_close(g, p.grad, rtol=100 * rtol, atol=1e-14)
+
+
 @pytest.mark.parametrize("loops", ["compiled", "torch_ops"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_group_forward_and_gradients_match_each_model(cell: str, loops: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Outputs and parameter gradients of K models run as one equal each model's own forward/backward,
-    through the compiled K-model loops (the CPU's path) and through the stacked torch-op loop (CUDA's)."""
-    from torch import nn
-
+    """Through the compiled K-model loops (the CPU's path) and through the stacked torch-op loop (CUDA's)."""
     from rnnbench import many_models
-    from rnnbench.cells import get_cell
-    from rnnbench.many_models import group_forward
 
     if loops == "torch_ops":
         monkeypatch.setattr(many_models, "_uses_cpp", lambda cell, x: False)
@@ -124,54 +148,18 @@ def test_group_forward_and_gradients_match_each_model(cell: str, loops: str, mon
         pytest.skip(f"{cell} has no compiled loop (its stacked torch-op loop is the CPU's path too)")
     elif not many_models._uses_cpp(cell, torch.zeros(1, dtype=torch.float64)):
         pytest.skip("compiled loops unavailable here")
-
-    torch.manual_seed(0)
-    models = []
-    for _ in range(3):
-        m = nn.Module()
-        m.rnn = get_cell(cell)(4, 5, num_layers=2, forget_bias=1.0)
-        m.head = nn.Linear(5, 3)
-        models.append(m.double())
-    xs = [torch.randn(2, T, 4, dtype=torch.float64) for T in (6, 4, 6)]  # unequal lengths: padded
-
-    outs = group_forward(models, cell, xs)
-    sum((o**2).sum() for o in outs).backward()
-    batched = [[p.grad.clone() for p in m.parameters() if p.requires_grad] for m in models]
-    for m in models:
-        m.zero_grad()
-    for m, x, out, grads in zip(models, xs, outs, batched):
-        ref = m.head(m.rnn(x)[0])
-        (ref**2).sum().backward()
-        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
-        for g, p in zip(grads, [p for p in m.parameters() if p.requires_grad]):
-            torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-14)
+    assert_group_matches_each_model(cell)
 
 
 _TRITON_GROUP_CHECK = """
-import torch
-from torch import nn
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_many_models import assert_group_matches_each_model
 from rnnbench import many_models
-from rnnbench.cells import get_cell
 for cell in ("lstm_peephole", "gru_reset_before"):
-    torch.manual_seed(0)
-    models = []
-    for _ in range(3):
-        m = nn.Module()
-        m.rnn = get_cell(cell)(4, 5, num_layers=2, forget_bias=1.0)
-        m.head = nn.Linear(5, 3)
-        models.append(m.double())
-    xs = [torch.randn(2, T, 4, dtype=torch.float64) for T in (6, 4, 6)]
-    assert many_models._uses_triton(cell, xs[0]) and not many_models._uses_cpp(cell, xs[0])
-    outs = many_models.group_forward(models, cell, xs)
-    sum((o**2).sum() for o in outs).backward()
-    batched = [[p.grad.clone() for p in m.parameters()] for m in models]
-    for m, x, out, grads in zip(models, xs, outs, batched):
-        m.zero_grad()
-        ref = m.head(m.rnn(x)[0])  # the one-model path: the torch-op loop here (no compiled loops)
-        (ref**2).sum().backward()
-        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
-        for g, p in zip(grads, m.parameters()):
-            torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-14)
+    x = torch.zeros(1, dtype=torch.float64)
+    assert many_models._uses_triton(cell, x) and not many_models._uses_cpp(cell, x)
+    assert_group_matches_each_model(cell)  # each model's own path: the torch-op loop here
 print("ok")
 """
 
@@ -184,8 +172,8 @@ def test_group_forward_through_triton_steps_in_the_interpreter() -> None:
 
     pytest.importorskip("triton", reason="triton is not installed (torch's CPU wheels come without it)")
     env = {**os.environ, "TRITON_INTERPRET": "1", "RNNBENCH_FAST_EXT": "0"}  # a fresh process: read at import
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _TRITON_GROUP_CHECK], env=env, capture_output=True,
-                         text=True, timeout=600)
+    code = _TRITON_GROUP_CHECK.format(tests=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
@@ -194,29 +182,7 @@ def test_group_forward_through_triton_steps_in_the_interpreter() -> None:
 @pytest.mark.parametrize("cell", ["lstm_peephole", "gru_reset_before"])
 def test_group_forward_on_cuda_matches_each_model(cell: str) -> None:
     """On CUDA (Triton-fused steps over all K models where triton is installed) in float64."""
-    from torch import nn
-
-    from rnnbench import many_models
-    from rnnbench.cells import get_cell
-
-    torch.manual_seed(0)
-    models = []
-    for _ in range(4):
-        m = nn.Module()
-        m.rnn = get_cell(cell)(6, 7, num_layers=2)
-        m.head = nn.Linear(7, 5)
-        models.append(m.double().cuda())
-    xs = [torch.randn(3, T, 6, dtype=torch.float64, device="cuda") for T in (9, 5, 9, 2)]
-    outs = many_models.group_forward(models, cell, xs)
-    sum((o**2).sum() for o in outs).backward()
-    batched = [[p.grad.clone() for p in m.parameters()] for m in models]
-    for m, x, out, grads in zip(models, xs, outs, batched):
-        m.zero_grad()
-        ref = m.head(m.rnn(x)[0])
-        (ref**2).sum().backward()
-        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-        for g, p in zip(grads, m.parameters()):
-            torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-12)
+    assert_group_matches_each_model(cell, device="cuda", rtol=1e-10)
 
 
 # --- training: parameters after N updates and logged metrics -----------------------------------------

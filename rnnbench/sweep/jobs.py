@@ -47,8 +47,6 @@ def run_point(job: Job) -> Outcome:
     from rnnbench.errors import RnnbenchError
     from rnnbench.train import train
 
-    if job.resume_batched:  # its checkpoint is a group's: continue it as a group of one
-        return run_group([job])[0]
     start = time.perf_counter()
     if job.resume_run_id is not None:  # Lightning warns that the run's checkpoint folder exists: it should
         warnings.filterwarnings("ignore", ".*exists and is not empty.*")
