@@ -2,7 +2,7 @@
 
 lstm_peephole and gru_reset_before: every fast implementation ("cpp": the compiled loop, "python": the
 same algorithm in torch ops) against the cell's own `forward_reference` (the autograd step loop).
-gru: its CPU loop against torch.nn.GRU itself. Compared: outputs, final states, and the gradients of a
+tanh, lstm, gru: their CPU loops against torch.nn.RNN / nn.LSTM / nn.GRU themselves. Compared: outputs, final states, and the gradients of a
 random linear function of them with respect to the input, the initial state and every weight; 1 and 2
 layers; a sequence fed in chunks with the state handed on. No timings here: speed lives in `rnnbench bench`.
 """
@@ -19,7 +19,7 @@ import torch
 from rnnbench.cells import _fast, get_cell
 
 B, T, D, H = 3, 9, 4, 5
-LSTMS = ("lstm_peephole",)
+LSTMS = ("lstm_peephole", "lstm")
 
 
 def _compiler() -> bool:
@@ -123,14 +123,22 @@ def test_default_state_is_zeros(cell: str, impl: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("cell", ["lstm_peephole", "gru_reset_before", "gru"])
+def _ref_impl(cell: str) -> str:
+    return "torch" if cell in TORCH_CELLS else "reference"
+
+
+TORCH_CELLS = ("tanh", "lstm", "gru")
+CASES = [pytest.param(c, i, id=f"{c}-{i}") for c in ("lstm_peephole", "gru_reset_before", "gru") for i in ("cpp", "python")] + [
+    pytest.param(c, "cpp", id=f"{c}-cpp") for c in ("tanh", "lstm")]  # torch's layout: compiled loop only
+
+
+@pytest.mark.parametrize(("cell", "impl"), CASES)
 def test_chunked_state_equals_reference_whole(cell: str, impl: str) -> None:
     """Chunks of 4, 1 and 4 steps with the state handed on: the reference's numbers for the whole sequence,
     gradients included (they flow back through the handed-on states)."""
     layer = make(cell, 2)
     x, state, g_out, g_state = random_problem(cell, 2)
-    layer.impl = "torch" if cell == "gru" else "reference"
+    layer.impl = _ref_impl(cell)
     ref = run(layer, x, state, g_out, g_state)
 
     _set_impl(layer, impl)
@@ -151,7 +159,7 @@ def test_chunked_state_equals_reference_whole(cell: str, impl: str) -> None:
     assert_same(got, ref)
 
 
-@pytest.mark.parametrize("cell", ["lstm_peephole", "gru_reset_before", "gru"])
+@pytest.mark.parametrize("cell", ["lstm_peephole", "gru_reset_before", "tanh", "lstm", "gru"])
 def test_cpp_float32_close_on_a_long_sequence(cell: str) -> None:
     """float32 (vectorised exp/tanh in the compiled loop) stays within float rounding over 200 steps."""
     _require_cpp()
@@ -160,7 +168,7 @@ def test_cpp_float32_close_on_a_long_sequence(cell: str) -> None:
     x = torch.randn(B, 200, D)
     g = torch.randn(B, 200, 36)
     results = []
-    for impl in ("cpp", "torch" if cell == "gru" else "reference"):
+    for impl in ("cpp", _ref_impl(cell)):
         layer.impl = impl
         layer.zero_grad(set_to_none=True)
         xg = x.clone().requires_grad_()
@@ -177,7 +185,8 @@ sys.path.insert(0, {tests!r})
 from test_fast_cells import make, random_problem, run, assert_same
 from rnnbench.cells import _fast
 assert _fast.load_extension() and "-DRNNBENCH_NO_BLAS" in _fast.extension_info()["flags"], _fast.extension_info()
-for cell, ref_impl in (("lstm_peephole", "reference"), ("gru_reset_before", "reference"), ("gru", "torch")):
+for cell, ref_impl in (("lstm_peephole", "reference"), ("gru_reset_before", "reference"), ("tanh", "torch"),
+                       ("lstm", "torch"), ("gru", "torch")):
     layer = make(cell, 2)
     problem = random_problem(cell, 2)
     layer.impl = ref_impl
@@ -203,19 +212,21 @@ def test_compiled_loops_without_blas_symbols() -> None:
 
 
 # --- K models at once (_ManyCpp, used by rnnbench/many_models.py) == K one-model calls -------------------
-MANY = {"peephole_lstm": _fast._PeepholeCpp, "gru_reset_before": _fast._GRUBeforeCpp, "gru_reset_after": _fast._GRUAfterCpp}
+MANY = {"peephole_lstm": _fast._PeepholeCpp, "gru_reset_before": _fast._GRUBeforeCpp, "gru_reset_after": _fast._GRUAfterCpp,
+        "lstm": _fast._LSTMCpp, "tanh_rnn": _fast._TanhCpp}
 
 
 def _one_model_problem(op: str, steps: int, dtype: torch.dtype, g: torch.Generator):
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
-    gates = 4 if op == "peephole_lstm" else 3
-    args = [rnd(steps, B, gates * H), rnd(B, H)] + ([rnd(B, H)] if op == "peephole_lstm" else [])
+    lstm = op in ("peephole_lstm", "lstm")
+    gates = {"peephole_lstm": 4, "lstm": 4, "tanh_rnn": 1}.get(op, 3)
+    args = [rnd(steps, B, gates * H), rnd(B, H)] + ([rnd(B, H)] if lstm else [])
     args += [rnd(gates * H, H, scale=0.5)]
     args += [rnd(H) for _ in range(3)] if op == "peephole_lstm" else []
     args += [rnd(gates * H)] if op == "gru_reset_after" else []
-    grads = [rnd(steps, B, H), rnd(B, H)] + ([rnd(B, H)] if op == "peephole_lstm" else [])
+    grads = [rnd(steps, B, H), rnd(B, H)] + ([rnd(B, H)] if lstm else [])
     return args, grads
 
 
@@ -268,26 +279,70 @@ def test_many_models_refuse_bad_input_in_one_line() -> None:
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])
-@pytest.mark.parametrize("impl", IMPLS)
-def test_gru_cpu_loop_equals_torch_gru(impl: str, num_layers: int) -> None:
-    layer = make("gru", num_layers)
-    problem = random_problem("gru", num_layers)
+@pytest.mark.parametrize(("cell", "impl"), [c for c in CASES if c.values[0] in TORCH_CELLS])
+def test_cpu_loop_equals_torch_kernel(cell: str, impl: str, num_layers: int) -> None:
+    layer = make(cell, num_layers)
+    problem = random_problem(cell, num_layers)
     layer.impl = "torch"
     ref = run(layer, *problem)
     _set_impl(layer, impl)
     fast = run(layer, *problem)
     assert_same(fast, ref)
-    assert "grad_rnn.bias_hh_l0" in fast  # b_hn sits inside the reset product: trained, and checked
+    if cell == "gru":
+        assert "grad_rnn.bias_hh_l0" in fast  # b_hn sits inside the reset product: trained, and checked
 
 
-def test_gru_default_on_cpu_is_the_compiled_loop_with_torch_layout() -> None:
+@pytest.mark.parametrize("cell", ["tanh", "lstm", "gru", "lstm_peephole", "gru_reset_before"])
+def test_batch_rows_in_parallel_chunks(cell: str) -> None:
+    """A size where the batch runs in chunks of 16 rows on threads (gates*H*H >= 16384; 40 rows: 3 chunks,
+    one short): the reference's numbers, and bit for bit the same on 1 and 2 threads."""
     _require_cpp()
-    layer = get_cell("gru")(D, H, num_layers=2)
+    torch.manual_seed(0)
+    hidden = 128 if cell == "tanh" else 76
+    layer = get_cell(cell)(D, hidden, num_layers=1, forget_bias=0.7).double()
+    layer.init_uniform_(0.1)
+    g = torch.Generator().manual_seed(1)
+    n_state = 2 if cell in LSTMS else 1
+    x, g_out = torch.randn(40, 6, D, generator=g, dtype=torch.float64), torch.randn(40, 6, hidden, generator=g, dtype=torch.float64)
+    state = tuple(torch.randn(1, 40, hidden, generator=g, dtype=torch.float64) for _ in range(n_state))
+    g_state = [torch.randn(1, 40, hidden, generator=g, dtype=torch.float64) for _ in range(n_state)]
+    problem = (x, state if n_state == 2 else state[0], g_out, g_state)
+    layer.impl = _ref_impl(cell)
+    ref = run(layer, *problem)
+    layer.impl = "cpp"
+    old = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got.append(run(layer, *problem))
+    finally:
+        torch.set_num_threads(old)
+    assert_same(got[1], ref)
+    for k in ref:
+        assert torch.equal(got[0][k], got[1][k]), f"{k} differs between 1 and 2 threads"
+
+
+@pytest.mark.parametrize("cell", TORCH_CELLS)
+def test_default_on_cpu_is_the_compiled_loop_with_torch_layout(cell: str) -> None:
+    _require_cpp()
+    layer = get_cell(cell)(D, H, num_layers=2)
     assert layer._loop_impl(torch.zeros(B, T, D)) == "cpp"
     assert layer._loop_impl(torch.zeros(B, T, D, dtype=torch.float16)) is None  # torch's kernel otherwise
-    ref = torch.nn.GRU(D, H, 2, batch_first=True)
+    ref = {"tanh": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](D, H, 2, batch_first=True)
     assert list(layer.state_dict()) == [f"rnn.{k}" for k in ref.state_dict()]
     assert all(layer.state_dict()[f"rnn.{k}"].shape == v.shape for k, v in ref.state_dict().items())
+
+
+def test_lstm_keeps_onednn_from_hidden_64_and_rejects_loops_it_lacks() -> None:
+    _require_cpp()
+    assert get_cell("lstm")(D, 64)._loop_impl(torch.zeros(B, T, D)) is None  # oneDNN measured faster there
+    layer = get_cell("lstm")(D, 64)
+    layer.impl = "cpp"
+    assert layer._loop_impl(torch.zeros(B, T, D)) == "cpp"
+    layer.impl = "python"
+    with pytest.raises(ValueError, match="lstm: impl must be one of auto, torch, cpp"):
+        layer(torch.zeros(B, T, D))
 
 
 # --- selection and fallback --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Fast time loops for the Chung-form cells (no fused kernel offers them) and for torch's GRU on the CPU.
+"""Fast time loops for the Chung-form cells (no fused kernel offers them) and for torch's cells on the CPU.
 
 Each loop takes the input projection of every step, xw = x W_ih^T + b, computed by the caller with one
 autograd-tracked matmul, time major (T, B, gates*H); it runs the recurrence with a hand-written
@@ -12,9 +12,12 @@ float64 by tests/test_fast_cells.py (outputs, final states, input, state and wei
             concurrent processes share one build through torch's file lock. CPU, float32 and float64.
             Per step: one small MKL product (two for the reset-before GRU), single-threaded (MKL's
             threads cost more than these products: 2.3x slower loops on 2 cores), and one vectorised
-            pass over the gates (-march=native). Ops *_many (`_ManyCpp`) take lists of K models'
-            tensors (lengths may differ) and run the K loops in parallel over torch's intra-op
-            threads (rnnbench/many_models.py).
+            pass over the gates (-march=native). Where a step's product is large (gates*H*H >= 16384)
+            the batch's rows run in chunks of 16 in parallel over torch's intra-op threads (rows are
+            independent through time). Ops *_many (`_ManyCpp`) take lists of K models' tensors
+            (lengths may differ) and run the K loops in parallel over those threads
+            (rnnbench/many_models.py). The `tanh` and `lstm` cells (torch.nn.RNN / nn.LSTM weights)
+            have compiled loops only: elsewhere they run torch's kernels.
   "python"  the same algorithm in torch ops, with the activation derivatives of all steps computed
             before the backward loop (~8 kernels per step): any device and float dtype. The path on
             CUDA without triton, and on the CPU when the extension cannot be built (no compiler,
@@ -449,6 +452,50 @@ def gru_reset_after(gi, h0, whh, bhh, impl: str = "auto"):
     return fn.apply(gi, h0, whh, bhh)
 
 
+# ==== torch.nn.LSTM and torch.nn.RNN(tanh) on the CPU (rnnbench/cells/fused.py) ===================
+# Compiled loops only: elsewhere the cells run torch's own kernels. xw = x W_ih^T + b_ih + b_hh, time major.
+
+
+class _LSTMCpp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, xw, h0, c0, whh):  # type: ignore[override]
+        xw, h0, c0, whh = _c(xw, h0, c0, whh)
+        hbuf, cbuf, gates, tcs = torch.ops.rnnbench_fast.lstm_fwd(xw, h0, c0, whh)
+        ctx.save_for_backward(whh, hbuf, cbuf, gates, tcs)
+        return *_outputs(hbuf), cbuf[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dhs, dhT, dcT):  # type: ignore[override]
+        return tuple(torch.ops.rnnbench_fast.lstm_bwd(*_c(dhs, dhT, dcT), *ctx.saved_tensors))
+
+
+class _TanhCpp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, xw, h0, whh):  # type: ignore[override]
+        xw, h0, whh = _c(xw, h0, whh)
+        (hbuf,) = torch.ops.rnnbench_fast.tanh_rnn_fwd(xw, h0, whh)
+        ctx.save_for_backward(whh, hbuf)
+        return _outputs(hbuf)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dhs, dhT):  # type: ignore[override]
+        return tuple(torch.ops.rnnbench_fast.tanh_rnn_bwd(*_c(dhs, dhT), *ctx.saved_tensors))
+
+
+def lstm(xw, h0, c0, whh):
+    """(hs (T, B, H), h_T, c_T) of one torch.nn.LSTM layer by the compiled loop (CPU float32/float64)."""
+    resolve("cpp", xw)
+    return _LSTMCpp.apply(xw, h0, c0, whh)
+
+
+def tanh_rnn(xw, h0, whh):
+    """(hs (T, B, H), h_T) of one torch.nn.RNN(tanh) layer by the compiled loop (CPU float32/float64)."""
+    resolve("cpp", xw)
+    return _TanhCpp.apply(xw, h0, whh)
+
+
 # ==== K models at once (rnnbench/many_models.py on the CPU) =======================================
 class _ManyCpp(torch.autograd.Function):
     """K independent one-model compiled loops (`op`_fwd / `op`_bwd), run in parallel over the CPU threads
@@ -464,6 +511,8 @@ class _ManyCpp(torch.autograd.Function):
         "peephole_lstm": (7, 2, (3, 4, 5, 6)),  # xw, h0, c0, whh, wci, wcf, wco
         "gru_reset_before": (3, 1, (2,)),  # xw, h0, whh
         "gru_reset_after": (4, 1, (2,)),  # gi, h0, whh, bhh
+        "lstm": (4, 2, (3,)),  # xw, h0, c0, whh
+        "tanh_rnn": (3, 1, (2,)),  # xw, h0, whh
     }
 
     @staticmethod

@@ -6,17 +6,19 @@ per layer, b_ih and b_hh. Where they only ever appear as a sum (tanh, LSTM) b_hh
 inside the reset product, so b_hh stays trainable. Weights live in `self.rnn` under torch's names
 (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0, ...).
 
-One exception, the GRU on the CPU: torch runs nn.LSTM there through oneDNN's fused LSTM kernel
-(aten::mkldnn_rnn_layer, forward and backward), but has no such kernel for the GRU, which falls back
-to a per-step chain of ATen ops under autograd (~15 nodes and 2 small matmuls a step). The `gru`
-cell therefore runs, on CPU float32/float64 tensors, the compiled time loop of rnnbench/cells/_fast.py
-over the same weights (same function, same state_dict), several times faster; on CUDA it keeps
-cuDNN. Findings and timings: results/bench/GRU_CPU.md.
+On the CPU, torch's kernels are slow for the small models of this study: nn.LSTM runs oneDNN's fused
+LSTM (aten::mkldnn_rnn_layer), but nn.RNN and nn.GRU fall back to a per-step chain of ATen ops under
+autograd (~15 nodes and 2 small matmuls a step for the GRU). Each cell therefore runs, on CPU
+float32/float64 tensors with impl "auto", the compiled time loop of rnnbench/cells/_fast.py over the
+same weights (same function, same state_dict) where that loop was measured faster: always for tanh
+(2-5x nn.RNN) and the GRU (2.5-6.6x nn.GRU), and for the LSTM while a step's product is small,
+H < 64 (1.3x nn.LSTM at H = 36, 1.05x at 46; oneDNN's threaded LSTM wins from ~H = 64: 0.75x at 100).
+On CUDA they keep cuDNN. Findings and timings: results/bench/GRU_CPU.md, results/bench/bench_cpu.md.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +29,14 @@ from rnnbench.cells.base import RecurrentLayer, State
 
 
 class _Fused(RecurrentLayer):
-    """Shared plumbing: forward through `self.rnn`, uniform init, frozen biases kept at zero."""
+    """Shared plumbing: forward through `self.rnn` (or the compiled loop), uniform init, frozen biases."""
 
     fused = True
     freeze_bias_hh: ClassVar[bool] = True  # b_hh redundant with b_ih: frozen at zero
+    # "auto": the compiled loop for CPU float32/float64 input where `_cpp_wins` and it builds, else
+    # torch's kernel; "torch": always torch's kernel; otherwise one of `loops` (rnnbench/cells/_fast.py).
+    impl: str = "auto"
+    loops: ClassVar[tuple[str, ...]] = ("cpp",)
     rnn: nn.RNNBase
 
     def _setup(self) -> None:
@@ -39,8 +45,42 @@ class _Fused(RecurrentLayer):
             getattr(self.rnn, f"bias_hh_l{l}").requires_grad_(not self.freeze_bias_hh)
         self._fix_biases()
 
+    def _cpp_wins(self) -> bool:
+        """Whether the compiled loop was measured faster than torch's CPU kernel at this size."""
+        return True
+
+    def _loop_impl(self, x: torch.Tensor) -> str | None:
+        """The _fast loop to run for x ('cpp', or 'python' where a cell has one), or None for torch's kernel."""
+        if self.impl == "torch" or x.dim() != 3:
+            return None
+        if self.impl == "auto":
+            return "cpp" if self._cpp_wins() and _fast.cpp_eligible(x) and _fast.load_extension() else None
+        if self.impl not in self.loops:
+            raise ValueError(f"{self.name}: impl must be one of auto, torch, {', '.join(self.loops)}; got {self.impl!r}")
+        return _fast.resolve(self.impl, x)
+
     def forward(self, x: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
-        return self.rnn(x, state)
+        impl = self._loop_impl(x)
+        if impl is None:
+            return self.rnn(x, state)
+        r, B, H = self.rnn, x.shape[0], self.hidden_size
+        if state is None:
+            state = x.new_zeros(self.num_layers, B, H)
+        finals = []
+        x = x.transpose(0, 1)  # time major inside the stack
+        for l in range(self.num_layers):
+            w = {n: getattr(r, f"{n}_l{l}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+            x, final = self._layer(x, state, l, w, impl)  # layer l's h_t is layer l+1's x_t
+            finals.append(final)
+        return x.transpose(0, 1).contiguous(), self._stack_states(finals)
+
+    def _layer(self, x: torch.Tensor, state: State, l: int, w: dict[str, torch.Tensor], impl: str) -> tuple[torch.Tensor, Any]:
+        """(hs, final state) of layer l on time-major x by the compiled loop."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _stack_states(finals: list[Any]) -> State:
+        return torch.stack(finals)
 
     @torch.no_grad()
     def init_uniform_(self, scale: float) -> None:
@@ -74,6 +114,9 @@ class TanhRNN(_Fused):
         self.rnn = nn.RNN(input_size, hidden_size, num_layers, nonlinearity="tanh", batch_first=True)
         self._setup()
 
+    def _layer(self, x, state, l, w, impl):  # type: ignore[override]
+        return _fast.tanh_rnn(F.linear(x, w["weight_ih"], w["bias_ih"] + w["bias_hh"]), state[l], w["weight_hh"])
+
     @classmethod
     def count_params(cls, input_size: int, hidden_size: int, num_layers: int = 1) -> int:
         H = hidden_size
@@ -101,6 +144,24 @@ class LSTM(_Fused):
         super().__init__(input_size, hidden_size, num_layers, forget_bias)
         self.rnn = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True)
         self._setup()
+
+    def _cpp_wins(self) -> bool:
+        return self.hidden_size < 64  # measured crossover with oneDNN's LSTM (module docstring)
+
+    def forward(self, x: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+        if state is None and self._loop_impl(x) is not None:
+            z = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
+            state = (z, z)
+        return super().forward(x, state)
+
+    def _layer(self, x, state, l, w, impl):  # type: ignore[override]
+        xw = F.linear(x, w["weight_ih"], w["bias_ih"] + w["bias_hh"])
+        hs, h, c = _fast.lstm(xw, state[0][l], state[1][l], w["weight_hh"])
+        return hs, (h, c)
+
+    @staticmethod
+    def _stack_states(finals: list[Any]) -> State:
+        return torch.stack([h for h, _ in finals]), torch.stack([c for _, c in finals])
 
     @torch.no_grad()
     def _fix_biases(self) -> None:
@@ -133,36 +194,16 @@ class GRU(_Fused):
 
     name = "gru"
     freeze_bias_hh = False
-    # "auto": the compiled loop for CPU float32/float64 input when it builds, else torch's kernel;
-    # "torch": always torch.nn.GRU; "cpp" / "python": that loop of rnnbench/cells/_fast.py.
-    impl: str = "auto"
+    loops = ("cpp", "python")  # "python": the same loop in torch ops (any device), for tests and the bench
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, forget_bias: float = 0.0) -> None:
         super().__init__(input_size, hidden_size, num_layers, forget_bias)
         self.rnn = nn.GRU(input_size, hidden_size, num_layers, batch_first=True)
         self._setup()
 
-    def _loop_impl(self, x: torch.Tensor) -> str | None:
-        """The _fast loop to run for x, or None for torch.nn.GRU."""
-        if self.impl == "torch" or x.dim() != 3:
-            return None
-        if self.impl == "auto":
-            return "cpp" if _fast.cpp_eligible(x) and _fast.load_extension() else None
-        return self.impl
-
-    def forward(self, x: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
-        impl = self._loop_impl(x)
-        if impl is None:
-            return self.rnn(x, state)
-        if state is None:
-            state = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
-        r, hs = self.rnn, []
-        x = x.transpose(0, 1)  # time major inside the stack
-        for l in range(self.num_layers):
-            gi = F.linear(x, getattr(r, f"weight_ih_l{l}"), getattr(r, f"bias_ih_l{l}"))
-            x, h = _fast.gru_reset_after(gi, state[l], getattr(r, f"weight_hh_l{l}"), getattr(r, f"bias_hh_l{l}"), impl=impl)
-            hs.append(h)
-        return x.transpose(0, 1).contiguous(), torch.stack(hs)
+    def _layer(self, x, state, l, w, impl):  # type: ignore[override]
+        gi = F.linear(x, w["weight_ih"], w["bias_ih"])
+        return _fast.gru_reset_after(gi, state[l], w["weight_hh"], w["bias_hh"], impl=impl)
 
     @classmethod
     def count_params(cls, input_size: int, hidden_size: int, num_layers: int = 1) -> int:

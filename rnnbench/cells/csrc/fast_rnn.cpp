@@ -3,6 +3,8 @@
 //   peephole LSTM  (Graves 2013; Chung et al. 2014)          ops rnnbench_fast::peephole_lstm_{fwd,bwd}
 //   GRU, reset gate before W_hh (Cho / Chung et al. 2014)    ops rnnbench_fast::gru_reset_before_{fwd,bwd}
 //   GRU, reset gate after W_hh (cuDNN / torch.nn.GRU)         ops rnnbench_fast::gru_reset_after_{fwd,bwd}
+//   LSTM without peepholes (torch.nn.LSTM)                     ops rnnbench_fast::lstm_{fwd,bwd}
+//   tanh RNN (Elman; torch.nn.RNN)                             ops rnnbench_fast::tanh_rnn_{fwd,bwd}
 //
 // Python (rnnbench/cells/_fast.py) computes the input projection of all steps, xw = x W_ih^T + b, with
 // one autograd-tracked matmul and hands xw to these loops; the loops return d xw, so autograd does the
@@ -145,6 +147,69 @@ void gemm(T_* c, int64_t M, int64_t N, const T_* a, int64_t Kd, int64_t lda, con
     out.addmm_(A, trans ? W.t() : W);
 }
 
+// ---- threads ------------------------------------------------------------------------------------
+// Two kinds of independent work run in parallel: the rows of a batch (row b of h_t depends only on row b
+// of h_{t-1}, so a chunk of rows runs its whole time loop without waiting for the others) and, in the
+// *_many ops, K models. The threads are std::threads, as many as torch's intra-op setting
+// (torch.set_num_threads): ATen's parallel_for is OpenMP pragmas in a header, which this file (built
+// without -fopenmp, to stay clear of a second OpenMP runtime beside torch's) would run serially. Each
+// thread takes the next item not yet taken (items may differ in size), runs MKL single-threaded and
+// carries the caller's thread-local state (grad mode: no autograd inside the loops); an exception on
+// any thread is re-raised on the caller's. Work started from inside a worker (a model's row chunks)
+// runs serially on that worker.
+//
+// A batch is cut into chunks of 16 rows only where one row's product per step is large (G x H >= 16384:
+// the LSTM from H = 64, the GRUs from H = 74, tanh from H = 128); below that a chunk's per-step product is
+// so small that the BLAS call costs more than the work, and two threads ran no faster than one (plus
+// ~0.2 ms to start them). Measured on 2 cores, batch 32: the LSTM's loops at H = 100 in 8.5 + 12 ms
+// instead of 15.8 + 14.5. The cut depends on the shapes only, never on the thread count, so the
+// numbers do not either: each row's products and gate passes are the same on 1 thread or 16.
+constexpr int64_t kRowsPerChunk = 16;
+inline int64_t rows_per_chunk(int64_t B, int64_t G, int64_t H) { return G * H >= 16384 ? kRowsPerChunk : std::max<int64_t>(B, 1); }
+inline int64_t chunks_of(int64_t B, int64_t G, int64_t H) {
+  const int64_t r = rows_per_chunk(B, G, H);
+  return (B + r - 1) / r;
+}
+
+thread_local bool t_in_worker = false;
+
+template <typename F>
+void in_parallel(int64_t n_items, const F& f) {
+  const int64_t n = t_in_worker ? 1 : std::max<int64_t>(1, std::min<int64_t>(n_items, at::get_num_threads()));
+  if (n == 1) {
+    for (int64_t k = 0; k < n_items; ++k) f(k);
+    return;
+  }
+  std::vector<std::exception_ptr> errors(n);
+  std::atomic<int64_t> next{0};
+  const at::ThreadLocalState caller;  // grad mode and the like: a new thread starts with the defaults
+  auto work = [&](int64_t w) {
+    const bool was_worker = t_in_worker;
+    t_in_worker = true;
+    try {
+      at::ThreadLocalStateGuard same_state_as_caller(caller);
+      OneBlasThread one_blas_thread;
+      for (int64_t k = next++; k < n_items; k = next++) f(k);
+    } catch (...) {
+      errors[w] = std::current_exception();
+    }
+    t_in_worker = was_worker;
+  };
+  std::vector<std::thread> threads;
+  for (int64_t w = 1; w < n; ++w) threads.emplace_back(work, w);
+  work(0);
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+// f(b0, b1) for each chunk of rows [b0, b1) of a batch of B whose step product is (G, H), chunks in parallel.
+template <typename F>
+void over_rows(int64_t B, int64_t G, int64_t H, const F& f) {
+  const int64_t r = rows_per_chunk(B, G, H);
+  in_parallel(chunks_of(B, G, H), [&](int64_t i) { f(i * r, std::min(B, (i + 1) * r)); });
+}
+
 void check(std::initializer_list<const Tensor*> ts, const char* op) {
   for (const Tensor* t : ts) {
     TORCH_CHECK(t->device().is_cpu(), "rnnbench_fast::", op, ": tensors must be on the CPU");
@@ -159,25 +224,26 @@ void check(std::initializer_list<const Tensor*> ts, const char* op) {
 // xw (T,B,4H), gate order i,f,g,o; h0, c0 (B,H); whh (4H,H); wci, wcf, wco (H).
 // Returns hbuf (T+1,B,H) (slot 0 = h0, slots 1..T = h_t), cbuf (T+1,B,H) likewise, gates (T,B,4H) = the
 // i, f, g, o activations, tcs (T,B,H) = tanh(c_t).
-template <typename T_>
+// Peep = false: the plain LSTM of torch.nn.LSTM (same gate order; the peephole terms are compiled out and
+// wci, wcf, wco are not read).
+template <typename T_, bool Peep>
 void lstm_fwd(const Tensor& xw, const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
-              Tensor& hbuf, Tensor& cbuf, Tensor& gates, Tensor& tcs) {
+              Tensor& hbuf, Tensor& cbuf, Tensor& gates, Tensor& tcs, Tensor& gh, int64_t b0, int64_t b1) {
   OneBlasThread one_blas_thread;
   const int64_t T = xw.size(0), B = xw.size(1), H = hbuf.size(2), G = 4 * H, BH = B * H;
-  Tensor gh = at::empty({B, G}, xw.options());
-  const T_* __restrict__ pci = wci.data_ptr<T_>();
-  const T_* __restrict__ pcf = wcf.data_ptr<T_>();
-  const T_* __restrict__ pco = wco.data_ptr<T_>();
+  const T_* __restrict__ pci = Peep ? wci.data_ptr<T_>() : nullptr;
+  const T_* __restrict__ pcf = Peep ? wcf.data_ptr<T_>() : nullptr;
+  const T_* __restrict__ pco = Peep ? wco.data_ptr<T_>() : nullptr;
   const T_* __restrict__ pgh = gh.data_ptr<T_>();
   for (int64_t t = 0; t < T; ++t) {
-    gemm<T_>(gh.data_ptr<T_>(), B, G, hbuf.data_ptr<T_>() + t * BH, H, H, whh, true, 0.0);
+    gemm<T_>(gh.data_ptr<T_>() + b0 * G, b1 - b0, G, hbuf.data_ptr<T_>() + t * BH + b0 * H, H, H, whh, true, 0.0);
     const T_* __restrict__ px = xw.data_ptr<T_>() + t * B * G;
     const T_* __restrict__ pcp = cbuf.data_ptr<T_>() + t * BH;
     T_* __restrict__ pc = cbuf.data_ptr<T_>() + (t + 1) * BH;
     T_* __restrict__ ph = hbuf.data_ptr<T_>() + (t + 1) * BH;
     T_* __restrict__ pg = gates.data_ptr<T_>() + t * B * G;
     T_* __restrict__ ptc = tcs.data_ptr<T_>() + t * BH;
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = b0; b < b1; ++b) {
       const T_* __restrict__ ax = px + b * G;
       const T_* __restrict__ ah = pgh + b * G;
       const T_* __restrict__ cp = pcp + b * H;
@@ -187,11 +253,17 @@ void lstm_fwd(const Tensor& xw, const Tensor& whh, const Tensor& wci, const Tens
       T_* __restrict__ h = ph + b * H;
 #pragma GCC ivdep
       for (int64_t j = 0; j < H; ++j) {
-        const T_ i = sigm((ax[j] + ah[j]) + pci[j] * cp[j]);
-        const T_ f = sigm((ax[H + j] + ah[H + j]) + pcf[j] * cp[j]);
+        T_ ai = ax[j] + ah[j], af = ax[H + j] + ah[H + j], ao = ax[3 * H + j] + ah[3 * H + j];
+        if (Peep) {
+          ai += pci[j] * cp[j];
+          af += pcf[j] * cp[j];
+        }
+        const T_ i = sigm(ai);
+        const T_ f = sigm(af);
         const T_ gg = tanh_(ax[2 * H + j] + ah[2 * H + j]);
         const T_ cn = f * cp[j] + i * gg;
-        const T_ o = sigm((ax[3 * H + j] + ah[3 * H + j]) + pco[j] * cn);
+        if (Peep) ao += pco[j] * cn;
+        const T_ o = sigm(ao);
         const T_ tcn = tanh_(cn);
         g[j] = i;
         g[H + j] = f;
@@ -215,30 +287,34 @@ std::vector<Tensor> peephole_lstm_fwd(const Tensor& xw, const Tensor& h0, const 
   Tensor gates = at::empty({T, B, 4 * H}, o), tcs = at::empty({T, B, H}, o);
   hbuf.select(0, 0).copy_(h0);
   cbuf.select(0, 0).copy_(c0);
-  if (xw.scalar_type() == at::kFloat)
-    lstm_fwd<float>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs);
-  else
-    lstm_fwd<double>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs);
+  Tensor gh = at::empty({B, 4 * H}, o);
+  over_rows(B, 4 * H, H, [&](int64_t b0, int64_t b1) {
+    if (xw.scalar_type() == at::kFloat)
+      lstm_fwd<float, true>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1);
+    else
+      lstm_fwd<double, true>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1);
+  });
   return {hbuf, cbuf, gates, tcs};
 }
 
 // dhs (T,B,H) = dL/dh_t from the outputs; dhT, dcT (B,H) from the final state.
 // Returns d xw (T,B,4H), dh0, dc0 (B,H), d whh (4H,H), d wci, d wcf, d wco (H).
-template <typename T_>
+template <typename T_, bool Peep>
 void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
               const Tensor& cbuf, const Tensor& gates, const Tensor& tcs, Tensor& dxw, Tensor& dh, Tensor& dc,
-              Tensor& acc) {
+              Tensor& acc, int64_t b0, int64_t b1) {
   OneBlasThread one_blas_thread;
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), G = 4 * H, BH = B * H;
-  const T_* __restrict__ pci = wci.data_ptr<T_>();
-  const T_* __restrict__ pcf = wcf.data_ptr<T_>();
-  const T_* __restrict__ pco = wco.data_ptr<T_>();
+  const T_* __restrict__ pci = Peep ? wci.data_ptr<T_>() : nullptr;
+  const T_* __restrict__ pcf = Peep ? wcf.data_ptr<T_>() : nullptr;
+  const T_* __restrict__ pco = Peep ? wco.data_ptr<T_>() : nullptr;
   T_* __restrict__ pdh = dh.data_ptr<T_>();
   T_* __restrict__ pdc = dc.data_ptr<T_>();
-  // peephole gradients summed in double whatever T_ is: 6400 terms per unit lose nothing
-  double* __restrict__ aci = acc.data_ptr<double>();
-  double* __restrict__ acf = aci + H;
-  double* __restrict__ aco = aci + 2 * H;
+  // peephole gradients summed in double whatever T_ is: 6400 terms per unit lose nothing; one row of
+  // `acc` (chunks, 3H) per chunk of batch rows, summed in chunk order afterwards
+  double* __restrict__ aci = Peep ? acc.data_ptr<double>() + (b0 / rows_per_chunk(B, G, H)) * 3 * H : nullptr;
+  double* __restrict__ acf = Peep ? aci + H : nullptr;
+  double* __restrict__ aco = Peep ? aci + 2 * H : nullptr;
   for (int64_t t = T - 1; t >= 0; --t) {
     const T_* __restrict__ pg = gates.data_ptr<T_>() + t * B * G;
     const T_* __restrict__ pc = cbuf.data_ptr<T_>() + (t + 1) * BH;
@@ -246,7 +322,7 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
     const T_* __restrict__ ptc = tcs.data_ptr<T_>() + t * BH;
     const T_* __restrict__ pdo = dhs.data_ptr<T_>() + t * BH;
     T_* __restrict__ pda = dxw.data_ptr<T_>() + t * B * G;
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = b0; b < b1; ++b) {
       const T_* __restrict__ g = pg + b * G;
       const T_* __restrict__ c = pc + b * H;
       const T_* __restrict__ cp = pcp + b * H;
@@ -260,21 +336,24 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
         const T_ i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j];
         const T_ dht = dhb[j] + dho[j];
         const T_ dao = dht * tc[j] * (o * (1 - o));
-        const T_ dct = dcb[j] + dht * o * (1 - tc[j] * tc[j]) + dao * pco[j];
+        T_ dct = dcb[j] + dht * o * (1 - tc[j] * tc[j]);
+        if (Peep) dct += dao * pco[j];
         const T_ dai = dct * gg * (i * (1 - i));
         const T_ dag = dct * i * (1 - gg * gg);
         const T_ daf = dct * cp[j] * (f * (1 - f));
-        dcb[j] = dct * f + dai * pci[j] + daf * pcf[j];
+        dcb[j] = Peep ? dct * f + dai * pci[j] + daf * pcf[j] : dct * f;
         da[j] = dai;
         da[H + j] = daf;
         da[2 * H + j] = dag;
         da[3 * H + j] = dao;
-        aci[j] += static_cast<double>(dai * cp[j]);
-        acf[j] += static_cast<double>(daf * cp[j]);
-        aco[j] += static_cast<double>(dao * c[j]);
+        if (Peep) {
+          aci[j] += static_cast<double>(dai * cp[j]);
+          acf[j] += static_cast<double>(daf * cp[j]);
+          aco[j] += static_cast<double>(dao * c[j]);
+        }
       }
     }
-    gemm<T_>(pdh, B, H, dxw.data_ptr<T_>() + t * B * G, G, G, whh, false, 0.0);  // dh_{t-1} = dA_t W_hh
+    gemm<T_>(pdh + b0 * H, b1 - b0, H, dxw.data_ptr<T_>() + t * B * G + b0 * G, G, G, whh, false, 0.0);  // dh_{t-1} = dA_t W_hh
   }
 }
 
@@ -286,14 +365,117 @@ std::vector<Tensor> peephole_lstm_bwd(const Tensor& dhs, const Tensor& dhT, cons
   auto o = dhs.options();
   Tensor dxw = at::empty({T, B, 4 * H}, o);
   Tensor dh = dhT.clone(), dc = dcT.clone();
-  Tensor acc = at::zeros({3, H}, o.dtype(at::kDouble));
-  if (dhs.scalar_type() == at::kFloat)
-    lstm_bwd<float>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
-  else
-    lstm_bwd<double>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
+  Tensor acc = at::zeros({chunks_of(B, 4 * H, H), 3, H}, o.dtype(at::kDouble));
+  over_rows(B, 4 * H, H, [&](int64_t b0, int64_t b1) {
+    if (dhs.scalar_type() == at::kFloat)
+      lstm_bwd<float, true>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, b0, b1);
+    else
+      lstm_bwd<double, true>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, b0, b1);
+  });
   Tensor dwhh = at::mm(dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
-  Tensor dpeep = acc.to(o.dtype());
+  Tensor dpeep = at::sum(acc, {0}).to(o.dtype());
   return {dxw, dh, dc, dwhh, dpeep[0], dpeep[1], dpeep[2]};
+}
+
+// ==== LSTM without peepholes (torch.nn.LSTM) =======================================================
+// The loops above with the peephole terms compiled out. xw (T,B,4H) = x W_ih^T + b_ih + b_hh, order i, f,
+// g, o; h0, c0 (B,H); whh (4H,H). Returns hbuf, cbuf, gates, tcs as peephole_lstm_fwd; the backward
+// d xw, dh0, dc0, d whh.
+std::vector<Tensor> lstm_fwd_op(const Tensor& xw, const Tensor& h0, const Tensor& c0, const Tensor& whh) {
+  check({&xw, &h0, &c0, &whh}, "lstm_fwd");
+  const int64_t T = xw.size(0), B = xw.size(1), H = h0.size(1);
+  TORCH_CHECK(xw.dim() == 3 && T >= 1 && xw.size(2) == 4 * H && h0.size(0) == B, "lstm_fwd: shapes");
+  auto o = xw.options();
+  Tensor hbuf = at::empty({T + 1, B, H}, o), cbuf = at::empty({T + 1, B, H}, o);
+  Tensor gates = at::empty({T, B, 4 * H}, o), tcs = at::empty({T, B, H}, o);
+  hbuf.select(0, 0).copy_(h0);
+  cbuf.select(0, 0).copy_(c0);
+  Tensor gh = at::empty({B, 4 * H}, o);
+  over_rows(B, 4 * H, H, [&](int64_t b0, int64_t b1) {
+    if (xw.scalar_type() == at::kFloat)
+      lstm_fwd<float, false>(xw, whh, whh, whh, whh, hbuf, cbuf, gates, tcs, gh, b0, b1);
+    else
+      lstm_fwd<double, false>(xw, whh, whh, whh, whh, hbuf, cbuf, gates, tcs, gh, b0, b1);
+  });
+  return {hbuf, cbuf, gates, tcs};
+}
+
+std::vector<Tensor> lstm_bwd_op(const Tensor& dhs, const Tensor& dhT, const Tensor& dcT, const Tensor& whh,
+                                const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates, const Tensor& tcs) {
+  check({&dhs, &dhT, &dcT, &whh, &hbuf, &cbuf, &gates, &tcs}, "lstm_bwd");
+  const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
+  Tensor dxw = at::empty({T, B, 4 * H}, dhs.options());
+  Tensor dh = dhT.clone(), dc = dcT.clone();
+  over_rows(B, 4 * H, H, [&](int64_t b0, int64_t b1) {
+    if (dhs.scalar_type() == at::kFloat)
+      lstm_bwd<float, false>(dhs, whh, whh, whh, whh, cbuf, gates, tcs, dxw, dh, dc, dh, b0, b1);
+    else
+      lstm_bwd<double, false>(dhs, whh, whh, whh, whh, cbuf, gates, tcs, dxw, dh, dc, dh, b0, b1);
+  });
+  Tensor dwhh = at::mm(dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
+  return {dxw, dh, dc, dwhh};
+}
+
+// ==== tanh RNN (Elman; torch.nn.RNN) ===============================================================
+// xw (T,B,H) = x W_ih^T + b_ih + b_hh; h0 (B,H); whh (H,H).  h_t = tanh(xw_t + W_hh h_{t-1}).
+// Returns hbuf (T+1,B,H); the backward d xw, dh0, d whh.
+template <typename T_>
+void tanh_fwd(const Tensor& xw, const Tensor& whh, Tensor& hbuf, int64_t b0, int64_t b1) {
+  OneBlasThread one_blas_thread;
+  const int64_t T = xw.size(0), B = xw.size(1), H = hbuf.size(2), BH = B * H;
+  for (int64_t t = 0; t < T; ++t) {
+    T_* __restrict__ ph = hbuf.data_ptr<T_>() + (t + 1) * BH;
+    gemm<T_>(ph + b0 * H, b1 - b0, H, hbuf.data_ptr<T_>() + t * BH + b0 * H, H, H, whh, true, 0.0);  // W_hh h_{t-1}, then in place
+    const T_* __restrict__ px = xw.data_ptr<T_>() + t * BH;
+#pragma GCC ivdep
+    for (int64_t j = b0 * H; j < b1 * H; ++j) ph[j] = tanh_(px[j] + ph[j]);
+  }
+}
+
+std::vector<Tensor> tanh_rnn_fwd(const Tensor& xw, const Tensor& h0, const Tensor& whh) {
+  check({&xw, &h0, &whh}, "tanh_rnn_fwd");
+  const int64_t T = xw.size(0), B = xw.size(1), H = h0.size(1);
+  TORCH_CHECK(xw.dim() == 3 && T >= 1 && xw.size(2) == H && h0.size(0) == B, "tanh_rnn_fwd: shapes");
+  Tensor hbuf = at::empty({T + 1, B, H}, xw.options());
+  hbuf.select(0, 0).copy_(h0);
+  over_rows(B, H, H, [&](int64_t b0, int64_t b1) {
+    if (xw.scalar_type() == at::kFloat)
+      tanh_fwd<float>(xw, whh, hbuf, b0, b1);
+    else
+      tanh_fwd<double>(xw, whh, hbuf, b0, b1);
+  });
+  return {hbuf};
+}
+
+template <typename T_>
+void tanh_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, Tensor& dxw, Tensor& dh, int64_t b0,
+              int64_t b1) {
+  OneBlasThread one_blas_thread;
+  const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), BH = B * H;
+  T_* __restrict__ pdh = dh.data_ptr<T_>();
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const T_* __restrict__ h = hbuf.data_ptr<T_>() + (t + 1) * BH;
+    const T_* __restrict__ dho = dhs.data_ptr<T_>() + t * BH;
+    T_* __restrict__ da = dxw.data_ptr<T_>() + t * BH;
+#pragma GCC ivdep
+    for (int64_t j = b0 * H; j < b1 * H; ++j) da[j] = (pdh[j] + dho[j]) * (1 - h[j] * h[j]);
+    gemm<T_>(pdh + b0 * H, b1 - b0, H, da + b0 * H, H, H, whh, false, 0.0);  // dh_{t-1} = dA_t W_hh
+  }
+}
+
+std::vector<Tensor> tanh_rnn_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& whh, const Tensor& hbuf) {
+  check({&dhs, &dhT, &whh, &hbuf}, "tanh_rnn_bwd");
+  const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
+  Tensor dxw = at::empty({T, B, H}, dhs.options());
+  Tensor dh = dhT.clone();
+  over_rows(B, H, H, [&](int64_t b0, int64_t b1) {
+    if (dhs.scalar_type() == at::kFloat)
+      tanh_bwd<float>(dhs, whh, hbuf, dxw, dh, b0, b1);
+    else
+      tanh_bwd<double>(dhs, whh, hbuf, dxw, dh, b0, b1);
+  });
+  Tensor dwhh = at::mm(dxw.view({T * B, H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
+  return {dxw, dh, dwhh};
 }
 
 // ==== GRU, reset before (Chung et al. 2014) =======================================================
@@ -301,21 +483,20 @@ std::vector<Tensor> peephole_lstm_bwd(const Tensor& dhs, const Tensor& dhT, cons
 //   r = σ(a_r + U_r h), z = σ(a_z + U_z h), h~ = tanh(a_h + U_h (r h)), h' = (1 - z) h + z h~
 // Returns hbuf (T+1,B,H), gates (T,B,3H) = r, z, h~, rh (T,B,H) = r_t * h_{t-1}.
 template <typename T_>
-void grub_fwd(const Tensor& xw, const Tensor& whh, Tensor& hbuf, Tensor& gates, Tensor& rh) {
+void grub_fwd(const Tensor& xw, const Tensor& whh, Tensor& hbuf, Tensor& gates, Tensor& rh, const Tensor& u_rz,
+              const Tensor& u_h, Tensor& grz, Tensor& gh, int64_t b0, int64_t b1) {
   OneBlasThread one_blas_thread;
   const int64_t T = xw.size(0), B = xw.size(1), H = hbuf.size(2), G = 3 * H, BH = B * H;
-  Tensor u_rz = whh.narrow(0, 0, 2 * H), u_h = whh.narrow(0, 2 * H, H);
-  Tensor grz = at::empty({B, 2 * H}, xw.options()), gh = at::empty({B, H}, xw.options());
   const T_* __restrict__ pgrz = grz.data_ptr<T_>();
   const T_* __restrict__ pgh = gh.data_ptr<T_>();
   for (int64_t t = 0; t < T; ++t) {
-    gemm<T_>(grz.data_ptr<T_>(), B, 2 * H, hbuf.data_ptr<T_>() + t * BH, H, H, u_rz, true, 0.0);
+    gemm<T_>(grz.data_ptr<T_>() + b0 * 2 * H, b1 - b0, 2 * H, hbuf.data_ptr<T_>() + t * BH + b0 * H, H, H, u_rz, true, 0.0);
     const T_* __restrict__ px = xw.data_ptr<T_>() + t * B * G;
     const T_* __restrict__ php = hbuf.data_ptr<T_>() + t * BH;
     T_* __restrict__ ph = hbuf.data_ptr<T_>() + (t + 1) * BH;
     T_* __restrict__ pg = gates.data_ptr<T_>() + t * B * G;
     T_* __restrict__ prh = rh.data_ptr<T_>() + t * BH;
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = b0; b < b1; ++b) {
       const T_* __restrict__ ax = px + b * G;
       const T_* __restrict__ ah = pgrz + b * 2 * H;
       const T_* __restrict__ hp = php + b * H;
@@ -329,8 +510,8 @@ void grub_fwd(const Tensor& xw, const Tensor& whh, Tensor& hbuf, Tensor& gates, 
         r_h[j] = r * hp[j];
       }
     }
-    gemm<T_>(gh.data_ptr<T_>(), B, H, rh.data_ptr<T_>() + t * BH, H, H, u_h, true, 0.0);
-    for (int64_t b = 0; b < B; ++b) {
+    gemm<T_>(gh.data_ptr<T_>() + b0 * H, b1 - b0, H, rh.data_ptr<T_>() + t * BH + b0 * H, H, H, u_h, true, 0.0);
+    for (int64_t b = b0; b < b1; ++b) {
       const T_* __restrict__ ax = px + b * G;
       const T_* __restrict__ ah = pgh + b * H;
       const T_* __restrict__ hp = php + b * H;
@@ -354,20 +535,22 @@ std::vector<Tensor> gru_reset_before_fwd(const Tensor& xw, const Tensor& h0, con
   auto o = xw.options();
   Tensor hbuf = at::empty({T + 1, B, H}, o), gates = at::empty({T, B, 3 * H}, o), rh = at::empty({T, B, H}, o);
   hbuf.select(0, 0).copy_(h0);
-  if (xw.scalar_type() == at::kFloat)
-    grub_fwd<float>(xw, whh, hbuf, gates, rh);
-  else
-    grub_fwd<double>(xw, whh, hbuf, gates, rh);
+  Tensor u_rz = whh.narrow(0, 0, 2 * H), u_h = whh.narrow(0, 2 * H, H);
+  Tensor grz = at::empty({B, 2 * H}, o), gh = at::empty({B, H}, o);
+  over_rows(B, 3 * H, H, [&](int64_t b0, int64_t b1) {
+    if (xw.scalar_type() == at::kFloat)
+      grub_fwd<float>(xw, whh, hbuf, gates, rh, u_rz, u_h, grz, gh, b0, b1);
+    else
+      grub_fwd<double>(xw, whh, hbuf, gates, rh, u_rz, u_h, grz, gh, b0, b1);
+  });
   return {hbuf, gates, rh};
 }
 
 template <typename T_>
-void grub_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Tensor& gates, Tensor& dxw,
-              Tensor& dh) {
+void grub_bwd(const Tensor& dhs, const Tensor& hbuf, const Tensor& gates, Tensor& dxw, Tensor& dh,
+              const Tensor& u_rz, const Tensor& u_h, Tensor& drh, int64_t b0, int64_t b1) {
   OneBlasThread one_blas_thread;
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), G = 3 * H, BH = B * H;
-  Tensor u_rz = whh.narrow(0, 0, 2 * H), u_h = whh.narrow(0, 2 * H, H);
-  Tensor drh = at::empty({B, H}, dhs.options());
   const T_* __restrict__ pdrh = drh.data_ptr<T_>();
   T_* __restrict__ pdh = dh.data_ptr<T_>();
   for (int64_t t = T - 1; t >= 0; --t) {
@@ -375,7 +558,7 @@ void grub_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
     const T_* __restrict__ php = hbuf.data_ptr<T_>() + t * BH;
     const T_* __restrict__ pdo = dhs.data_ptr<T_>() + t * BH;
     T_* __restrict__ pda = dxw.data_ptr<T_>() + t * B * G;
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = b0; b < b1; ++b) {
       const T_* __restrict__ g = pg + b * G;
       const T_* __restrict__ hp = php + b * H;
       const T_* __restrict__ dho = pdo + b * H;
@@ -391,8 +574,8 @@ void grub_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
       }
     }
     T_* pdat = dxw.data_ptr<T_>() + t * B * G;
-    gemm<T_>(drh.data_ptr<T_>(), B, H, pdat + 2 * H, H, G, u_h, false, 0.0);  // d(r h_{t-1}) = dA_h U_h
-    for (int64_t b = 0; b < B; ++b) {
+    gemm<T_>(drh.data_ptr<T_>() + b0 * H, b1 - b0, H, pdat + b0 * G + 2 * H, H, G, u_h, false, 0.0);  // d(r h_{t-1}) = dA_h U_h
+    for (int64_t b = b0; b < b1; ++b) {
       const T_* __restrict__ g = pg + b * G;
       const T_* __restrict__ hp = php + b * H;
       const T_* __restrict__ d = pdrh + b * H;
@@ -405,7 +588,7 @@ void grub_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
         dhb[j] += d[j] * r;
       }
     }
-    gemm<T_>(pdh, B, H, pdat, 2 * H, G, u_rz, false, 1.0);  // + [dA_r, dA_z] [U_r; U_z]
+    gemm<T_>(pdh + b0 * H, b1 - b0, H, pdat + b0 * G, 2 * H, G, u_rz, false, 1.0);  // + [dA_r, dA_z] [U_r; U_z]
   }
 }
 
@@ -415,10 +598,14 @@ std::vector<Tensor> gru_reset_before_bwd(const Tensor& dhs, const Tensor& dhT, c
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
   Tensor dxw = at::empty({T, B, 3 * H}, dhs.options());
   Tensor dh = dhT.clone();
-  if (dhs.scalar_type() == at::kFloat)
-    grub_bwd<float>(dhs, whh, hbuf, gates, dxw, dh);
-  else
-    grub_bwd<double>(dhs, whh, hbuf, gates, dxw, dh);
+  Tensor u_rz = whh.narrow(0, 0, 2 * H), u_h = whh.narrow(0, 2 * H, H);
+  Tensor drh = at::empty({B, H}, dhs.options());
+  over_rows(B, 3 * H, H, [&](int64_t b0, int64_t b1) {
+    if (dhs.scalar_type() == at::kFloat)
+      grub_bwd<float>(dhs, hbuf, gates, dxw, dh, u_rz, u_h, drh, b0, b1);
+    else
+      grub_bwd<double>(dhs, hbuf, gates, dxw, dh, u_rz, u_h, drh, b0, b1);
+  });
   Tensor da = dxw.view({T * B, 3 * H});
   Tensor dwhh = at::empty({3 * H, H}, dhs.options());
   Tensor top = dwhh.narrow(0, 0, 2 * H), bottom = dwhh.narrow(0, 2 * H, H);
@@ -433,19 +620,19 @@ std::vector<Tensor> gru_reset_before_bwd(const Tensor& dhs, const Tensor& dhT, c
 //   n = tanh(gi_n + r hn), h' = (h - n) z + n        (ATen's GRU cell, term for term)
 // Returns hbuf (T+1,B,H), gates (T,B,4H) = r, z, n, hn.
 template <typename T_>
-void grua_fwd(const Tensor& gi, const Tensor& whh, const Tensor& bhh, Tensor& hbuf, Tensor& gates) {
+void grua_fwd(const Tensor& gi, const Tensor& whh, const Tensor& bhh, Tensor& hbuf, Tensor& gates, Tensor& gh,
+              int64_t b0, int64_t b1) {
   OneBlasThread one_blas_thread;
   const int64_t T = gi.size(0), B = gi.size(1), H = hbuf.size(2), G = 3 * H, BH = B * H;
-  Tensor gh = at::empty({B, G}, gi.options());
   const T_* __restrict__ pgh = gh.data_ptr<T_>();
   const T_* __restrict__ pb = bhh.data_ptr<T_>();
   for (int64_t t = 0; t < T; ++t) {
-    gemm<T_>(gh.data_ptr<T_>(), B, G, hbuf.data_ptr<T_>() + t * BH, H, H, whh, true, 0.0);
+    gemm<T_>(gh.data_ptr<T_>() + b0 * G, b1 - b0, G, hbuf.data_ptr<T_>() + t * BH + b0 * H, H, H, whh, true, 0.0);
     const T_* __restrict__ px = gi.data_ptr<T_>() + t * B * G;
     const T_* __restrict__ php = hbuf.data_ptr<T_>() + t * BH;
     T_* __restrict__ ph = hbuf.data_ptr<T_>() + (t + 1) * BH;
     T_* __restrict__ pg = gates.data_ptr<T_>() + t * B * 4 * H;
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = b0; b < b1; ++b) {
       const T_* __restrict__ ax = px + b * G;
       const T_* __restrict__ ah = pgh + b * G;
       const T_* __restrict__ hp = php + b * H;
@@ -474,16 +661,19 @@ std::vector<Tensor> gru_reset_after_fwd(const Tensor& gi, const Tensor& h0, cons
   auto o = gi.options();
   Tensor hbuf = at::empty({T + 1, B, H}, o), gates = at::empty({T, B, 4 * H}, o);
   hbuf.select(0, 0).copy_(h0);
-  if (gi.scalar_type() == at::kFloat)
-    grua_fwd<float>(gi, whh, bhh, hbuf, gates);
-  else
-    grua_fwd<double>(gi, whh, bhh, hbuf, gates);
+  Tensor gh = at::empty({B, 3 * H}, o);
+  over_rows(B, 3 * H, H, [&](int64_t b0, int64_t b1) {
+    if (gi.scalar_type() == at::kFloat)
+      grua_fwd<float>(gi, whh, bhh, hbuf, gates, gh, b0, b1);
+    else
+      grua_fwd<double>(gi, whh, bhh, hbuf, gates, gh, b0, b1);
+  });
   return {hbuf, gates};
 }
 
 template <typename T_>
 void grua_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Tensor& gates, Tensor& dgi,
-              Tensor& dgh, Tensor& dh) {
+              Tensor& dgh, Tensor& dh, int64_t b0, int64_t b1) {
   OneBlasThread one_blas_thread;
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), G = 3 * H, BH = B * H;
   T_* __restrict__ pdh = dh.data_ptr<T_>();
@@ -493,7 +683,7 @@ void grua_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
     const T_* __restrict__ pdo = dhs.data_ptr<T_>() + t * BH;
     T_* __restrict__ pdi = dgi.data_ptr<T_>() + t * B * G;
     T_* __restrict__ pdg = dgh.data_ptr<T_>() + t * B * G;
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = b0; b < b1; ++b) {
       const T_* __restrict__ g = pg + b * 4 * H;
       const T_* __restrict__ hp = php + b * H;
       const T_* __restrict__ dho = pdo + b * H;
@@ -516,7 +706,7 @@ void grua_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
         dhb[j] = dht * z;
       }
     }
-    gemm<T_>(pdh, B, H, dgh.data_ptr<T_>() + t * B * G, G, G, whh, false, 1.0);  // + d gh_t W_hh
+    gemm<T_>(pdh + b0 * H, b1 - b0, H, dgh.data_ptr<T_>() + t * B * G + b0 * G, G, G, whh, false, 1.0);  // + d gh_t W_hh
   }
 }
 
@@ -527,10 +717,12 @@ std::vector<Tensor> gru_reset_after_bwd(const Tensor& dhs, const Tensor& dhT, co
   auto o = dhs.options();
   Tensor dgi = at::empty({T, B, 3 * H}, o), dgh = at::empty({T, B, 3 * H}, o);
   Tensor dh = dhT.clone();
-  if (dhs.scalar_type() == at::kFloat)
-    grua_bwd<float>(dhs, whh, hbuf, gates, dgi, dgh, dh);
-  else
-    grua_bwd<double>(dhs, whh, hbuf, gates, dgi, dgh, dh);
+  over_rows(B, 3 * H, H, [&](int64_t b0, int64_t b1) {
+    if (dhs.scalar_type() == at::kFloat)
+      grua_bwd<float>(dhs, whh, hbuf, gates, dgi, dgh, dh, b0, b1);
+    else
+      grua_bwd<double>(dhs, whh, hbuf, gates, dgi, dgh, dh, b0, b1);
+  });
   Tensor dgh2 = dgh.view({T * B, 3 * H});
   Tensor dwhh = at::mm(dgh2.t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
   Tensor dbhh = at::sum(dgh2, {0});
@@ -538,43 +730,15 @@ std::vector<Tensor> gru_reset_after_bwd(const Tensor& dhs, const Tensor& dhT, co
 }
 
 // ==== K models at once =============================================================================
-// Model k's loop reads and writes only its own tensors, so the loops run on different threads without
-// sharing anything. The threads are std::threads, as many as torch's intra-op setting
-// (torch.set_num_threads): ATen's parallel_for is OpenMP pragmas in a header, which this file (built
-// without -fopenmp, to stay clear of a second OpenMP runtime beside torch's) would run serially. Each
-// thread takes the next model not yet taken (models differ in length), runs MKL single-threaded and
-// carries the caller's thread-local state (grad mode: no autograd inside the loops); an exception on
-// any thread is re-raised on the caller's.
-template <typename F>
-void over_models(int64_t K, const F& f) {
-  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(K, at::get_num_threads()));
-  std::vector<std::exception_ptr> errors(n);
-  std::atomic<int64_t> next{0};
-  const at::ThreadLocalState caller;  // grad mode and the like: a new thread starts with the defaults
-  auto work = [&](int64_t w) {
-    try {
-      at::ThreadLocalStateGuard same_state_as_caller(caller);
-      OneBlasThread one_blas_thread;
-      for (int64_t k = next++; k < K; k = next++) f(k);
-    } catch (...) {
-      errors[w] = std::current_exception();
-    }
-  };
-  std::vector<std::thread> threads;
-  for (int64_t w = 1; w < n; ++w) threads.emplace_back(work, w);
-  work(0);
-  for (auto& t : threads) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
-}
-
+// Model k's loop reads and writes only its own tensors, so the K models run in parallel (`in_parallel`
+// above); each model's row chunks then run one after another on its thread.
 // Each *_many op takes, per argument of its one-model op, a list of K tensors (model k's arguments at
 // index k; models may differ in length T_k), runs the one-model op for every model, the models in
 // parallel, and returns the K results one model after another: [model 0's outputs..., model 1's ...].
 template <typename Op>
 std::vector<Tensor> per_model(int64_t K, const Op& op) {
   std::vector<std::vector<Tensor>> results(K);
-  over_models(K, [&](int64_t k) { results[k] = op(k); });
+  in_parallel(K, [&](int64_t k) { results[k] = op(k); });
   std::vector<Tensor> flat;
   for (auto& r : results) flat.insert(flat.end(), r.begin(), r.end());
   return flat;
@@ -624,6 +788,29 @@ std::vector<Tensor> gru_reset_after_bwd_many(at::TensorList dhs, at::TensorList 
   return per_model(K, [&](int64_t k) { return gru_reset_after_bwd(dhs[k], dhT[k], whh[k], hbuf[k], gates[k]); });
 }
 
+std::vector<Tensor> lstm_fwd_many(at::TensorList xw, at::TensorList h0, at::TensorList c0, at::TensorList whh) {
+  const int64_t K = models_in({xw, h0, c0, whh}, "lstm_fwd_many");
+  return per_model(K, [&](int64_t k) { return lstm_fwd_op(xw[k], h0[k], c0[k], whh[k]); });
+}
+
+std::vector<Tensor> lstm_bwd_many(at::TensorList dhs, at::TensorList dhT, at::TensorList dcT, at::TensorList whh,
+                                  at::TensorList hbuf, at::TensorList cbuf, at::TensorList gates, at::TensorList tcs) {
+  const int64_t K = models_in({dhs, dhT, dcT, whh, hbuf, cbuf, gates, tcs}, "lstm_bwd_many");
+  return per_model(K, [&](int64_t k) {
+    return lstm_bwd_op(dhs[k], dhT[k], dcT[k], whh[k], hbuf[k], cbuf[k], gates[k], tcs[k]);
+  });
+}
+
+std::vector<Tensor> tanh_rnn_fwd_many(at::TensorList xw, at::TensorList h0, at::TensorList whh) {
+  const int64_t K = models_in({xw, h0, whh}, "tanh_rnn_fwd_many");
+  return per_model(K, [&](int64_t k) { return tanh_rnn_fwd(xw[k], h0[k], whh[k]); });
+}
+
+std::vector<Tensor> tanh_rnn_bwd_many(at::TensorList dhs, at::TensorList dhT, at::TensorList whh, at::TensorList hbuf) {
+  const int64_t K = models_in({dhs, dhT, whh, hbuf}, "tanh_rnn_bwd_many");
+  return per_model(K, [&](int64_t k) { return tanh_rnn_bwd(dhs[k], dhT[k], whh[k], hbuf[k]); });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnbench_fast, m) {
@@ -633,10 +820,18 @@ TORCH_LIBRARY(rnnbench_fast, m) {
   m.def("gru_reset_before_bwd", &gru_reset_before_bwd);
   m.def("gru_reset_after_fwd", &gru_reset_after_fwd);
   m.def("gru_reset_after_bwd", &gru_reset_after_bwd);
+  m.def("lstm_fwd", &lstm_fwd_op);
+  m.def("lstm_bwd", &lstm_bwd_op);
+  m.def("tanh_rnn_fwd", &tanh_rnn_fwd);
+  m.def("tanh_rnn_bwd", &tanh_rnn_bwd);
   m.def("peephole_lstm_fwd_many", &peephole_lstm_fwd_many);
   m.def("peephole_lstm_bwd_many", &peephole_lstm_bwd_many);
   m.def("gru_reset_before_fwd_many", &gru_reset_before_fwd_many);
   m.def("gru_reset_before_bwd_many", &gru_reset_before_bwd_many);
   m.def("gru_reset_after_fwd_many", &gru_reset_after_fwd_many);
   m.def("gru_reset_after_bwd_many", &gru_reset_after_bwd_many);
+  m.def("lstm_fwd_many", &lstm_fwd_many);
+  m.def("lstm_bwd_many", &lstm_bwd_many);
+  m.def("tanh_rnn_fwd_many", &tanh_rnn_fwd_many);
+  m.def("tanh_rnn_bwd_many", &tanh_rnn_bwd_many);
 }
