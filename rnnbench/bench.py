@@ -309,16 +309,18 @@ def _out_only(cell: Any) -> Any:
     return OutOnly(cell)
 
 
-def _default_impl(cell: str, dev: str) -> str:
-    """The implementation a cell runs by default on `dev` (the row its harness is compared with)."""
-    from rnnbench.cells import _fast
+def _default_impl(cell: str, dev: str, H: int) -> str:
+    """The implementation a cell of hidden size H runs by default on `dev` (the row its harness is compared with)."""
+    import torch
+
+    from rnnbench.cells import _fast, get_cell
 
     if cell in CHUNG_CELLS:
         if dev == "cuda":
             return "triton" if _triton_ok() else "python"
         return "cpp" if _fast.extension_info()["state"] else "python"
-    if cell == "gru" and dev == "cpu" and _fast.extension_info()["state"]:
-        return "cpp"
+    if dev == "cpu":  # torch's cells: the compiled loop where rnnbench/cells/fused.py measured it faster
+        return get_cell(cell)(1, H)._loop_impl(torch.zeros(1, 1, 1)) or "torch"
     return "torch"
 
 
@@ -342,11 +344,11 @@ def _bench_hidden(dev: str, H: int, opts: Options) -> list[Row]:
         cands.append(_Cand(row("bare", cell, "torch"), _fwd_bwd(m, x, g)))
 
     impls = ["cpp", "python"] if dev == "cpu" else ["python", "graphed"] + (["triton", "triton-graphed"] if _triton_ok() else [])
-    variants = [(c, i) for c in CHUNG_CELLS for i in impls] + ([("gru", "cpp")] if dev == "cpu" else [])
+    variants = [(c, i) for c in CHUNG_CELLS for i in impls] + ([(c, "cpp") for c in BARE] if dev == "cpu" else [])
     for cell, impl in variants:
         torch.manual_seed(0)
         m = get_cell(cell)(D, H).to(dev)
-        ref_impl = "torch" if cell == "gru" else "reference"
+        ref_impl = "torch" if cell in BARE else "reference"
         r = row("cell", cell, impl)
         if impl == "cpp" and not _ext_ok():
             r.note = "compiled loop unavailable: " + _ext_reason()
@@ -372,8 +374,8 @@ def _bench_hidden(dev: str, H: int, opts: Options) -> list[Row]:
             cands.append(_Cand(row("cell", cell, "reference"), _fwd_bwd(m, x, g)))
 
     for cell in HARNESS_CELLS:
-        cands.append(_Cand(row("bare-step", cell, _default_impl(cell, dev)), _bare_step(cell, H, opts, dev)))
-        cands.append(_Cand(row("harness", cell, _default_impl(cell, dev)), _harness_step(cell, H, opts, dev)))
+        cands.append(_Cand(row("bare-step", cell, _default_impl(cell, dev, H)), _bare_step(cell, H, opts, dev)))
+        cands.append(_Cand(row("harness", cell, _default_impl(cell, dev, H)), _harness_step(cell, H, opts, dev)))
 
     _time(cands, dev, opts)
     return [c.row for c in cands]
@@ -603,7 +605,7 @@ def _bench_lightning(dev: str, H: int, opts: Options, rows: list[Row]) -> list[R
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
             default_root_dir=tempfile.gettempdir(),
         )
-        r = Row(device=dev, hidden=H, kind="lightning", cell=cell, impl=_default_impl(cell, dev))
+        r = Row(device=dev, hidden=H, kind="lightning", cell=cell, impl=_default_impl(cell, dev, H))
         # The manual step, timed back to back just before and just after the fit (Lightning's batches
         # run back to back too; the interleaved harness row sees colder caches): the overhead's baseline.
         manual = _harness_step(cell, H, opts, dev)
@@ -702,7 +704,7 @@ def _ratios(rows: list[Row]) -> None:
             lstm = find(r.device, r.hidden, "bare", "lstm", "torch")
         elif r.kind in ("harness", "lightning", "bare-step"):
             lstm = find(r.device, r.hidden, r.kind, "lstm", "torch")
-            impl = _default_impl(r.cell, r.device)
+            impl = _default_impl(r.cell, r.device, r.hidden)
             base = find(r.device, r.hidden, "bare", r.cell, "torch") if impl == "torch" else find(r.device, r.hidden, "cell", r.cell, impl)
             if base and math.isfinite(base.ms) and math.isfinite(r.ms):
                 r.harness_over_bare = r.ms / base.ms
@@ -859,26 +861,36 @@ def _command_line(opts: Options) -> str:
 
 def _targets(rows: list[Row], dev: str, many_k: int = 0) -> list[str]:
     goal = 0.5 if dev == "cpu" else 0.3
-    shown = {_default_impl(c, dev) for c in CHUNG_CELLS} | ({"graphed", "triton", "triton-graphed"} if dev == "cuda" else set())
+    shown = {_default_impl(c, dev, 1) for c in CHUNG_CELLS} | ({"graphed", "triton", "triton-graphed"} if dev == "cuda" else set())
     out = []
     for r in rows:
         if r.kind == "cell" and r.cell in CHUNG_CELLS and r.impl in shown and math.isfinite(r.x_fused_lstm):
             verdict = "meets" if r.x_fused_lstm >= goal else "below"
             out.append(f"- {r.cell} ({r.impl}), hidden {r.hidden}: {r.x_fused_lstm:.2f}x: {verdict} the >= {goal}x target")
+    # The harness target (issue 6): the training step >= 0.9x the throughput of the bare fused kernel
+    # (torch.nn.RNN/LSTM/GRU forward+backward) at the same shape. Where the cell runs its compiled loop
+    # instead (the CPU), the step is also set against that loop alone: the cost of head, loss and update.
     for r in rows:
-        if r.kind == "harness" and math.isfinite(r.harness_over_bare):
+        if r.kind != "harness" or not math.isfinite(r.ms):
+            continue
+        floor = next((x for x in rows if (x.kind, x.cell, x.hidden, x.impl) == ("bare-step", r.cell, r.hidden, r.impl)), None)
+        context = []
+        if math.isfinite(r.harness_over_bare) and (r.impl != "torch" or r.cell in CHUNG_CELLS):
+            context.append(f"{1 / r.harness_over_bare:.2f}x its own kernel ({r.impl}) alone")
+        if floor and math.isfinite(floor.harness_over_bare) and math.isfinite(r.harness_over_step):
+            context.append(f"a bare PyTorch training step of the same model: {1 / floor.harness_over_bare:.2f}x of that"
+                           f" kernel, and the harness step {1 / r.harness_over_step:.2f}x that bare step")
+        fused = next((x for x in rows if (x.kind, x.cell, x.hidden) == ("bare", r.cell, r.hidden)), None)
+        if fused and math.isfinite(fused.ms):
+            ratio = fused.ms / r.ms
+            verdict = "meets" if ratio >= 0.9 else "below"
+            out.append(f"- harness step {r.cell} ({r.impl}), hidden {r.hidden}: {ratio:.2f}x the throughput of the bare"
+                       f" fused torch.nn kernel: {verdict} the >= 0.9x target ({'; '.join(context)})")
+        elif context:  # the Chung-form cells: no fused kernel exists; their own kernel is the bar
             ratio = 1 / r.harness_over_bare
             verdict = "meets" if ratio >= 0.9 else "below"
-            floor = next((x for x in rows if (x.kind, x.cell, x.hidden, x.impl) == ("bare-step", r.cell, r.hidden, r.impl)), None)
-            context = ""
-            if floor and math.isfinite(floor.harness_over_bare) and math.isfinite(r.harness_over_step):
-                context = (f" (a bare PyTorch training step of the same model: {1 / floor.harness_over_bare:.2f}x; the harness"
-                           f" step is {1 / r.harness_over_step:.2f}x that bare step)")
-            fused = next((x for x in rows if (x.kind, x.cell, x.hidden) == ("bare", r.cell, r.hidden)), None)
-            if r.impl != "torch" and fused and math.isfinite(fused.ms):  # the gru cell on the CPU: not the fused kernel
-                context += f"; {fused.ms / r.ms:.2f}x the torch.nn fused kernel alone"
-            out.append(f"- harness step {r.cell} ({r.impl}), hidden {r.hidden}: {ratio:.2f}x the throughput of its bare"
-                       f" kernel: {verdict} the >= 0.9x target{context}")
+            out.append(f"- harness step {r.cell} ({r.impl}), hidden {r.hidden}: no fused kernel exists; {'; '.join(context)}:"
+                       f" {verdict} 0.9x of its own kernel")
     for r in rows:
         if r.kind == "many" and math.isfinite(r.speedup):
             verdict = "meets" if (r.speedup >= 10 if dev == "cuda" else r.speedup > 1) else "below"

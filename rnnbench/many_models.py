@@ -13,11 +13,11 @@ of K models trained side by side. Each model keeps everything a separate `train(
 
 What is shared is the hardware, used once for all K models per step:
 
-* CPU (lstm, gru, lstm_peephole, gru_reset_before): every model keeps its own input projection and
-  output layer at its own sequence length, and each layer's K recurrences run in one call of the
-  compiled loops (rnnbench/cells/csrc/fast_rnn.cpp, ops *_many), the models in parallel over the CPU
-  threads, each with the hand-written backward of its one-model loop;
-* elsewhere (tanh on the CPU; CUDA): the K models as one batch, padded to the longest input: the
+* CPU (every cell): every model keeps its own input projection and output layer at its own sequence
+  length, and each layer's K recurrences run in one call of the compiled loops
+  (rnnbench/cells/csrc/fast_rnn.cpp, ops *_many), the models in parallel over the CPU threads, each
+  with the hand-written backward of its one-model loop;
+* elsewhere (CUDA; the CPU without a compiler): the K models as one batch, padded to the longest input: the
   input projections and output layers one batched matmul each (torch.baddbmm over a (K, ...) stack of
   the weights, stacked once per forward), the time loop one batched matmul per step, with the gate
   arithmetic of the Chung-form cells fused into Triton kernels on CUDA (rnnbench/cells/_triton.py).
@@ -192,7 +192,7 @@ def _gru_reset_before_layer(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torc
 # Every model keeps its own input projection and output layer (its own length: no padding), and the K
 # recurrences of a layer run in one compiled call, the models in parallel over the CPU threads, each
 # with the hand-written backward of its one-model loop.
-_CPP_OPS = {"lstm": "peephole_lstm", "lstm_peephole": "peephole_lstm", "gru": "gru_reset_after",
+_CPP_OPS = {"tanh": "tanh_rnn", "lstm": "lstm", "lstm_peephole": "peephole_lstm", "gru": "gru_reset_after",
             "gru_reset_before": "gru_reset_before"}
 
 
@@ -216,10 +216,10 @@ def _parallel_forward(models: Sequence[nn.Module], cell: str, xs: Sequence[torch
         H = ps[0]["weight_hh"].shape[1]
         h0 = [h.new_zeros(h.shape[1], H) for h in hs]
         whh = [p["weight_hh"] for p in ps]
-        if cell == "lstm":  # torch.nn.LSTM is the peephole loop with zero peepholes: (a + 0 * c) == a exactly
+        if cell in ("tanh", "lstm"):  # torch.nn.RNN / nn.LSTM: b_ih + b_hh (the latter frozen at zero)
             xw = [F.linear(h, p["weight_ih"], p["bias_ih"] + p["bias_hh"]) for h, p in zip(hs, ps)]
-            zeros = [hs[0].new_zeros(H)] * K
-            outs = _ManyCpp.apply("peephole_lstm", K, *xw, *h0, *h0, *whh, *zeros, *zeros, *zeros)
+            states = [*h0, *h0] if cell == "lstm" else h0
+            outs = _ManyCpp.apply(_CPP_OPS[cell], K, *xw, *states, *whh)
         elif cell == "lstm_peephole":
             xw = [F.linear(h, p["weight_ih"], p["bias"]) for h, p in zip(hs, ps)]
             peep = [p[n] for n in ("w_ci", "w_cf", "w_co") for p in ps]
