@@ -339,6 +339,16 @@ def group_forward(
     return [o if o.shape[1] == x.shape[1] else o[:, : x.shape[1]] for o, x in zip(out, xs)]
 
 
+def _group_recurrence(cell: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The run tag `recurrence` of a batched model: how its group's time loops run."""
+    x = torch.zeros(1, 1, 1, device=device, dtype=dtype)
+    if _uses_cpp(cell, x):
+        return "cpp-many"
+    if choose_recurrence(cell, device) == "per_model":
+        return "per-model-torch"
+    return "stacked-triton" if _uses_triton(cell, x) else "stacked-torch"
+
+
 def choose_recurrence(cell: str, device: torch.device | str) -> str:
     """'stacked' or 'per_model' for `cell` on `device`, from measurements (results/bench/bench_*.md).
 
@@ -704,7 +714,7 @@ def _build_member(
 ) -> _Member:
     """Everything `train()` builds for one run, in the same order (so the same random numbers)."""
     from lightning.pytorch import seed_everything
-    from mlflow.entities import Param
+    from mlflow.entities import Param, RunTag
     from torch.utils.data import DataLoader
 
     from rnnbench.analysis.gradient_flow import probe_batch
@@ -741,7 +751,8 @@ def _build_member(
     if not has_params:
         params = {**config.flat(), **{f"task.{k}": v for k, v in task.describe().items()}}
         params.update(n_params_recurrent=model.counts["recurrent"], n_params_total=model.counts["total"])
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                         tags=[RunTag("recurrence", _group_recurrence(config.model.cell, device, dtype))])
         client.log_text(run_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
     data = task.datasets()
     probe = probe_batch(task, data["test"]) if t.gradient_flow else None

@@ -113,7 +113,10 @@ def train(
         if not resuming:
             params = {**config.flat(), **{f"task.{k}": v for k, v in task.describe().items()}}
             params.update(n_params_recurrent=model.counts["recurrent"], n_params_total=model.counts["total"])
-            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            dtype = torch.float64 if t.precision == "64" else torch.float32
+            recurrence = model.rnn.recurrence("cuda" if use_cuda else "cpu", dtype)
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                             tags=[RunTag("recurrence", recurrence)])
             client.log_text(run_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
 
         data = task.datasets()

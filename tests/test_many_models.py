@@ -242,6 +242,7 @@ def test_records_what_train_records(store: str) -> None:
         ra, rb = client.get_run(a.run_id), client.get_run(b.run_id)
         assert ra.data.params == rb.data.params
         assert ra.data.tags["batched"] == "2" and ra.data.tags["sweep"] == "s"
+        assert ra.data.tags["recurrence"] in ("cpp-many", "stacked-torch") and rb.data.tags["recurrence"] in ("cpp", "torch", "python")
         for key in ("cell", "task", "seed", "config_hash", "device", "torch_version"):
             assert ra.data.tags[key] == rb.data.tags[key]
         assert set(ra.data.metrics) == set(rb.data.metrics)

@@ -57,6 +57,9 @@ def test_train_records_everything(tmp_path: Path, store: str, task: str, cell: s
     assert len(client.get_metric_history(run.info.run_id, f"train_{metric}")) == 2
     assert {"git_commit", "torch_version", "device"} <= set(tags)
     assert tags["device"] == "cpu" and tags["cell"] == cell
+    from rnnbench.cells import _fast  # which time loop ran: implementations agree only to float rounding
+
+    assert tags["recurrence"] == ("cpp" if _fast.load_extension() else "torch" if cell == "lstm" else "python")
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "config.yaml" in artifacts
     # artifacts stay beside the store, not in the working directory's ./mlruns

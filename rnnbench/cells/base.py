@@ -39,6 +39,14 @@ class RecurrentLayer(nn.Module):
         """Exact number of trainable scalars of this layer, from the formula (no module built)."""
         raise NotImplementedError
 
+    def recurrence(self, device: torch.device | str, dtype: torch.dtype) -> str:
+        """The time loop forward runs for inputs on `device` of `dtype` ('cpp', 'triton', 'python',
+        'torch', 'reference'), recorded with every run: implementations agree only to float rounding."""
+        from rnnbench.cells import _fast
+
+        impl = getattr(self, "impl", "auto")
+        return impl if impl == "reference" else _fast.resolve(impl, torch.zeros(1, 1, 1, device=device, dtype=dtype))
+
     def hidden_states(self, state: State) -> torch.Tensor:
         """The h part of a state, (num_layers, B, H)."""
         return state[0] if isinstance(state, tuple) else state

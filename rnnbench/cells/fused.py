@@ -82,6 +82,9 @@ class _Fused(RecurrentLayer):
     def _stack_states(finals: list[Any]) -> State:
         return torch.stack(finals)
 
+    def recurrence(self, device: torch.device | str, dtype: torch.dtype) -> str:
+        return self._loop_impl(torch.zeros(1, 1, 1, device=device, dtype=dtype)) or "torch"
+
     @torch.no_grad()
     def init_uniform_(self, scale: float) -> None:
         """Every trainable weight and bias from U(-scale, scale); then the fixed biases re-applied."""
