@@ -642,7 +642,8 @@ class _Group:
         from mlflow.entities import Metric
 
         values = {**m.split_values("train"), **m.split_values("val")}
-        values.update(epoch_seconds=seconds, wall_seconds=m.wall_offset + time.perf_counter() - self.t_fit)
+        values.update(epoch_seconds=seconds, wall_seconds=m.wall_offset + time.perf_counter() - self.t_fit,
+                      updates=float(m.global_step))
         m.history.append(values)
         m.epoch_seconds.append(seconds)
         now = int(time.time() * 1000)

@@ -217,7 +217,8 @@ class EpochRecorder(Callback):
         seconds = time.perf_counter() - self._t0
         self.epoch_seconds.append(seconds)
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train_", "val_"))}
-        values.update(epoch_seconds=seconds, wall_seconds=time.perf_counter() - self._fit_t0)
+        # updates: optimizer steps so far, the x-axis of Chung et al.'s learning curves (Figs. 2-3)
+        values.update(epoch_seconds=seconds, wall_seconds=time.perf_counter() - self._fit_t0, updates=float(trainer.global_step))
         self.history.append(values)
         self.epochs = len(self.history)
         now = int(time.time() * 1000)

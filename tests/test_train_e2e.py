@@ -55,6 +55,8 @@ def test_train_records_everything(tmp_path: Path, store: str, task: str, cell: s
     assert [h.step for h in history] == [0, 1]  # one value per epoch
     assert len(client.get_metric_history(run.info.run_id, f"val_{baseline}")) == 2
     assert len(client.get_metric_history(run.info.run_id, f"train_{metric}")) == 2
+    updates = sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id, "updates"))
+    assert updates == [(0, 4.0), (1, 8.0)]  # optimizer steps so far: 64 sequences in batches of 16
     assert {"git_commit", "torch_version", "device"} <= set(tags)
     assert tags["device"] == "cpu" and tags["cell"] == cell
     from rnnbench.cells import _fast  # which time loop ran: implementations agree only to float rounding

@@ -3,7 +3,7 @@
 Byte stability: a fixed `svg.hashsalt`, no date or software stamp in the files, bootstrap bands
 with a fixed seed (seaborn `seed=0`), and every input sorted before plotting.
 
-  * learning curves, as Chung et al. 2014 Figs. 2-3: validation metric against epoch (mean and 95%
+  * learning curves, as Chung et al. 2014 Figs. 2-3: validation metric against updates (mean and 95%
     bootstrap band over seeds) and against wall-clock seconds (one line per seed), chosen lr per cell;
   * test metric per cell and task setting, with the tables' t-intervals and each seed as a dot;
   * gradient flow ‖∂L_T/∂h_t‖ / ‖∂L_T/∂h_T‖ against the distance T - t, log scale (median and
@@ -99,7 +99,8 @@ def _maybe_log(ax: Any, values: pd.Series) -> None:
 
 
 def learning_curves(chosen: pd.DataFrame, histories: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Per task setting x variant: val metric vs epoch (mean, 95% bootstrap band) and vs wall-clock seconds."""
+    """Per task setting x variant: val metric vs updates (mean, 95% bootstrap band) and vs wall-clock seconds,
+    as Chung et al. 2014 Figs. 2-3; against epochs instead where runs predate the `updates` record."""
     import seaborn as sns
 
     from rnnbench.analysis.runs import wide_histories
@@ -121,7 +122,8 @@ def learning_curves(chosen: pd.DataFrame, histories: pd.DataFrame, out_dir: Path
             data = data.assign(epoch=data["epoch"] + 1)
             pal = _palette(list(data["cell"].unique()))
             fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-            sns.lineplot(data=data, x="epoch", y=key, hue="cell", palette=pal, errorbar=("ci", 95),
+            x = "updates" if "updates" in data and data["updates"].notna().all() else "epoch"
+            sns.lineplot(data=data, x=x, y=key, hue="cell", palette=pal, errorbar=("ci", 95),
                          n_boot=N_BOOT, seed=SEED, ax=axes[0])
             if "wall_seconds" in data:
                 sns.lineplot(data=data, x="wall_seconds", y=key, hue="cell", palette=pal, units="seed",
@@ -134,7 +136,7 @@ def learning_curves(chosen: pd.DataFrame, histories: pd.DataFrame, out_dir: Path
                     axes[1].annotate(col.rsplit("_", 1)[1], (1.0, ref), xycoords=("axes fraction", "data"),
                                      ha="right", va="bottom", fontsize=7, color="0.3")
             _maybe_log(axes[0], data[key])
-            axes[0].set(xlabel="epoch", ylabel=f"validation {metric}", title=_title(setting, variant))
+            axes[0].set(xlabel="updates" if x == "updates" else "epoch", ylabel=f"validation {metric}", title=_title(setting, variant))
             axes[1].set(xlabel="wall-clock seconds", title="one line per seed")
             files += save(fig, out_dir, f"curves_{slug(setting)}" + (f"_{slug(variant)}" if variant else ""))
     return files

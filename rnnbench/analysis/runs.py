@@ -43,7 +43,7 @@ TAG_COLUMNS: dict[str, str] = {
 """MLflow tag -> frame column."""
 
 CURVE_PREFIXES = ("train_", "val_")
-CURVE_KEYS = ("epoch_seconds", "wall_seconds")
+CURVE_KEYS = ("epoch_seconds", "wall_seconds", "updates")
 PRIMARY_METRIC_FALLBACK = {"copy": "ce", "adding": "mse"}  # anything else: "nll"
 _MISSING = {"", "None", "none", "null", "nan", "NaN"}
 
