@@ -465,6 +465,29 @@ def test_parallel_workers_lose_and_double_nothing(tmp_path: Path, store: str) ->
     assert local.metrics["test_ce"] == pytest.approx(remote.data.metrics["test_ce"], rel=1e-5)
 
 
+def _gpu_seen_after(pause: float) -> str | None:
+    time.sleep(pause)  # long enough that the other task starts on the other worker
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+@pytest.mark.parametrize("gpus, seen", [(["5", "7"], ["5", "7"]), (["0"], None)])
+def test_process_pool_spreads_workers_over_gpus(monkeypatch: pytest.MonkeyPatch, gpus: list[str], seen: Any) -> None:
+    """Worker k of a pool on a host with several GPUs sees only GPU k mod n (its cuda:0); with one GPU (or
+    none) the workers' environment is left alone."""
+    from rnnbench.sweep import executors
+
+    monkeypatch.setattr(executors, "visible_gpus", lambda: gpus)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    ex = executors.ProcessPoolExecutor(2)
+    try:
+        futures = [ex._pool.submit(_gpu_seen_after, 3.0) for _ in range(2)]
+        got = sorted(f.result(timeout=300) or "-" for f in futures)
+    finally:
+        ex.close()
+    assert got == (seen if seen else ["-", "-"])
+    assert ("over GPUs 5,7" in ex.description) == (len(gpus) > 1)
+
+
 @pytest.mark.ray
 def test_ray_executor_local_instance(tmp_path: Path, store: str) -> None:
     pytest.importorskip("ray")
@@ -480,6 +503,28 @@ def test_ray_executor_local_instance(tmp_path: Path, store: str) -> None:
     import ray
 
     assert not ray.is_initialized()  # the instance it started is shut down
+
+
+@pytest.mark.ray
+def test_ray_tasks_ask_for_a_gpu_share_where_the_cluster_has_gpus(tmp_path: Path, store: str) -> None:
+    """A task asking for no GPU sees none under Ray, so on a cluster with GPUs (here 2, declared) each task
+    asks for GPUs / tasks at a time; the sweep still schedules and finishes every point."""
+    pytest.importorskip("ray")
+    import ray
+
+    from rnnbench.sweep import run_sweep
+    from rnnbench.sweep.ray_executor import RayExecutor
+
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert RayExecutor(4).gpu_share == 0.5 and RayExecutor(1).gpu_share == 1.0
+        assert "0.5 GPU each" in RayExecutor(4).description
+        spec = spec_from_dict(tiny(name="raygpu", grid={"train.seed": [0, 1, 2]}))
+        summary = run_sweep(spec, [], executor="ray", workers=4, progress=False, echo=lambda _: None)
+        assert summary.ok, summary.lines()
+        assert_one_finished_per_point(store, "raygpu", 3)
+    finally:
+        ray.shutdown()
 
 
 def test_batch_models_trains_groups_together_one_run_per_point(tmp_path: Path) -> None:

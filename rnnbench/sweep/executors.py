@@ -60,7 +60,21 @@ class InProcessExecutor(Executor):
         return run_point(self._queue.popleft())
 
 
-def _init_worker(threads: int) -> None:
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries (its list where set, else 0..n-1)."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return listed[:n] if listed else [str(i) for i in range(n)]
+
+
+def _init_worker(threads: int, slots: "multiprocessing.queues.Queue[int] | None" = None, gpus: tuple[str, ...] = ()) -> None:
+    # Worker k of the pool (k taken from `slots`) sees only GPU k mod len(gpus), as its cuda:0, so N
+    # workers on a multi-GPU host spread over the GPUs instead of all sharing the first. Set before
+    # anything initialises CUDA in this fresh (spawned) process.
+    if slots is not None and len(gpus) > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slots.get() % len(gpus)]
     import torch
 
     torch.set_num_threads(threads)
@@ -70,22 +84,30 @@ class ProcessPoolExecutor(Executor):
     """N worker processes (spawn start method: no forked torch/MLflow state, same as on macOS/Windows).
 
     The store and experiment exist before the workers start (the driver made them), so concurrent
-    writers to a SQLite store only add rows. Each worker gets cpu_count / N torch threads.
+    writers to a SQLite store only add rows. Each worker gets cpu_count / N torch threads and, on a
+    host with several GPUs, one of them (worker k: GPU k mod the GPU count).
     """
 
     def __init__(self, workers: int) -> None:
         self.capacity = workers
-        self.description = f"on {workers} worker processes"
         self._threads = max(1, (os.cpu_count() or 1) // workers)
+        self._gpus = tuple(visible_gpus())
+        self.description = f"on {workers} worker processes" + (f" over GPUs {','.join(self._gpus)}" if len(self._gpus) > 1 else "")
         self._pool = self._new_pool()
         self._futures: dict[cf.Future, Job] = {}
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
+        context = multiprocessing.get_context("spawn")
+        slots = None
+        if len(self._gpus) > 1:
+            slots = context.Queue()
+            for k in range(self.capacity):
+                slots.put(k)
         return cf.ProcessPoolExecutor(
             max_workers=self.capacity,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=context,
             initializer=_init_worker,
-            initargs=(self._threads,),
+            initargs=(self._threads, slots, self._gpus),
         )
 
     def submit(self, job: Job) -> None:

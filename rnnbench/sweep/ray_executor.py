@@ -8,6 +8,10 @@ if runs killed with a node are to be resumed rather than restarted.
 
 Tasks are not retried by Ray (max_retries=0): a point lost with its node stays RUNNING in MLflow
 and is resumed (or restarted) by the next invocation of the same sweep.
+
+GPUs: Ray hides every GPU from a task that requests none (CUDA_VISIBLE_DEVICES=""), so on a cluster
+with GPUs each task asks for a share of one, GPUs / tasks at a time (at most 1): Ray then hands each
+task one GPU, spreads the tasks over all of them, and no GPU runs more than its share of points.
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ class RayExecutor(Executor):
                 raise RnnbenchError(f"could not start or reach Ray ({'RAY_ADDRESS=' + address if address else 'local'}): {e}") from None
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.capacity = max(1, min(workers, cpus) if workers else cpus)
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        self.gpu_share = round(min(1.0, gpus / self.capacity), 4) if gpus else 0.0  # Ray's granularity: 1e-4
         where = f"Ray cluster at {address}" if address else "a local Ray instance"
-        self.description = f"on {where}, {self.capacity} at a time"
-        self._remote = ray.remote(num_cpus=1, max_retries=0)(run_point)
+        self.description = f"on {where}, {self.capacity} at a time" + (f", {self.gpu_share:g} GPU each" if gpus else "")
+        self._remote = ray.remote(num_cpus=1, num_gpus=self.gpu_share, max_retries=0)(run_point)
         self._refs: dict[Any, Job] = {}
 
     def submit(self, job: Job) -> None:
