@@ -277,11 +277,13 @@ void lstm_fwd(const Tensor& xw, const Tensor& whh, const Tensor& wci, const Tens
   }
 }
 
-std::vector<Tensor> peephole_lstm_fwd(const Tensor& xw, const Tensor& h0, const Tensor& c0, const Tensor& whh,
-                                      const Tensor& wci, const Tensor& wcf, const Tensor& wco) {
-  check({&xw, &h0, &c0, &whh, &wci, &wcf, &wco}, "peephole_lstm_fwd");
+// The ops of both LSTMs (Peep = false: wci, wcf, wco are not read; the caller passes any tensors).
+template <bool Peep>
+std::vector<Tensor> lstm_forward(const char* op, const Tensor& xw, const Tensor& h0, const Tensor& c0, const Tensor& whh,
+                                 const Tensor& wci, const Tensor& wcf, const Tensor& wco) {
+  check({&xw, &h0, &c0, &whh, &wci, &wcf, &wco}, op);
   const int64_t T = xw.size(0), B = xw.size(1), H = h0.size(1);
-  TORCH_CHECK(xw.dim() == 3 && T >= 1 && xw.size(2) == 4 * H && h0.size(0) == B, "peephole_lstm_fwd: shapes");
+  TORCH_CHECK(xw.dim() == 3 && T >= 1 && xw.size(2) == 4 * H && h0.size(0) == B, op, ": shapes");
   auto o = xw.options();
   Tensor hbuf = at::empty({T + 1, B, H}, o), cbuf = at::empty({T + 1, B, H}, o);
   Tensor gates = at::empty({T, B, 4 * H}, o), tcs = at::empty({T, B, H}, o);
@@ -290,11 +292,16 @@ std::vector<Tensor> peephole_lstm_fwd(const Tensor& xw, const Tensor& h0, const 
   Tensor gh = at::empty({B, 4 * H}, o);
   over_rows(B, 4 * H, H, [&](int64_t b0, int64_t b1) {
     if (xw.scalar_type() == at::kFloat)
-      lstm_fwd<float, true>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1);
+      lstm_fwd<float, Peep>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1);
     else
-      lstm_fwd<double, true>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1);
+      lstm_fwd<double, Peep>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1);
   });
   return {hbuf, cbuf, gates, tcs};
+}
+
+std::vector<Tensor> peephole_lstm_fwd(const Tensor& xw, const Tensor& h0, const Tensor& c0, const Tensor& whh,
+                                      const Tensor& wci, const Tensor& wcf, const Tensor& wco) {
+  return lstm_forward<true>("peephole_lstm_fwd", xw, h0, c0, whh, wci, wcf, wco);
 }
 
 // dhs (T,B,H) = dL/dh_t from the outputs; dhT, dcT (B,H) from the final state.
@@ -357,63 +364,45 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
   }
 }
 
-std::vector<Tensor> peephole_lstm_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& dcT, const Tensor& whh,
-                                      const Tensor& wci, const Tensor& wcf, const Tensor& wco, const Tensor& hbuf,
-                                      const Tensor& cbuf, const Tensor& gates, const Tensor& tcs) {
-  check({&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, "peephole_lstm_bwd");
+template <bool Peep>
+std::vector<Tensor> lstm_backward(const char* op, const Tensor& dhs, const Tensor& dhT, const Tensor& dcT,
+                                  const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
+                                  const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates, const Tensor& tcs) {
+  check({&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, op);
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
   auto o = dhs.options();
   Tensor dxw = at::empty({T, B, 4 * H}, o);
   Tensor dh = dhT.clone(), dc = dcT.clone();
-  Tensor acc = at::zeros({chunks_of(B, 4 * H, H), 3, H}, o.dtype(at::kDouble));
+  Tensor acc = at::zeros({Peep ? chunks_of(B, 4 * H, H) : 0, 3, H}, o.dtype(at::kDouble));
   over_rows(B, 4 * H, H, [&](int64_t b0, int64_t b1) {
     if (dhs.scalar_type() == at::kFloat)
-      lstm_bwd<float, true>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, b0, b1);
+      lstm_bwd<float, Peep>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, b0, b1);
     else
-      lstm_bwd<double, true>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, b0, b1);
+      lstm_bwd<double, Peep>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, b0, b1);
   });
   Tensor dwhh = at::mm(dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
+  if (!Peep) return {dxw, dh, dc, dwhh};
   Tensor dpeep = at::sum(acc, {0}).to(o.dtype());
   return {dxw, dh, dc, dwhh, dpeep[0], dpeep[1], dpeep[2]};
 }
 
+std::vector<Tensor> peephole_lstm_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& dcT, const Tensor& whh,
+                                      const Tensor& wci, const Tensor& wcf, const Tensor& wco, const Tensor& hbuf,
+                                      const Tensor& cbuf, const Tensor& gates, const Tensor& tcs) {
+  return lstm_backward<true>("peephole_lstm_bwd", dhs, dhT, dcT, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs);
+}
+
 // ==== LSTM without peepholes (torch.nn.LSTM) =======================================================
-// The loops above with the peephole terms compiled out. xw (T,B,4H) = x W_ih^T + b_ih + b_hh, order i, f,
+// The ops above with the peephole terms compiled out. xw (T,B,4H) = x W_ih^T + b_ih + b_hh, order i, f,
 // g, o; h0, c0 (B,H); whh (4H,H). Returns hbuf, cbuf, gates, tcs as peephole_lstm_fwd; the backward
 // d xw, dh0, dc0, d whh.
 std::vector<Tensor> lstm_fwd_op(const Tensor& xw, const Tensor& h0, const Tensor& c0, const Tensor& whh) {
-  check({&xw, &h0, &c0, &whh}, "lstm_fwd");
-  const int64_t T = xw.size(0), B = xw.size(1), H = h0.size(1);
-  TORCH_CHECK(xw.dim() == 3 && T >= 1 && xw.size(2) == 4 * H && h0.size(0) == B, "lstm_fwd: shapes");
-  auto o = xw.options();
-  Tensor hbuf = at::empty({T + 1, B, H}, o), cbuf = at::empty({T + 1, B, H}, o);
-  Tensor gates = at::empty({T, B, 4 * H}, o), tcs = at::empty({T, B, H}, o);
-  hbuf.select(0, 0).copy_(h0);
-  cbuf.select(0, 0).copy_(c0);
-  Tensor gh = at::empty({B, 4 * H}, o);
-  over_rows(B, 4 * H, H, [&](int64_t b0, int64_t b1) {
-    if (xw.scalar_type() == at::kFloat)
-      lstm_fwd<float, false>(xw, whh, whh, whh, whh, hbuf, cbuf, gates, tcs, gh, b0, b1);
-    else
-      lstm_fwd<double, false>(xw, whh, whh, whh, whh, hbuf, cbuf, gates, tcs, gh, b0, b1);
-  });
-  return {hbuf, cbuf, gates, tcs};
+  return lstm_forward<false>("lstm_fwd", xw, h0, c0, whh, whh, whh, whh);
 }
 
 std::vector<Tensor> lstm_bwd_op(const Tensor& dhs, const Tensor& dhT, const Tensor& dcT, const Tensor& whh,
                                 const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates, const Tensor& tcs) {
-  check({&dhs, &dhT, &dcT, &whh, &hbuf, &cbuf, &gates, &tcs}, "lstm_bwd");
-  const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
-  Tensor dxw = at::empty({T, B, 4 * H}, dhs.options());
-  Tensor dh = dhT.clone(), dc = dcT.clone();
-  over_rows(B, 4 * H, H, [&](int64_t b0, int64_t b1) {
-    if (dhs.scalar_type() == at::kFloat)
-      lstm_bwd<float, false>(dhs, whh, whh, whh, whh, cbuf, gates, tcs, dxw, dh, dc, dh, b0, b1);
-    else
-      lstm_bwd<double, false>(dhs, whh, whh, whh, whh, cbuf, gates, tcs, dxw, dh, dc, dh, b0, b1);
-  });
-  Tensor dwhh = at::mm(dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
-  return {dxw, dh, dc, dwhh};
+  return lstm_backward<false>("lstm_bwd", dhs, dhT, dcT, whh, whh, whh, whh, hbuf, cbuf, gates, tcs);
 }
 
 // ==== tanh RNN (Elman; torch.nn.RNN) ===============================================================
