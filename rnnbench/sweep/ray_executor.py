@@ -9,9 +9,10 @@ if runs killed with a node are to be resumed rather than restarted.
 Tasks are not retried by Ray (max_retries=0): a point lost with its node stays RUNNING in MLflow
 and is resumed (or restarted) by the next invocation of the same sweep.
 
-GPUs: Ray hides every GPU from a task that requests none (CUDA_VISIBLE_DEVICES=""), so on a cluster
-with GPUs each task asks for a share of one, GPUs / tasks at a time (at most 1): Ray then hands each
-task one GPU, spreads the tasks over all of them, and no GPU runs more than its share of points.
+GPUs: a task that requests none is either hidden from every GPU (older Ray: CUDA_VISIBLE_DEVICES="",
+so it trains on the CPU) or sees them all (newer Ray, e.g. 2.60: every task on cuda:0). So on a
+cluster with GPUs each task asks for a share of one, GPUs / tasks at a time (at most 1): Ray then
+sets CUDA_VISIBLE_DEVICES to the one GPU it assigns, and no GPU runs more than its share of points.
 """
 
 from __future__ import annotations
