@@ -47,7 +47,7 @@ class RayExecutor(Executor):
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.capacity = max(1, min(workers, cpus) if workers else cpus)
         gpus = float(ray.cluster_resources().get("GPU", 0))
-X
+        self.gpu_share = max(1e-4, round(min(1.0, gpus / self.capacity), 4)) if gpus else 0.0  # Ray's granularity: 1e-4
         where = f"Ray cluster at {address}" if address else "a local Ray instance"
         self.description = f"on {where}, {self.capacity} at a time" + (f", {self.gpu_share:g} GPU each" if gpus else "")
         self._remote = ray.remote(num_cpus=1, num_gpus=self.gpu_share, max_retries=0)(run_point)
