@@ -13,8 +13,8 @@ float64 by tests/test_fast_cells.py (outputs, final states, input, state and wei
             Per step: one small MKL product (two for the reset-before GRU), single-threaded (MKL's
             threads cost more than these products: 2.3x slower loops on 2 cores), and one vectorised
             pass over the gates (-march=native). Where a step's product is large (gates*H*H >= 16384)
-            the batch's rows run in chunks of 16 in parallel over torch's intra-op threads (rows are
-            independent through time). Ops *_many (`_ManyCpp`) take lists of K models' tensors
+            the forward loop runs the batch's rows in chunks of 16 in parallel over torch's intra-op
+            threads (rows are independent through time). Ops *_many (`_ManyCpp`) take lists of K models' tensors
             (lengths may differ) and run the K loops in parallel over those threads
             (rnnbench/many_models.py). The `tanh` and `lstm` cells (torch.nn.RNN / nn.LSTM weights)
             have compiled loops only: elsewhere they run torch's kernels.

@@ -158,12 +158,13 @@ void gemm(T_* c, int64_t M, int64_t N, const T_* a, int64_t Kd, int64_t lda, con
 // any thread is re-raised on the caller's. Work started from inside a worker (a model's row chunks)
 // runs serially on that worker.
 //
-// A batch is cut into chunks of 16 rows only where one row's product per step is large (G x H >= 16384:
-// the LSTM from H = 64, the GRUs from H = 74, tanh from H = 128); below that a chunk's per-step product is
-// so small that the BLAS call costs more than the work, and two threads ran no faster than one (plus
-// ~0.2 ms to start them). Measured on 2 cores, batch 32: the LSTM's loops at H = 100 in 8.5 + 12 ms
-// instead of 15.8 + 14.5. The cut depends on the shapes only, never on the thread count, so the
-// numbers do not either: each row's products and gate passes are the same on 1 thread or 16.
+// The forward loops cut a batch into chunks of 16 rows where one row's product per step is large
+// (G x H >= 16384: the LSTM from H = 64, the GRUs from H = 74, tanh from H = 128). Measured on this
+// project's 2 cores, batch 32, LSTM at H = 100: forward 15.8 ms on 1 thread, 8.5 ms on 2. Below that
+// size a chunk's product is so small that the BLAS call costs more than the work, and two threads ran
+// no faster than one (plus ~0.2 ms to start them). The backward loops run the whole batch on one
+// thread: in chunks on 2 threads they were ~1 ms slower at H = 100 (memory-bound there). The cut depends
+// on the shapes only, never on the thread count, so the numbers do not either.
 constexpr int64_t kRowsPerChunk = 16;
 inline int64_t rows_per_chunk(int64_t B, int64_t G, int64_t H) { return G * H >= 16384 ? kRowsPerChunk : std::max<int64_t>(B, 1); }
 inline int64_t chunks_of(int64_t B, int64_t G, int64_t H) {
@@ -309,7 +310,7 @@ std::vector<Tensor> peephole_lstm_fwd(const Tensor& xw, const Tensor& h0, const 
 template <typename T_, bool Peep>
 void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
               const Tensor& cbuf, const Tensor& gates, const Tensor& tcs, Tensor& dxw, Tensor& dh, Tensor& dc,
-              Tensor& acc, int64_t b0, int64_t b1) {
+              Tensor& acc) {
   OneBlasThread one_blas_thread;
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), G = 4 * H, BH = B * H;
   const T_* __restrict__ pci = Peep ? wci.data_ptr<T_>() : nullptr;
@@ -317,9 +318,8 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
   const T_* __restrict__ pco = Peep ? wco.data_ptr<T_>() : nullptr;
   T_* __restrict__ pdh = dh.data_ptr<T_>();
   T_* __restrict__ pdc = dc.data_ptr<T_>();
-  // peephole gradients summed in double whatever T_ is: 6400 terms per unit lose nothing; one row of
-  // `acc` (chunks, 3H) per chunk of batch rows, summed in chunk order afterwards
-  double* __restrict__ aci = Peep ? acc.data_ptr<double>() + (b0 / rows_per_chunk(B, G, H)) * 3 * H : nullptr;
+  // peephole gradients summed in double whatever T_ is: 6400 terms per unit lose nothing
+  double* __restrict__ aci = Peep ? acc.data_ptr<double>() : nullptr;
   double* __restrict__ acf = Peep ? aci + H : nullptr;
   double* __restrict__ aco = Peep ? aci + 2 * H : nullptr;
   for (int64_t t = T - 1; t >= 0; --t) {
@@ -329,7 +329,7 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
     const T_* __restrict__ ptc = tcs.data_ptr<T_>() + t * BH;
     const T_* __restrict__ pdo = dhs.data_ptr<T_>() + t * BH;
     T_* __restrict__ pda = dxw.data_ptr<T_>() + t * B * G;
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = 0; b < B; ++b) {
       const T_* __restrict__ g = pg + b * G;
       const T_* __restrict__ c = pc + b * H;
       const T_* __restrict__ cp = pcp + b * H;
@@ -360,7 +360,7 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
         }
       }
     }
-    gemm<T_>(pdh + b0 * H, b1 - b0, H, dxw.data_ptr<T_>() + t * B * G + b0 * G, G, G, whh, false, 0.0);  // dh_{t-1} = dA_t W_hh
+    gemm<T_>(pdh, B, H, dxw.data_ptr<T_>() + t * B * G, G, G, whh, false, 0.0);  // dh_{t-1} = dA_t W_hh
   }
 }
 
@@ -373,16 +373,14 @@ std::vector<Tensor> lstm_backward(const char* op, const Tensor& dhs, const Tenso
   auto o = dhs.options();
   Tensor dxw = at::empty({T, B, 4 * H}, o);
   Tensor dh = dhT.clone(), dc = dcT.clone();
-  Tensor acc = at::zeros({Peep ? chunks_of(B, 4 * H, H) : 0, 3, H}, o.dtype(at::kDouble));
-  over_rows(B, 4 * H, H, [&](int64_t b0, int64_t b1) {
-    if (dhs.scalar_type() == at::kFloat)
-      lstm_bwd<float, Peep>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, b0, b1);
-    else
-      lstm_bwd<double, Peep>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, b0, b1);
-  });
+  Tensor acc = at::zeros({Peep ? 3 : 0, H}, o.dtype(at::kDouble));
+  if (dhs.scalar_type() == at::kFloat)
+    lstm_bwd<float, Peep>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
+  else
+    lstm_bwd<double, Peep>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
   Tensor dwhh = at::mm(dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
   if (!Peep) return {dxw, dh, dc, dwhh};
-  Tensor dpeep = at::sum(acc, {0}).to(o.dtype());
+  Tensor dpeep = acc.to(o.dtype());
   return {dxw, dh, dc, dwhh, dpeep[0], dpeep[1], dpeep[2]};
 }
 
@@ -437,8 +435,7 @@ std::vector<Tensor> tanh_rnn_fwd(const Tensor& xw, const Tensor& h0, const Tenso
 }
 
 template <typename T_>
-void tanh_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, Tensor& dxw, Tensor& dh, int64_t b0,
-              int64_t b1) {
+void tanh_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, Tensor& dxw, Tensor& dh) {
   OneBlasThread one_blas_thread;
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), BH = B * H;
   T_* __restrict__ pdh = dh.data_ptr<T_>();
@@ -447,8 +444,8 @@ void tanh_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, Tensor& 
     const T_* __restrict__ dho = dhs.data_ptr<T_>() + t * BH;
     T_* __restrict__ da = dxw.data_ptr<T_>() + t * BH;
 #pragma GCC ivdep
-    for (int64_t j = b0 * H; j < b1 * H; ++j) da[j] = (pdh[j] + dho[j]) * (1 - h[j] * h[j]);
-    gemm<T_>(pdh + b0 * H, b1 - b0, H, da + b0 * H, H, H, whh, false, 0.0);  // dh_{t-1} = dA_t W_hh
+    for (int64_t j = 0; j < BH; ++j) da[j] = (pdh[j] + dho[j]) * (1 - h[j] * h[j]);
+    gemm<T_>(pdh, B, H, da, H, H, whh, false, 0.0);  // dh_{t-1} = dA_t W_hh
   }
 }
 
@@ -457,12 +454,10 @@ std::vector<Tensor> tanh_rnn_bwd(const Tensor& dhs, const Tensor& dhT, const Ten
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
   Tensor dxw = at::empty({T, B, H}, dhs.options());
   Tensor dh = dhT.clone();
-  over_rows(B, H, H, [&](int64_t b0, int64_t b1) {
-    if (dhs.scalar_type() == at::kFloat)
-      tanh_bwd<float>(dhs, whh, hbuf, dxw, dh, b0, b1);
-    else
-      tanh_bwd<double>(dhs, whh, hbuf, dxw, dh, b0, b1);
-  });
+  if (dhs.scalar_type() == at::kFloat)
+    tanh_bwd<float>(dhs, whh, hbuf, dxw, dh);
+  else
+    tanh_bwd<double>(dhs, whh, hbuf, dxw, dh);
   Tensor dwhh = at::mm(dxw.view({T * B, H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
   return {dxw, dh, dwhh};
 }
@@ -536,10 +531,12 @@ std::vector<Tensor> gru_reset_before_fwd(const Tensor& xw, const Tensor& h0, con
 }
 
 template <typename T_>
-void grub_bwd(const Tensor& dhs, const Tensor& hbuf, const Tensor& gates, Tensor& dxw, Tensor& dh,
-              const Tensor& u_rz, const Tensor& u_h, Tensor& drh, int64_t b0, int64_t b1) {
+void grub_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Tensor& gates, Tensor& dxw,
+              Tensor& dh) {
   OneBlasThread one_blas_thread;
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), G = 3 * H, BH = B * H;
+  Tensor u_rz = whh.narrow(0, 0, 2 * H), u_h = whh.narrow(0, 2 * H, H);
+  Tensor drh = at::empty({B, H}, dhs.options());
   const T_* __restrict__ pdrh = drh.data_ptr<T_>();
   T_* __restrict__ pdh = dh.data_ptr<T_>();
   for (int64_t t = T - 1; t >= 0; --t) {
@@ -547,7 +544,7 @@ void grub_bwd(const Tensor& dhs, const Tensor& hbuf, const Tensor& gates, Tensor
     const T_* __restrict__ php = hbuf.data_ptr<T_>() + t * BH;
     const T_* __restrict__ pdo = dhs.data_ptr<T_>() + t * BH;
     T_* __restrict__ pda = dxw.data_ptr<T_>() + t * B * G;
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = 0; b < B; ++b) {
       const T_* __restrict__ g = pg + b * G;
       const T_* __restrict__ hp = php + b * H;
       const T_* __restrict__ dho = pdo + b * H;
@@ -563,8 +560,8 @@ void grub_bwd(const Tensor& dhs, const Tensor& hbuf, const Tensor& gates, Tensor
       }
     }
     T_* pdat = dxw.data_ptr<T_>() + t * B * G;
-    gemm<T_>(drh.data_ptr<T_>() + b0 * H, b1 - b0, H, pdat + b0 * G + 2 * H, H, G, u_h, false, 0.0);  // d(r h_{t-1}) = dA_h U_h
-    for (int64_t b = b0; b < b1; ++b) {
+    gemm<T_>(drh.data_ptr<T_>(), B, H, pdat + 2 * H, H, G, u_h, false, 0.0);  // d(r h_{t-1}) = dA_h U_h
+    for (int64_t b = 0; b < B; ++b) {
       const T_* __restrict__ g = pg + b * G;
       const T_* __restrict__ hp = php + b * H;
       const T_* __restrict__ d = pdrh + b * H;
@@ -577,7 +574,7 @@ void grub_bwd(const Tensor& dhs, const Tensor& hbuf, const Tensor& gates, Tensor
         dhb[j] += d[j] * r;
       }
     }
-    gemm<T_>(pdh + b0 * H, b1 - b0, H, pdat + b0 * G, 2 * H, G, u_rz, false, 1.0);  // + [dA_r, dA_z] [U_r; U_z]
+    gemm<T_>(pdh, B, H, pdat, 2 * H, G, u_rz, false, 1.0);  // + [dA_r, dA_z] [U_r; U_z]
   }
 }
 
@@ -587,14 +584,10 @@ std::vector<Tensor> gru_reset_before_bwd(const Tensor& dhs, const Tensor& dhT, c
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
   Tensor dxw = at::empty({T, B, 3 * H}, dhs.options());
   Tensor dh = dhT.clone();
-  Tensor u_rz = whh.narrow(0, 0, 2 * H), u_h = whh.narrow(0, 2 * H, H);
-  Tensor drh = at::empty({B, H}, dhs.options());
-  over_rows(B, 3 * H, H, [&](int64_t b0, int64_t b1) {
-    if (dhs.scalar_type() == at::kFloat)
-      grub_bwd<float>(dhs, hbuf, gates, dxw, dh, u_rz, u_h, drh, b0, b1);
-    else
-      grub_bwd<double>(dhs, hbuf, gates, dxw, dh, u_rz, u_h, drh, b0, b1);
-  });
+  if (dhs.scalar_type() == at::kFloat)
+    grub_bwd<float>(dhs, whh, hbuf, gates, dxw, dh);
+  else
+    grub_bwd<double>(dhs, whh, hbuf, gates, dxw, dh);
   Tensor da = dxw.view({T * B, 3 * H});
   Tensor dwhh = at::empty({3 * H, H}, dhs.options());
   Tensor top = dwhh.narrow(0, 0, 2 * H), bottom = dwhh.narrow(0, 2 * H, H);
@@ -662,7 +655,7 @@ std::vector<Tensor> gru_reset_after_fwd(const Tensor& gi, const Tensor& h0, cons
 
 template <typename T_>
 void grua_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Tensor& gates, Tensor& dgi,
-              Tensor& dgh, Tensor& dh, int64_t b0, int64_t b1) {
+              Tensor& dgh, Tensor& dh) {
   OneBlasThread one_blas_thread;
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), G = 3 * H, BH = B * H;
   T_* __restrict__ pdh = dh.data_ptr<T_>();
@@ -672,7 +665,7 @@ void grua_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
     const T_* __restrict__ pdo = dhs.data_ptr<T_>() + t * BH;
     T_* __restrict__ pdi = dgi.data_ptr<T_>() + t * B * G;
     T_* __restrict__ pdg = dgh.data_ptr<T_>() + t * B * G;
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = 0; b < B; ++b) {
       const T_* __restrict__ g = pg + b * 4 * H;
       const T_* __restrict__ hp = php + b * H;
       const T_* __restrict__ dho = pdo + b * H;
@@ -695,7 +688,7 @@ void grua_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
         dhb[j] = dht * z;
       }
     }
-    gemm<T_>(pdh + b0 * H, b1 - b0, H, dgh.data_ptr<T_>() + t * B * G + b0 * G, G, G, whh, false, 1.0);  // + d gh_t W_hh
+    gemm<T_>(pdh, B, H, dgh.data_ptr<T_>() + t * B * G, G, G, whh, false, 1.0);  // + d gh_t W_hh
   }
 }
 
@@ -706,12 +699,10 @@ std::vector<Tensor> gru_reset_after_bwd(const Tensor& dhs, const Tensor& dhT, co
   auto o = dhs.options();
   Tensor dgi = at::empty({T, B, 3 * H}, o), dgh = at::empty({T, B, 3 * H}, o);
   Tensor dh = dhT.clone();
-  over_rows(B, 3 * H, H, [&](int64_t b0, int64_t b1) {
-    if (dhs.scalar_type() == at::kFloat)
-      grua_bwd<float>(dhs, whh, hbuf, gates, dgi, dgh, dh, b0, b1);
-    else
-      grua_bwd<double>(dhs, whh, hbuf, gates, dgi, dgh, dh, b0, b1);
-  });
+  if (dhs.scalar_type() == at::kFloat)
+    grua_bwd<float>(dhs, whh, hbuf, gates, dgi, dgh, dh);
+  else
+    grua_bwd<double>(dhs, whh, hbuf, gates, dgi, dgh, dh);
   Tensor dgh2 = dgh.view({T * B, 3 * H});
   Tensor dwhh = at::mm(dgh2.t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
   Tensor dbhh = at::sum(dgh2, {0});
