@@ -353,7 +353,7 @@ def choose_recurrence(cell: str, device: torch.device | str) -> str:
     """'stacked' or 'per_model' for `cell` on `device`, from measurements (results/bench/bench_*.md).
 
     CPU: always 'stacked'; where the compiled loops load, the K models' loops run in parallel over the
-    threads (1.1-1.3x the throughput of K sequential runs with 32 models, 2 cores, each sequential run
+    threads (1.0-1.2x the throughput of K sequential runs with 32 models, 2 cores, each sequential run
     itself on the compiled loops). CUDA: cells without
     a fused kernel (lstm_peephole, gru_reset_before) stack; for fused ones K cuDNN calls beat an eager
     stacked loop on an H100 up to K = 64 (../shared/docs/speed-probes.md).

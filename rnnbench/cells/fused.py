@@ -11,8 +11,8 @@ LSTM (aten::mkldnn_rnn_layer), but nn.RNN and nn.GRU fall back to a per-step cha
 autograd (~15 nodes and 2 small matmuls a step for the GRU). Each cell therefore runs, on CPU
 float32/float64 tensors with impl "auto", the compiled time loop of rnnbench/cells/_fast.py over the
 same weights (same function, same state_dict) where that loop was measured faster: always for tanh
-(2.5-4.9x nn.RNN at H = 36-100, bench_cpu.md) and the GRU (2.3-6.4x nn.GRU), and for the LSTM below
-H = 64 (1.48x nn.LSTM at 36, 1.37x at 46; in a side-by-side probe 1.12x at 56, 0.87x at 64, 0.9x at
+(2.9-5.8x nn.RNN at H = 36-100, bench_cpu.md) and the GRU (2.7-6.7x nn.GRU), and for the LSTM below
+H = 64 (1.61x nn.LSTM at 36, 1.22x at 46; in a side-by-side probe 1.12x at 56, 0.87x at 64, 0.9x at
 80: oneDNN threads its step products, which pays from there on). On CUDA they keep cuDNN. Findings and timings: results/bench/GRU_CPU.md, results/bench/bench_cpu.md.
 """
 

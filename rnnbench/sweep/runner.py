@@ -179,7 +179,7 @@ BATCH_MODES = ("auto", "on", "off")
 
 def _batching_on(mode: str, executor: str) -> bool:
     """auto: only where CUDA is available, where one small model leaves the device idle. On the 2-core
-    CPU `on` gains too (32 models together: 1.1-1.3x the throughput of 32 sequential runs,
+    CPU `on` gains too (32 models together: 1.0-1.2x the throughput of 32 sequential runs,
     results/bench/bench_cpu.md; each model keeps its own sequence length there), but holds K models'
     activations in memory at once and keeps a group until its slowest model stops, so there it is a
     choice, not the default. Ray spreads points over nodes instead."""
