@@ -63,9 +63,9 @@ class _Fused(RecurrentLayer):
         impl = self._loop_impl(x)
         if impl is None:
             return self.rnn(x, state)
-        r, B, H = self.rnn, x.shape[0], self.hidden_size
+        r = self.rnn
         if state is None:
-            state = x.new_zeros(self.num_layers, B, H)
+            state = self._zero_state(x)
         finals = []
         x = x.transpose(0, 1)  # time major inside the stack
         for l in range(self.num_layers):
@@ -73,6 +73,9 @@ class _Fused(RecurrentLayer):
             x, final = self._layer(x, state, l, w, impl)  # layer l's h_t is layer l+1's x_t
             finals.append(final)
         return x.transpose(0, 1).contiguous(), self._stack_states(finals)
+
+    def _zero_state(self, x: torch.Tensor) -> State:
+        return x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
 
     def _layer(self, x: torch.Tensor, state: State, l: int, w: dict[str, torch.Tensor], impl: str) -> tuple[torch.Tensor, Any]:
         """(hs, final state) of layer l on time-major x by the compiled loop."""
@@ -151,11 +154,9 @@ class LSTM(_Fused):
     def _cpp_wins(self) -> bool:
         return self.hidden_size < 64  # the measured crossover with oneDNN's LSTM (module docstring)
 
-    def forward(self, x: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
-        if state is None and self._loop_impl(x) is not None:
-            z = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
-            state = (z, z)
-        return super().forward(x, state)
+    def _zero_state(self, x: torch.Tensor) -> State:
+        z = super()._zero_state(x)
+        return z, z
 
     def _layer(self, x, state, l, w, impl):  # type: ignore[override]
         xw = F.linear(x, w["weight_ih"], w["bias_ih"] + w["bias_hh"])
