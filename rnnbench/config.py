@@ -107,10 +107,105 @@ class Config(_Strict):
         """{'model.cell': 'lstm', 'train.lr': 0.001, ...}: the form logged as MLflow params."""
         return flatten(self.to_dict())
 
-    def config_hash(self, exclude: tuple[str, ...] = ("tracking",)) -> str:
-        """Stable id of what determines a run's numbers (tracking settings left out)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in exclude}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    def identity(self) -> dict[str, Any]:
+        """What determines this run's numbers: the config with NOT_IDENTITY applied (see there)."""
+        return identity_dict(self.to_dict())
+
+    def config_hash(self) -> str:
+        """Stable id of what determines a run's numbers: the hash of `identity()`.
+
+        Two configs that differ only in NOT_IDENTITY keys (progress bar, tracking) get one hash, so
+        a `train` run and the sweep point of the same config and seed are one run for the report.
+        """
+        return identity_hash(self.identity())
+
+
+NOT_IDENTITY: dict[str, str] = {
+    # flat config key -> why it cannot change a number; every other field of Config and of every
+    # task's Options is part of a run's identity (tests/test_config.py pins both lists).
+    "train.progress_bar": "display only",
+    "tracking.experiment": "where the run is recorded",
+    "tracking.run_name": "a label",
+    "tracking.tracking_uri": "where the run is recorded",
+    "tracking.checkpoint_dir": "where checkpoints go; a resume reads back the same state wherever it is",
+}
+"""The keys left out of a run's identity (`Config.config_hash`, sweep point ids, the report's repeats).
+
+Kept in on purpose: `train.device` and `train.precision` (CPU and CUDA kernels, float32 and float64,
+give different numbers), `train.gradient_flow` (it changes what a run records: a sweep that asks
+for the probes must not skip points recorded without them), every model, task and train option."""
+
+IDENTITY_PINNED: dict[str, Any] = {"train.progress_bar": False}
+"""Left-out keys the hash sees at a fixed value instead of not at all, so that no existing id
+changes: sweeps always forced `progress_bar=false`, so pinning it there keeps every sweep's point
+ids and config hashes as they were (a plain `train` run, default true, now gets the same hash as
+the sweep point). The tracking section was never hashed and stays out."""
+
+
+def identity_dict(config: dict[str, Any]) -> dict[str, Any]:
+    """A nested config dict (`Config.to_dict()` form) reduced to its identity: NOT_IDENTITY keys
+    dropped, or set to their IDENTITY_PINNED value; a section left empty is dropped."""
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
+    for key in NOT_IDENTITY:
+        section, _, name = key.partition(".")
+        values = out.get(section)
+        if not isinstance(values, dict):
+            continue
+        if key in IDENTITY_PINNED:
+            values[name] = IDENTITY_PINNED[key]
+        else:
+            values.pop(name, None)
+        if not values:
+            del out[section]
+    return out
+
+
+def identity_hash(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_fields() -> set[str]:
+    """Every flat config key: the fields of Config's sections and of every registered task's Options."""
+    from rnnbench.tasks import TASKS
+
+    keys = {f"{section}.{name}" for section in ("model", "train", "tracking")
+            for name in Config.model_fields[section].annotation.model_fields}
+    keys |= {f"task.{name}" for task in TASKS.values() for name in task.Options.model_fields}
+    return keys
+
+
+def identity_keys() -> set[str]:
+    """The flat config keys that are part of a run's identity (all but NOT_IDENTITY)."""
+    return config_fields() - set(NOT_IDENTITY)
+
+
+def identity_from_params(params: dict[str, str]) -> str | None:
+    """The identity hash of a run from its logged MLflow params (strings), for runs already in a store.
+
+    The config is rebuilt from the params that are config fields and hashed as `Config.config_hash`
+    does, so a run logged before NOT_IDENTITY existed (its `config_hash` tag then included
+    `train.progress_bar`) gets today's identity. Where the params no longer validate (a run of an
+    older schema, or a task param that `Task.describe` logged under an option's name), the hash of
+    the identity params as logged; None where the run has no config params at all.
+    """
+    from rnnbench.tasks import TASKS
+
+    task = params.get("task.name")
+    if task is None or "model.cell" not in params:
+        return None
+    known = identity_keys()
+    logged = {k: v for k, v in params.items() if k in known}
+    raw: dict[str, Any] = {}
+    options = TASKS[task].Options.model_fields if task in TASKS else {}
+    for key, text in logged.items():
+        section, _, name = key.partition(".")
+        if section == "task" and name not in options:
+            continue  # another task's option name, or a describe() fact
+        raw.setdefault(section, {})[name] = None if text == "None" else text
+    try:
+        return Config.from_dict(raw).config_hash()
+    except (RnnbenchError, ValidationError, TypeError, ValueError):
+        return "params:" + identity_hash({k: logged[k] for k in sorted(logged)})
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -7,6 +7,8 @@ store are byte-identical.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -234,3 +236,54 @@ def test_cli_report_command(tiny_store: dict, tmp_path: Path) -> None:
                                    "--no-figures", "--specs", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r" / "REPORT.md").is_file() and not (tmp_path / "r" / "figures").exists()
+
+
+# --- a run's identity: one config and seed is one run, however it was launched --------------------
+def _cli(args: list[str], cwd: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "rnnbench.cli", *args], cwd=cwd, env=dict(os.environ),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+TINY_RUN = ("model: {cell: tanh, hidden_size: 8}\n"
+            "task: {name: copy, seq_len: 5, n_train: 64, n_val: 16, n_test: 16}\n"
+            "train: {max_epochs: 2, batch_size: 16, early_stopping_patience: null, device: cpu}\n")
+
+
+def test_a_sweep_point_and_a_train_run_of_one_config_count_once(tmp_path: Path, store: str) -> None:
+    """`rnnbench sweep` (progress bar forced off) and `rnnbench train train.progress_bar=true` of the same
+    config and seed are one run in the report; also when the train run's config_hash tag is the old one
+    (a run recorded before progress_bar left the hash: the identity is rebuilt from its params)."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "run.yaml").write_text(TINY_RUN)
+    spec = {"name": "ident", "base": yaml.safe_load(TINY_RUN), "grid": {"train.seed": [0]}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    _cli(["sweep", "sweep.yaml"], tmp_path)
+    _cli(["train", "run.yaml", "train.progress_bar=true"], tmp_path)
+    runs = load_runs(store)
+    assert len(runs) == 2 and sorted(runs["train.progress_bar"].astype(str)) == ["False", "True"]
+    assert runs["identity"].nunique() == 1 and runs["config_hash"].nunique() == 1
+
+    def seeds_in_report(out: Path) -> int:
+        build_report(out, tracking_uri=store, spec_dir=tmp_path / "none", figures=False)
+        summary = pd.read_csv(out / "tables" / "summary.csv")
+        assert len(summary) == 1
+        assert pd.read_csv(out / "runs.csv")["repeat"].sum() == 1
+        return int(summary["n_seeds"].iloc[0])
+
+    assert seeds_in_report(tmp_path / "r1") == 1
+    # the train run as the old code tagged it: a hash that included progress_bar=True
+    by_hand = runs[runs["sweep"].isna()].iloc[0]
+    old = hashlib.sha256(json.dumps({k: v for k, v in yaml.safe_load(
+        MlflowClient(store).download_artifacts(by_hand["run_id"], "config.yaml", str(tmp_path))
+        and (tmp_path / "config.yaml").read_text()).items() if k != "tracking"}, sort_keys=True).encode()).hexdigest()[:16]
+    assert old != by_hand["config_hash"]
+    MlflowClient(store).set_tag(by_hand["run_id"], "config_hash", old)
+    assert load_runs(store)["config_hash"].nunique() == 2
+    assert seeds_in_report(tmp_path / "r2") == 1

@@ -88,3 +88,90 @@ def test_budget_presets_choose_hidden_size() -> None:
     assert resolve_hidden_size(cfg, input_size=20, output_size=1) == 400
     cfg = Config.from_dict({"model": {"cell": "lstm_peephole", "budget": "speech"}, "task": {"name": "copy"}})
     assert resolve_hidden_size(cfg, input_size=20, output_size=1) == 195
+
+
+# --- a run's identity (config_hash, point ids, the report's repeats) -------------------------------
+IDENTITY = {
+    "model.budget", "model.budget_convention", "model.cell", "model.forget_bias", "model.hidden_size", "model.init",
+    "model.init_scale", "model.num_layers",
+    "task.name", "task.seq_len", "task.n_train", "task.n_val", "task.n_test",  # copy, adding
+    "task.layout", "task.first_frame", "task.max_sequences", "task.source",  # music
+    "task.frame_in", "task.frame_out", "task.n_components", "task.max_samples", "task.max_seconds",  # speech
+    "task.max_recordings", "task.split", "task.test_speaker", "task.val_speaker",
+    "train.seed", "train.optimizer", "train.lr", "train.momentum", "train.rmsprop_alpha", "train.weight_decay",
+    "train.batch_size", "train.max_epochs", "train.max_steps", "train.limit_train_batches", "train.limit_eval_batches",
+    "train.grad_clip", "train.weight_noise", "train.early_stopping_patience",
+    "train.device", "train.precision",  # CPU vs CUDA kernels, float32 vs float64: different numbers
+    "train.gradient_flow",  # changes what a run records
+}
+NOT_IN_IDENTITY = {"train.progress_bar", "tracking.experiment", "tracking.run_name", "tracking.tracking_uri",
+                   "tracking.checkpoint_dir"}
+
+
+def test_every_config_field_has_an_identity_decision() -> None:
+    """A new field of Config or of any task's Options fails here until someone decides whether it can
+    change a run's numbers: add it to IDENTITY above, or to rnnbench.config.NOT_IDENTITY (and here)."""
+    from rnnbench.config import NOT_IDENTITY, config_fields, identity_keys
+
+    fields = config_fields()
+    undecided = fields - IDENTITY - NOT_IN_IDENTITY
+    assert not undecided, f"new config field(s) {sorted(undecided)}: decide whether they enter a run's identity"
+    assert not (IDENTITY | NOT_IN_IDENTITY) - fields, "a pinned key is no longer a config field"
+    assert set(NOT_IDENTITY) == NOT_IN_IDENTITY
+    assert identity_keys() == IDENTITY
+
+
+def _old_hash(config: Config) -> str:
+    """config_hash as it was before NOT_IDENTITY (every key but the tracking section)."""
+    import hashlib
+    import json
+
+    d = {k: v for k, v in config.to_dict().items() if k != "tracking"}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_display_and_tracking_settings_leave_the_hash_and_old_sweep_hashes_stay() -> None:
+    base = {"task": {"name": "copy", "seq_len": 7}, "train": {"lr": 0.01, "seed": 3}}
+    sweep_like = Config.from_dict({**base, "train": {**base["train"], "progress_bar": False}})
+    by_hand = Config.from_dict({**base, "train": {**base["train"], "progress_bar": True},
+                                "tracking": {"experiment": "mine", "run_name": "r", "checkpoint_dir": "/elsewhere",
+                                             "tracking_uri": "sqlite:///x.db"}})
+    assert by_hand.config_hash() == sweep_like.config_hash()
+    # sweeps always ran with progress_bar=false: their hashes (and so their point ids) are unchanged
+    assert sweep_like.config_hash() == _old_hash(sweep_like)
+    assert by_hand.config_hash() != _old_hash(by_hand)  # the old hash counted a train run twice
+    for changed in ({"device": "cpu"}, {"precision": "64"}, {"gradient_flow": False}, {"seed": 4}):
+        other = Config.from_dict({**base, "train": {**base["train"], **changed}})
+        assert other.config_hash() != sweep_like.config_hash(), changed
+
+
+def test_identity_from_logged_params_matches_the_hash() -> None:
+    from rnnbench.config import identity_from_params
+
+    cfg = Config.from_dict({"model": {"cell": "gru", "budget": 2000}, "task": {"name": "jsb", "max_sequences": 3},
+                            "train": {"progress_bar": True, "grad_clip": None}})
+    params = {k: str(v) for k, v in cfg.flat().items()}
+    params.update({"task.input_size": "88", "n_params_total": "123"})  # describe() facts and counts are ignored
+    assert identity_from_params(params) == cfg.config_hash()
+    assert identity_from_params({**params, "train.progress_bar": "False"}) == cfg.config_hash()
+    assert identity_from_params({**params, "train.lr": "0.5"}) != cfg.config_hash()
+    assert identity_from_params({}) is None
+    # params that no longer validate still give one identity per config
+    odd = {**params, "task.layout": "a layout of another version"}
+    assert identity_from_params(odd) == identity_from_params(dict(odd)) != cfg.config_hash()
+    assert identity_from_params(odd) != identity_from_params({**odd, "train.seed": "1"})
+
+
+def test_committed_results_keep_their_hashes() -> None:
+    """Every run exported in results/runs.csv: its identity, rebuilt from its params, is its logged
+    config_hash, so the point ids of those sweeps are still valid."""
+    import pandas as pd
+
+    from rnnbench.config import identity_from_params
+
+    path = Path(__file__).resolve().parents[1] / "results" / "runs.csv"
+    runs = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert len(runs) > 0
+    for _, row in runs.iterrows():
+        params = {k: (v if v != "" else "None") for k, v in row.items() if "." in k}
+        assert identity_from_params(params) == row["config_hash"], row["run_id"]

@@ -32,7 +32,7 @@ from rnnbench.analysis.runs import load_artifact_csvs, load_histories, load_runs
 ALPHA = 0.05
 ID_COLUMNS = [
     "run_id", "experiment_id", "experiment", "sweep", "task", "setting", "variant", "cell", "candidate", "seed",
-    "status", "point_id", "sample", "parent_run_id", "config_hash", "git_commit", "torch_version", "device",
+    "status", "point_id", "sample", "parent_run_id", "config_hash", "identity", "git_commit", "torch_version", "device",
     "failure_reason",
 ]
 SUBSET_OPTIONS = ("task.max_sequences", "task.max_recordings", "task.max_samples", "task.max_seconds")
@@ -299,8 +299,10 @@ def build_report(
         is_gates = artifacts["artifact"].str.endswith("_gates")
         probes = artifacts.rename(columns={"artifact": "probe"})
         curves = probes[~is_gates].dropna(axis=1, how="all")
-        gates = probes[is_gates].dropna(axis=1, how="all")
-        gates = gates.assign(probe=gates["probe"].str.replace(r"_gates$", "", regex=True))
+        # tanh logs no gate file: with no gate rows, every column is all-NaN and dropna would drop `probe` too
+        gates = probes[is_gates].dropna(axis=1, how="all") if is_gates.any() else pd.DataFrame()
+        if not gates.empty:
+            gates = gates.assign(probe=gates["probe"].str.replace(r"_gates$", "", regex=True))
         T.write_csv(curves.sort_values(["run_id", "probe", "t"], kind="mergesort"), out / "gradient_flow.csv", "%.8g")
         if not gates.empty:
             T.write_csv(gates.sort_values(["run_id", "probe", "layer", "gate"], kind="mergesort"), out / "gates.csv")

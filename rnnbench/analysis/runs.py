@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rnnbench.config import identity_from_params
+
 TAG_COLUMNS: dict[str, str] = {
     "cell": "cell",
     "task": "task",
@@ -152,6 +154,7 @@ def runs_frame(runs: Iterable[Any], experiment_names: dict[str, str] | None = No
         }
         for tag, col in TAG_COLUMNS.items():
             row[col] = tags.get(tag)
+        row["identity"] = identity_from_params(run.data.params) or row["config_hash"]
         finals = {k: float(v) for k, v in run.data.metrics.items() if not is_curve_key(k)}
         for k, v in run.data.params.items():
             if k not in finals and k not in row:
@@ -159,7 +162,8 @@ def runs_frame(runs: Iterable[Any], experiment_names: dict[str, str] | None = No
         row.update(finals)
         rows.append(row)
     if not rows:
-        return pd.DataFrame(columns=["run_id", "experiment_id", "experiment", "status", *TAG_COLUMNS.values(), "metric"])
+        return pd.DataFrame(columns=["run_id", "experiment_id", "experiment", "status", *TAG_COLUMNS.values(), "identity",
+                                     "metric"])
     df = pd.DataFrame(rows)
     param_cols = [c for c in df.columns if "." in c]
     for c in param_cols:

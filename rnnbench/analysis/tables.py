@@ -215,16 +215,19 @@ def compare(a: Any, b: Any) -> dict[str, float]:
 
 
 def drop_repeats(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(kept, dropped): one run per `config_hash` (same config and seed), so a rerun is not a new seed.
+    """(kept, dropped): one run per identity (same config and seed), so a rerun is not a new seed.
 
-    Kept: the newest FINISHED run of each hash, else the newest run. Runs without a hash are all kept.
+    The identity is the `identity` column (runs.runs_frame: from the logged params, without the
+    settings that cannot change a number, rnnbench.config.NOT_IDENTITY), else the `config_hash` tag.
+    Kept: the newest FINISHED run of each identity, else the newest run. Runs without one are all kept.
     """
-    if "config_hash" not in runs or runs.empty:
+    key = "identity" if "identity" in runs else "config_hash"
+    if key not in runs or runs.empty:
         return runs, runs.iloc[0:0]
     ranked = runs.assign(_fin=runs["status"].eq("FINISHED"), _t=runs.get("start_time", 0))
     ranked = ranked.sort_values(["_fin", "_t", "run_id"], ascending=[False, False, True], kind="mergesort")
-    has_hash = ranked["config_hash"].notna()
-    repeat = has_hash & ranked.duplicated("config_hash", keep="first")
+    has_hash = ranked[key].notna()
+    repeat = has_hash & ranked.duplicated(key, keep="first")
     dropped = ranked.index[repeat]
     return runs.drop(index=dropped), runs.loc[sorted(dropped)]
 

@@ -16,8 +16,9 @@ The random samples are drawn once from `random.seed` and are the same for every 
 "the best learning rate over seeds" is well defined; each point records its sample index as the
 tag `sample`. Drawn floats are rounded to 4 significant digits (readable params, same draws).
 
-A point's id is a hash of the sweep name and its config (`Config.config_hash`, which leaves the
-tracking settings out): the same spec gives the same ids, on any machine, in any order.
+A point's id is a hash of the sweep name and its config's identity (`Config.config_hash`, which
+leaves out what cannot change a number: `rnnbench.config.NOT_IDENTITY`, e.g. the tracking settings
+and the progress bar): the same spec gives the same ids, on any machine, in any order.
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ def _short(value: Any) -> str:
 
 
 def point_id(sweep: str, config: Config) -> str:
-    """Stable id of a point: sweep name + the config's hash (tracking settings excluded)."""
+    """Stable id of a point: sweep name + the config's identity hash (rnnbench.config.NOT_IDENTITY left out)."""
     return hashlib.sha256(f"{sweep}\n{config.config_hash()}".encode()).hexdigest()[:16]
 
 
