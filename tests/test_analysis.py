@@ -287,3 +287,66 @@ def test_a_sweep_point_and_a_train_run_of_one_config_count_once(tmp_path: Path, 
     MlflowClient(store).set_tag(by_hand["run_id"], "config_hash", old)
     assert load_runs(store)["config_hash"].nunique() == 2
     assert seeds_in_report(tmp_path / "r2") == 1
+
+
+# --- missing values and runs that learned nothing -------------------------------------------------
+def test_missing_values_never_print_as_na_and_unlearned_runs_are_flagged(tmp_path: Path, store: str) -> None:
+    """Real runs where a varied param is missing in some (model.budget: null beside 300), and runs with
+    train.lr=1e3 that finish with a loss far above the memoryless baseline (adding: enough updates that
+    lr=1e-2 learns)."""
+    import re
+
+    from rnnbench.config import Config
+    from rnnbench.train import train
+
+    def run(seq_len: int, lr: float, seed: int, budget: int | None) -> str:
+        result = train(Config.from_dict({
+            "model": {"cell": "tanh", "hidden_size": 8, "budget": budget},
+            "task": {"name": "adding", "seq_len": seq_len, "n_train": 512, "n_val": 64, "n_test": 64},
+            "train": {"seed": seed, "lr": lr, "batch_size": 16, "max_epochs": 3, "progress_bar": False,
+                      "device": "cpu", "early_stopping_patience": None, "gradient_flow": False},
+            "tracking": {"tracking_uri": store, "checkpoint_dir": str(tmp_path / "ckpt")},
+        }))
+        assert result.status == "FINISHED", result.reason
+        return result.run_id
+
+    for seed in (0, 1):
+        run(5, 1e-2, seed, None)
+    run(5, 1e-2, 0, 300)
+    diverged = [run(5, 1e3, 0, None), run(6, 1e3, 0, None)]  # the second is its setting's only candidate
+
+    report = build_report(tmp_path / "r", tracking_uri=store, spec_dir=tmp_path / "none")
+    out = report.parent
+    for path in out.rglob("*"):
+        assert not re.search(r"(^|[-_])(na|nan)([-_.]|$)", path.name), path.name
+        if path.suffix in (".md", ".csv"):
+            text = path.read_text()
+            assert "<NA>" not in text and "=nan" not in text and "=," not in text and "=]" not in text, path
+    text = report.read_text()
+    assert "## adding (seq_len=5) [budget=none]" in text and "## adding (seq_len=5) [budget=300]" in text
+    assert (out / "figures" / "curves_adding-seq-len-5_budget-none.png").is_file()
+
+    runs = pd.read_csv(out / "runs.csv")
+    flagged = runs[runs["not_learned"].notna()]
+    assert sorted(flagged["run_id"]) == sorted(diverged)
+    assert flagged["not_learned"].str.contains("is not below the baseline reference").all()
+    summary = pd.read_csv(out / "tables" / "summary.csv").set_index(["setting", "variant"])
+    assert summary.loc[("adding (seq_len=6)", "budget=none"), "n_not_learned"].item() == 1
+    assert summary.loc[("adding (seq_len=5)", "budget=none"), "n_not_learned"].item() == 0  # lr=1e3 not chosen there
+    candidates = pd.read_csv(out / "tables" / "candidates.csv")
+    assert candidates.loc[candidates["train.lr"] == 1000, "n_not_learned"].tolist() == [1, 1]
+    section = text.split("## adding (seq_len=6) [budget=none]")[1].split("\n## ")[0]
+    assert f"| 1/1 {T.NOT_LEARNED_MARK} |" in section and "Seeds that learned nothing" in section
+    assert "## Runs that learned nothing" in text and all(rid in text for rid in diverged)
+
+
+def test_learning_verdict_rule() -> None:
+    ok = {"final_val_ce": 0.1, "final_val_ce_baseline": 0.69, "test_ce": 0.1, "test_ce_baseline": 0.69}
+    assert T.learning_verdict(ok, "ce") is None
+    bad = {**ok, "final_val_ce": 4492.0}
+    assert T.learning_verdict(bad, "ce") == "best-checkpoint validation ce 4492 is not below the baseline reference 0.69"
+    music = {"final_val_nll": 10.8, "final_val_nll_marginal": 11.0, "final_val_nll_markov": 10.5}
+    assert T.learning_verdict(music, "nll") is None  # worse than Markov but better than ignoring the past
+    assert "marginal" in T.learning_verdict({**music, "final_val_nll": 11.2}, "nll")
+    assert T.learning_verdict({"test_ce": 5.0, "test_ce_baseline": 0.7}, "ce").startswith("test ce 5")
+    assert T.learning_verdict({"final_val_ce": 5.0}, "ce") is None  # no reference: nothing to say

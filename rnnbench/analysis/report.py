@@ -33,7 +33,7 @@ ALPHA = 0.05
 ID_COLUMNS = [
     "run_id", "experiment_id", "experiment", "sweep", "task", "setting", "variant", "cell", "candidate", "seed",
     "status", "point_id", "sample", "parent_run_id", "config_hash", "identity", "git_commit", "torch_version", "device",
-    "failure_reason",
+    "failure_reason", "not_learned",
 ]
 SUBSET_OPTIONS = ("task.max_sequences", "task.max_recordings", "task.max_samples", "task.max_seconds")
 """Task options that take a subset of a corpus: a comparison with published numbers says so."""
@@ -173,6 +173,11 @@ def findings(summary: pd.DataFrame, pairs: pd.DataFrame, chung: pd.DataFrame, ca
             out.append(f"Not better than the {name} reference ({value:.4g}): {', '.join(sorted(losers))}.")
         else:
             out.append(f"Every cell's mean is below the {name} reference ({value:.4g}).")
+    if "n_not_learned" in s and s["n_not_learned"].fillna(0).gt(0).any():
+        flagged = ", ".join(f"{r['cell']} {int(r['n_not_learned'])}/{int(r['n_seeds'])}"
+                            for _, r in s.sort_values("cell").iterrows() if r["n_not_learned"] > 0)
+        out.append(f"{T.NOT_LEARNED_MARK} Seeds that learned nothing (best validation {metric} not below the weakest "
+                   f"reference; they are in the means above): {flagged}.")
     if "solved" in s and s["solved"].notna().any():
         rule = s["solved_rule"].dropna().iloc[0]
         solved = ", ".join(f"{r['cell']} {int(r['solved'])}/{int(r['n_seeds'])}" for _, r in s.sort_values("cell").iterrows())
@@ -249,6 +254,11 @@ def _method(runs: pd.DataFrame, rules: dict[str, T.SolvedRule], tuned: Sequence[
         "- References: any logged `test_<metric>_<name>` beside the metric (copy/adding memoryless baseline; music "
         "per-key marginal Bernoulli and first-order Markov chain fitted on the training split; speech Gaussian and "
         "linear predictor). A cell 'beats' a reference when its mean test metric is below it.",
+        f"- Not learned ({T.NOT_LEARNED_MARK}): a finished run whose best-checkpoint validation metric is not below "
+        "the weakest reference logged beside it (the largest: memoryless baseline, marginal, Gaussian), i.e. no "
+        "better than ignoring the inputs, e.g. a run that diverged to a finite loss. Such seeds stay in the means and "
+        "tests, are counted in `not learned` and marked beside the mean, and are listed under 'Runs that learned "
+        "nothing'.",
     ]
     solved = [f"{task}: {rule.describe()}" for task, rule in sorted(rules.items()) if task in set(runs["task"])]
     if solved:
@@ -277,6 +287,7 @@ def build_report(
     tuned = tuple(tuned)
     rules = T.solved_rules_from_specs(spec_dir, sweeps)
     everything = T.annotate(runs, tuned)
+    everything["not_learned"] = T.not_learned(everything)
     runs, repeats = T.drop_repeats(everything)
     candidates = T.candidates_table(runs, tuned)
     chosen = T.chosen_runs(runs, tuned)
@@ -434,6 +445,11 @@ def _render(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame, chun
             shown = shown.drop(columns=["variant"])
         lines += ["## All candidates (validation, mean over finished seeds)", "",
                   T.markdown_table(shown, {"val_mean": ".4f"}), ""]
+    flagged = runs[runs["not_learned"].notna()] if "not_learned" in runs else runs.iloc[0:0]
+    if len(flagged):
+        cols = ["run_id", "setting", "variant", "cell", "candidate", "seed", "not_learned"]
+        shown = flagged[cols] if (flagged["variant"] != "").any() else flagged[cols].drop(columns="variant")
+        lines += [f"## Runs that learned nothing ({T.NOT_LEARNED_MARK})", "", T.markdown_table(shown), ""]
     failed = runs[runs["status"] != "FINISHED"]
     if len(failed):
         cols = ["run_id", "setting", "cell", "candidate", "seed", "status", "failure_reason"]

@@ -22,13 +22,15 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from rnnbench.config import NOT_IDENTITY
 
 # --- Chung et al. 2014 -----------------------------------------------------------------------------
 CHUNG2014_CITATION = (
@@ -129,6 +131,51 @@ def _spec_task(spec: dict[str, Any]) -> str | None:
     if isinstance(task, dict):
         return task.get("name")
     return task if isinstance(task, str) else None
+
+
+# --- runs that learned nothing --------------------------------------------------------------------
+
+
+def learning_verdict(metrics: Mapping[str, Any], metric: str) -> str | None:
+    """Why a finished run learned nothing, or None where it did (or nothing can be said).
+
+    Rule: the run's best-checkpoint validation `<metric>` (`final_val_<metric>`) is not below the
+    weakest reference logged beside it (`final_val_<metric>_<name>`, the largest: copy and adding
+    the memoryless baseline, music the marginal Bernoulli, speech the i.i.d. Gaussian), i.e. it did
+    no better than a predictor that ignores the inputs. Without validation references the test
+    split is used. A run that diverged to a finite loss (e.g. `train.lr=1e3`: test CE 4492 against
+    a 0.69 baseline) ends FINISHED; this is what tells it apart. Works on a plain dict of final
+    metrics too, so the trainer could tag runs with it.
+    """
+    for split, what in (("final_val", "best-checkpoint validation"), ("test", "test")):
+        value = _finite(metrics.get(f"{split}_{metric}"))
+        pattern = re.compile(rf"^{re.escape(f'{split}_{metric}')}_([A-Za-z0-9]+)$")
+        refs = {m.group(1): _finite(v) for k, v in metrics.items() if (m := pattern.match(str(k)))}
+        refs = {name: v for name, v in refs.items() if v is not None}
+        if value is None or not refs:
+            continue
+        name, ref = max(sorted(refs.items()), key=lambda kv: kv[1])
+        return f"{what} {metric} {value:.4g} is not below the {name} reference {ref:.4g}" if value >= ref else None
+    return None
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def not_learned(runs: pd.DataFrame) -> pd.Series:
+    """Per run: the learning_verdict reason for FINISHED runs that learned nothing, else None."""
+    if runs.empty:
+        return pd.Series([], index=runs.index, dtype="object")
+    out = [
+        learning_verdict(row, str(row["metric"])) if row.get("status") == "FINISHED" else None
+        for row in runs.to_dict("records")
+    ]
+    return pd.Series(out, index=runs.index, dtype="object")
 
 
 # --- statistics ------------------------------------------------------------------------------------
@@ -251,20 +298,29 @@ def ordered(frame: pd.DataFrame, cols: Sequence[str] = ("task", "setting", "vari
     return keyed.sort_values(list(ranks), kind="mergesort").drop(columns=list(ranks)).reset_index(drop=True)
 
 
-NOT_VARIANTS = {"model.cell", "train.seed", "train.progress_bar", "train.device"}
+NOT_VARIANTS = {"model.cell", "train.seed", "train.device", *NOT_IDENTITY}
 
 
 def _varying(frame: pd.DataFrame, cols: list[str]) -> list[str]:
     return [c for c in cols if frame[c].astype("str").nunique(dropna=False) > 1]
 
 
+def label_value(value: Any) -> str:
+    """A param value as a label shows it: 'none' for a missing value (a param logged as None, or not
+    logged), which pandas holds as None, NaN or pd.NA and would print as '', 'nan' or '<NA>'."""
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return "none"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)).lower()
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):g}"
+    if isinstance(value, np.integer):
+        return str(int(value))
+    return str(value)
+
+
 def _label(row: pd.Series, cols: list[str]) -> str:
-    parts = []
-    for c in cols:
-        v = row[c]
-        v = "" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:g}" if isinstance(v, float) else v)
-        parts.append(f"{c.split('.', 1)[-1]}={v}")
-    return ", ".join(parts)
+    return ", ".join(f"{c.split('.', 1)[-1]}={label_value(row[c])}" for c in cols)
 
 
 def annotate(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -> pd.DataFrame:
@@ -324,6 +380,7 @@ def candidates_table(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -
             n_runs=len(group),
             n_finished=len(finished),
             n_failed=int((group["status"] == "FAILED").sum()),
+            n_not_learned=int(not_learned(group).notna().sum()),
             val_mean=float(val.mean()) if val.notna().any() else math.nan,
         )
         rows.append(row)
@@ -425,6 +482,7 @@ def summary_table(
             n_candidates=len(c),
             n_seeds=len(fin),
             n_failed=int((group["status"] == "FAILED").sum()),
+            n_not_learned=int(not_learned(fin).notna().sum()),  # in the mean, and marked wherever it is shown
             test_mean=mean,
             test_ci_low=lo,
             test_ci_high=hi,
@@ -574,7 +632,11 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
         "params rec / total": [f"{fmt(a, ',.0f')} / {fmt(b, ',.0f')}" for a, b in zip(summary["n_params_recurrent"], summary["n_params_total"])],
         "chosen": summary["candidate"],
         "seeds (failed)": [f"{n} ({f})" for n, f in zip(summary["n_seeds"], summary["n_failed"])],
-        "test mean ± 95% CI": [pm(m, h) for m, h in zip(summary["test_mean"], summary["test_ci_half"])],
+        "not learned": [f"{k}/{n} {NOT_LEARNED_MARK}" if k else f"0/{n}"
+                        for k, n in zip(summary.get("n_not_learned", [0] * len(summary)), summary["n_seeds"])],
+        "test mean ± 95% CI": [pm(m, h) + (f" {NOT_LEARNED_MARK}" if k else "") for m, h, k in
+                               zip(summary["test_mean"], summary["test_ci_half"],
+                                   summary.get("n_not_learned", [0] * len(summary)))],
         "train": summary["train_mean"].map(lambda v: fmt(v, ".4f")),
         "epochs to best": summary["epochs_to_best"].map(lambda v: fmt(v, ".1f")),
         "s to best": summary["seconds_to_best"].map(lambda v: fmt(v, ".1f")),
@@ -592,7 +654,13 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
         ]
     if (out["variant"] == "").all():
         out = out.drop(columns="variant")
+    if not summary.get("n_not_learned", pd.Series(0, index=summary.index)).fillna(0).astype(bool).any():
+        out = out.drop(columns="not learned")
     return out
+
+
+NOT_LEARNED_MARK = "⚠"
+"""Beside a mean that includes seeds that learned nothing (learning_verdict)."""
 
 
 PAIRWISE_FORMATS: dict[str, str] = {
