@@ -350,3 +350,66 @@ def test_learning_verdict_rule() -> None:
     assert "marginal" in T.learning_verdict({**music, "final_val_nll": 11.2}, "nll")
     assert T.learning_verdict({"test_ce": 5.0, "test_ce_baseline": 0.7}, "ce").startswith("test ce 5")
     assert T.learning_verdict({"final_val_ce": 5.0}, "ce") is None  # no reference: nothing to say
+
+
+# --- figures a reader can read ---------------------------------------------------------------------
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The figures the figure functions draw, kept open instead of saved."""
+    from rnnbench.analysis import figures as F
+
+    figs: list = []
+    monkeypatch.setattr(F, "save", lambda fig, out_dir, name: figs.append(fig) or [Path(name + ".png")])
+    return figs
+
+
+def test_intervals_respect_the_metric_range_and_cells_have_a_legend(drawn: list) -> None:
+    from rnnbench.analysis import figures as F
+
+    mse = [0.002, 0.07, 0.17]  # adding T=200, gru: the t-interval reaches -0.13
+    assert T.t_interval(mse)[1] < 0
+    lo, hi = F.bootstrap_interval(mse)
+    assert min(mse) <= lo < hi <= max(mse) and F.bootstrap_interval(mse) == (lo, hi)
+    cells = ["gru", "gru_reset_before", "lstm_peephole"]
+    chosen = pd.DataFrame([{"setting": "adding", "variant": "", "cell": c, "seed": s, "status": "FINISHED",
+                            "metric": "mse", "test_mse": v} for c in cells for s, v in enumerate(mse)])
+    summary = pd.DataFrame([{"setting": "adding", "variant": "", "cell": c, "metric": "mse", "test_mean": np.mean(mse),
+                             "test_ci_half": 0.2, "ref_baseline": 1 / 6} for c in cells])
+    F.test_metric_figure(summary, chosen, Path("unused"))
+    (fig,) = drawn
+    ax = fig.axes[0]
+    assert [t.get_text().replace("\n", "") for t in ax.get_xticklabels()] == cells
+    assert all(t.get_rotation() == 0 for t in ax.get_xticklabels())  # wrapped at '_', not overlapping
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == cells
+    from matplotlib.collections import LineCollection
+
+    bars = [seg for c in ax.collections if isinstance(c, LineCollection) for seg in c.get_segments()]
+    assert len(bars) == len(cells) and min(seg[:, 1].min() for seg in bars) >= min(mse)  # never below zero
+
+
+def test_success_figure_lines_stay_visible_with_integer_ticks(drawn: list) -> None:
+    from rnnbench.analysis import figures as F
+
+    success = pd.DataFrame([{"task": "copy", "variant": "", "cell": c, "seq_len": 100, "n_seeds": 3, "solved": 0,
+                             "solved_fraction": 0.0} for c in ("gru", "lstm", "tanh")])
+    F.success_figure(success, Path("unused"))
+    ax = drawn[0].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["100"] and list(ax.get_xticks()) == [100]
+    lines = ax.get_lines()
+    assert len({tuple(line.get_ydata()) for line in lines}) == 3  # equal values, drawn apart
+    assert len({line.get_marker() for line in lines}) == 3 and len({line.get_linestyle() for line in lines}) == 3
+    assert max(abs(line.get_ydata()[0]) for line in lines) <= F.SUCCESS_OFFSET
+
+
+def test_every_curves_panel_is_labelled(drawn: list) -> None:
+    from rnnbench.analysis import figures as F
+
+    chosen = pd.DataFrame([{"run_id": f"r{s}", "setting": "copy", "variant": "", "cell": "gru", "seed": s,
+                            "status": "FINISHED", "metric": "ce"} for s in (0, 1)])
+    histories = pd.DataFrame([{"run_id": f"r{s}", "key": k, "epoch": e, "value": v}
+                              for s in (0, 1) for e in range(3)
+                              for k, v in (("val_ce", 1.0 / (e + 1) + s), ("wall_seconds", e + 1.0), ("updates", 10 * e))])
+    F.learning_curves(chosen, histories, Path("unused"))
+    for ax in drawn[0].axes:
+        assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel() == "validation ce"
+        assert any(t.get_text() for t in ax.get_yticklabels())

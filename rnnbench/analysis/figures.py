@@ -5,10 +5,13 @@ with a fixed seed (seaborn `seed=0`), and every input sorted before plotting.
 
   * learning curves, as Chung et al. 2014 Figs. 2-3: validation metric against updates (mean and 95%
     bootstrap band over seeds) and against wall-clock seconds (one line per seed), chosen lr per cell;
-  * test metric per cell and task setting, with the tables' t-intervals and each seed as a dot;
+  * test metric per cell and task setting: each seed as a dot, the mean with a 95% percentile
+    bootstrap interval over seeds (inside the seeds' range, so never below zero for a non-negative
+    metric, unlike the tables' t-interval), one colour per cell across every panel, with a legend;
   * gradient flow ‖∂L_T/∂h_t‖ / ‖∂L_T/∂h_T‖ against the distance T - t, log scale (median and
     min-max band over seeds), at each probe tag (e.g. init, trained);
-  * copy/adding: fraction of seeds solved against sequence length.
+  * copy/adding: fraction of seeds solved against sequence length, one marker and line style per
+    cell and a small vertical offset per cell so equal values do not hide each other.
 """
 
 from __future__ import annotations
@@ -86,10 +89,32 @@ def _title(setting: str, variant: str) -> str:
 
 
 def _palette(cells: list[str]) -> dict[str, Any]:
+    """One colour per cell, the same in every figure: by the cell's place among all registered cells."""
     import seaborn as sns
 
-    colours = sns.color_palette("colorblind", n_colors=max(len(cells), 1))
-    return {c: colours[i] for i, c in enumerate(sorted(cells))}
+    from rnnbench.cells import CELLS
+
+    known = sorted(set(CELLS) | set(cells))
+    colours = sns.color_palette("colorblind", n_colors=max(len(known), 1))
+    return {c: colours[known.index(c) % len(colours)] for c in sorted(cells)}
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+DASHES = ("-", "--", ":", "-.")
+
+
+def bootstrap_interval(values: Any, confidence: float = 0.95, n_boot: int = N_BOOT, seed: int = SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (numpy, fixed seed): always inside [min, max] of the values."""
+    a = np.asarray(values, dtype=float)
+    a = a[np.isfinite(a)]
+    if len(a) == 0:
+        return math.nan, math.nan
+    if len(a) == 1:
+        return float(a[0]), float(a[0])
+    rng = np.random.default_rng(seed)
+    means = a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(lo), float(hi)
 
 
 def _maybe_log(ax: Any, values: pd.Series) -> None:
@@ -121,7 +146,7 @@ def learning_curves(chosen: pd.DataFrame, histories: pd.DataFrame, out_dir: Path
             data = data.dropna(subset=[key]).sort_values(["cell", "seed", "epoch"], kind="mergesort")
             data = data.assign(epoch=data["epoch"] + 1)
             pal = _palette(list(data["cell"].unique()))
-            fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+            fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))  # one y range below, each panel labelled
             x = "updates" if "updates" in data and data["updates"].notna().all() else "epoch"
             sns.lineplot(data=data, x=x, y=key, hue="cell", palette=pal, errorbar=("ci", 95),
                          n_boot=N_BOOT, seed=SEED, ax=axes[0])
@@ -136,50 +161,70 @@ def learning_curves(chosen: pd.DataFrame, histories: pd.DataFrame, out_dir: Path
                     axes[1].annotate(col.rsplit("_", 1)[1], (1.0, ref), xycoords=("axes fraction", "data"),
                                      ha="right", va="bottom", fontsize=7, color="0.3")
             _maybe_log(axes[0], data[key])
-            axes[0].set(xlabel="updates" if x == "updates" else "epoch", ylabel=f"validation {metric}", title=_title(setting, variant))
-            axes[1].set(xlabel="wall-clock seconds", title="one line per seed")
+            axes[1].set_yscale(axes[0].get_yscale())
+            lows, highs = zip(axes[0].get_ylim(), axes[1].get_ylim())
+            for ax in axes:
+                ax.set_ylim(min(lows), max(highs))
+            title = _title(setting, variant)
+            axes[0].set(xlabel="updates" if x == "updates" else "epoch", ylabel=f"validation {metric}",
+                        title=f"{title}: mean and 95% bootstrap band over seeds")
+            axes[1].set(xlabel="wall-clock seconds (training)", ylabel=f"validation {metric}",
+                        title=f"{title}: each seed against time")
             files += save(fig, out_dir, f"curves_{slug(setting)}" + (f"_{slug(variant)}" if variant else ""))
     return files
 
 
 def test_metric_figure(summary: pd.DataFrame, chosen: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Test metric per cell, one panel per task setting x variant: mean, t-interval, seeds as dots."""
-    import seaborn as sns
+    """Test metric per cell, one panel per task setting x variant: seeds as dots, the mean with a 95%
+    bootstrap interval over seeds, the references as dashed lines; one legend of cell colours."""
+    from matplotlib.lines import Line2D
 
     if summary.empty:
         return []
     panels = list(summary[["setting", "variant"]].drop_duplicates().itertuples(index=False, name=None))  # table order
     fin = chosen[chosen["status"] == "FINISHED"]
+    pal = _palette(list(summary["cell"].astype(str).unique()))  # one colour per cell in every panel
     cols = min(len(panels), 4)
     rows = math.ceil(len(panels) / cols)
     with _context():
         plt = _plt()
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.3 * rows + 0.6), squeeze=False)
         for ax, (setting, variant) in zip(axes.flat, panels):
             s = summary[(summary["setting"] == setting) & (summary["variant"] == variant)].sort_values("cell")
             metric = str(s["metric"].iloc[0])
-            cells = list(s["cell"])
-            pal = _palette(cells)
+            col = f"test_{metric}"
+            cells = [str(c) for c in s["cell"]]
             pts = fin[(fin["setting"] == setting) & (fin["variant"] == variant)].sort_values(["cell", "seed"])
-            if f"test_{metric}" not in pts or pts.empty:  # every run of this panel failed
-                pts = pd.DataFrame({"cell": [], f"test_{metric}": []})
-            else:
-                sns.stripplot(data=pts, x="cell", y=f"test_{metric}", hue="cell", order=cells, palette=pal,
-                              jitter=False, size=4, alpha=0.6, legend=False, ax=ax)
-            half = s["test_ci_half"].fillna(0).to_numpy()
-            ax.errorbar(np.arange(len(cells)) + 0.15, s["test_mean"], yerr=half, fmt="o", color="black",
-                        capsize=3, ms=4)
-            for col in sorted(c for c in s.columns if c.startswith("ref_")):
-                ref = s[col].astype(float).mean()
+            shown: list[float] = []
+            for i, cell in enumerate(cells):
+                values = pts.loc[pts["cell"] == cell, col].astype(float).to_numpy() if col in pts else np.array([])
+                values = values[np.isfinite(values)]
+                if len(values) == 0:  # every seed of this cell failed
+                    continue
+                ax.scatter(np.full(len(values), i - 0.12), values, s=14, color=pal[cell], alpha=0.7, lw=0, zorder=2)
+                mean = float(values.mean())
+                lo, hi = bootstrap_interval(values)
+                ax.errorbar([i + 0.12], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", color=pal[cell],
+                            mec="black", ecolor="black", capsize=3, ms=5, zorder=3)
+                shown += [*values, lo, hi]
+            for ref_col in sorted(c for c in s.columns if c.startswith("ref_")):
+                ref = s[ref_col].astype(float).mean()
                 if math.isfinite(ref):
                     ax.axhline(ref, color="0.4", ls="--", lw=0.8)
-                    ax.annotate(col[4:], (1.0, ref), xycoords=("axes fraction", "data"), ha="right",
+                    ax.annotate(ref_col[4:], (1.0, ref), xycoords=("axes fraction", "data"), ha="right",
                                 va="bottom", fontsize=7, color="0.3")
-            _maybe_log(ax, pd.concat([pts[f"test_{metric}"].astype(float), s["test_mean"]]))
+            _maybe_log(ax, pd.Series(shown, dtype=float))
+            ax.set_xticks(range(len(cells)), [c.replace("_", "_\n") for c in cells], rotation=0, fontsize=7)
+            ax.set_xlim(-0.6, len(cells) - 0.4)
             ax.set(xlabel="", ylabel=f"test {metric}", title=_title(setting, variant))
         for ax in list(axes.flat)[len(panels):]:
             ax.set_visible(False)
-        fig.tight_layout()
+        handles = [Line2D([], [], ls="", marker="o", color=c, label=cell) for cell, c in pal.items()]
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, title=None,
+                   bbox_to_anchor=(0.5, 0.0))
+        fig.text(0.5, 1.0, "dots: seeds; marker and bar: mean and 95% percentile bootstrap interval over seeds; "
+                 "dashed: references", ha="center", va="bottom", fontsize=8, color="0.3")
+        fig.tight_layout(rect=(0, 0.06, 1, 0.98))
         return save(fig, out_dir, "test_metric")
 
 
@@ -204,27 +249,58 @@ def gradient_flow_figure(curves: pd.DataFrame, runs: pd.DataFrame, out_dir: Path
                          estimator="median", errorbar=("pi", 100), ax=ax)
             ax.set_yscale("log")
             ax.axhline(1e-3, color="0.4", ls=":", lw=0.8)
+            ax.annotate("1e-3: vanished", (1.0, 1e-3), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                        fontsize=7, color="0.3")
             ax.set(xlabel="distance T - t (steps)", ylabel="‖∂L_T/∂h_t‖ / ‖∂L_T/∂h_T‖", title=_title(setting, variant))
             files += save(fig, out_dir, f"gradient_flow_{slug(setting)}" + (f"_{slug(variant)}" if variant else ""))
     return files
 
 
 def success_figure(success: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Fraction of seeds solved against sequence length, one panel per task (copy, adding)."""
-    import seaborn as sns
+    """Fraction of seeds solved against sequence length, one panel per task (copy, adding).
 
+    Cells with equal values would hide each other: each cell has its own marker and line style and
+    is drawn a little above or below the true value (at most OFFSET; said on the figure); the x ticks
+    are the sequence lengths run.
+    """
     if success.empty or success["seq_len"].nunique() < 1:
         return []
     tasks = sorted(success["task"].unique())
+    cells = sorted(success["cell"].astype(str).unique())
+    pal = _palette(cells)
+    step = SUCCESS_OFFSET / max(len(cells) - 1, 1) * 2
     with _context():
         plt = _plt()
-        fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 3.6), squeeze=False)
         for ax, task in zip(axes.flat, tasks):
             g = success[success["task"] == task].sort_values(["cell", "seq_len"], kind="mergesort")
-            sns.lineplot(data=g, x="seq_len", y="solved_fraction", hue="cell", palette=_palette(list(g["cell"].unique())),
-                         marker="o", errorbar=None, ax=ax)
-            ax.set(ylim=(-0.05, 1.05), xlabel="sequence length T", ylabel="fraction of seeds solved", title=task)
-            if g["seq_len"].nunique() > 1 and g["seq_len"].max() / max(g["seq_len"].min(), 1) >= 8:
+            lengths = sorted(int(v) for v in g["seq_len"].unique())
+            for i, cell in enumerate(cells):
+                c = g[g["cell"] == cell]
+                if c.empty:
+                    continue
+                offset = -SUCCESS_OFFSET + i * step if len(cells) > 1 else 0.0
+                ax.plot(c["seq_len"], c["solved_fraction"] + offset, color=pal[cell], marker=MARKERS[i % len(MARKERS)],
+                        ls=DASHES[i % len(DASHES)], ms=5, lw=1.3, label=cell)
+            if len(lengths) > 1 and lengths[-1] / max(lengths[0], 1) >= 8:
                 ax.set_xscale("log")
+            ax.set_xticks(lengths, [str(v) for v in lengths])
+            ax.xaxis.set_minor_locator(_null_locator())
+            if len(lengths) == 1:
+                ax.set_xlim(lengths[0] * 0.8, lengths[0] * 1.2)
+            ax.set(ylim=(-0.08, 1.08), xlabel="sequence length T", ylabel="fraction of seeds solved", title=task)
+            ax.legend(fontsize=7, title=None, loc="best")
+        fig.text(0.5, 0.0, f"Lines are offset vertically by up to ±{SUCCESS_OFFSET:g} per cell so that equal values "
+                 "stay visible.", ha="center", va="top", fontsize=7, color="0.3")
         fig.tight_layout()
         return save(fig, out_dir, "success_vs_length")
+
+
+SUCCESS_OFFSET = 0.02
+"""The largest vertical offset of a cell's line in success_vs_length (fraction of seeds)."""
+
+
+def _null_locator() -> Any:
+    from matplotlib.ticker import NullLocator
+
+    return NullLocator()
