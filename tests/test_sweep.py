@@ -588,3 +588,17 @@ def test_batch_models_runs_groups_side_by_side_with_workers(tmp_path: Path) -> N
         assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
         finals[workers] = {r.data.tags["point_id"]: r.data.metrics["test_ce"] for r in runs}
     assert finals["2"] == finals["1"]
+
+
+def test_committed_results_point_ids_are_still_the_specs_points() -> None:
+    """Re-running the sweeps behind results/ after an upgrade finds every recorded point FINISHED:
+    the point ids in results/runs.csv are exactly those the specs expand to today."""
+    import pandas as pd
+
+    from rnnbench.sweep.spec import load_spec
+
+    root = Path(__file__).resolve().parents[1]
+    runs = pd.read_csv(root / "results" / "runs.csv", dtype=str)
+    for sweep, recorded in runs.groupby("sweep"):
+        points = expand(load_spec(root / "experiments" / f"{sweep}.yaml"))
+        assert set(recorded["point_id"]) == {p.point_id for p in points}, sweep
