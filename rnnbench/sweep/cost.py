@@ -28,6 +28,7 @@ class Estimate:
     runs: int
     seconds: float  # all runs one after another, each to max_epochs
     per_epoch: dict[str, float]  # model/task description -> measured seconds per epoch
+    unmeasured: int = 0  # runs whose model could not be timed here (they will fail as they would anyway)
 
     @property
     def core_hours(self) -> float:
@@ -42,6 +43,8 @@ class Estimate:
                "(every run to train.max_epochs at the time per epoch measured here just now; "
                "early stopping usually ends runs sooner)"]
         out += [f"  {what}: {s:.3g} s per epoch" for what, s in sorted(self.per_epoch.items())]
+        if self.unmeasured:
+            out.append(f"  {self.unmeasured} runs could not be timed here and are not counted")
         return out
 
 
@@ -64,20 +67,28 @@ def _model_key(config: Config) -> str:
 
 def estimate(configs: list[Config]) -> Estimate:
     """The cost of training every config, each to its max_epochs (or max_steps)."""
-    measured: dict[str, tuple[float, float, int, str]] = {}
+    measured: dict[str, tuple[float, float, int, str] | None] = {}
     total = 0.0
     per_epoch: dict[str, float] = {}
+    unmeasured = 0
     for config in configs:
         key = _model_key(config)
         if key not in measured:
-            measured[key] = _measure(config)
-            seconds, _, _, label = measured[key]
-            per_epoch[label] = max(per_epoch.get(label, 0.0), seconds)
-        seconds, final, batches, _ = measured[key]
+            try:
+                measured[key] = _measure(config)
+            except Exception:  # noqa: BLE001 - an estimate must never stop a sweep; the run reports its own error
+                measured[key] = None
+            if (timing := measured[key]) is not None:
+                per_epoch[timing[3]] = max(per_epoch.get(timing[3], 0.0), timing[0])
+        timing = measured[key]
+        if timing is None:
+            unmeasured += 1
+            continue
+        seconds, final, batches, _ = timing
         t = config.train
         epochs = t.max_epochs if t.max_steps < 0 else min(t.max_epochs, math.ceil(t.max_steps / max(batches, 1)))
         total += epochs * seconds + final
-    return Estimate(len(configs), total, per_epoch)
+    return Estimate(len(configs), total, per_epoch, unmeasured)
 
 
 def _measure(config: Config) -> tuple[float, float, int, str]:
