@@ -31,7 +31,7 @@ Before any timing, every fast path is compared with its slow reference on the sa
 weight gradients; the verdict is the `check` column. Float32 runs under the flags rnnbench.train sets
 (torch deterministic algorithms on the CPU, not on CUDA). CUDA timings synchronise around every call.
 
-Output: results/bench/bench_<device>.csv and .md (device named: CPU model, threads, torch version,
+Output: <--out, default ./rnnbench_bench>/bench_<device>.csv and .md (device named: CPU model, threads, torch version,
 GPU), and one MLflow run in experiment `bench` with every median as a metric and the files as artifacts.
 Speed targets live in this output, never in unit tests.
 """
@@ -57,6 +57,9 @@ import typer
 from rnnbench.errors import RnnbenchError
 
 CHUNG_CELLS = ("lstm_peephole", "gru_reset_before")
+# Not results/bench: a plain `rnnbench bench` must not overwrite the committed figures of this
+# project's machines; maintainers regenerate those with `--out results/bench`.
+DEFAULT_OUT = "rnnbench_bench"
 HARNESS_CELLS = ("tanh", "lstm", "gru", "lstm_peephole", "gru_reset_before")
 BARE = {"tanh": "RNN", "lstm": "LSTM", "gru": "GRU"}  # cell -> torch.nn class of its fused kernel
 TOL_F64 = 1e-8  # relative (to max(1, |reference|)) difference allowed in float64
@@ -72,7 +75,7 @@ class Options:
     hidden: list[int] = field(default_factory=lambda: [36, 46, 100])
     repeats: int = 15
     warmup: int = 2
-    out: Path = Path("results/bench")
+    out: Path = Path(DEFAULT_OUT)
     tracking_uri: Optional[str] = None
     threads: Optional[int] = None
     lightning: bool = True
@@ -113,7 +116,7 @@ def command(
     hidden: Annotated[str, typer.Option(help="comma-separated hidden sizes")] = "36,46,100",
     repeats: Annotated[int, typer.Option(min=1, help="timed repeats per implementation (interleaved)")] = 15,
     warmup: Annotated[int, typer.Option(min=0, help="untimed calls per implementation first")] = 2,
-    out: Annotated[Path, typer.Option(help="folder for bench_<device>.csv and .md")] = Path("results/bench"),
+    out: Annotated[Path, typer.Option(help="folder for bench_<device>.csv and .md (the committed figures: --out results/bench)")] = Path(DEFAULT_OUT),
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads (default: torch's choice)")] = None,
     lightning: Annotated[bool, typer.Option(help="also time the step inside a Lightning Trainer")] = True,
@@ -121,7 +124,7 @@ def command(
     reference: Annotated[bool, typer.Option(help="also time the slow autograd step loops")] = True,
     many: Annotated[int, typer.Option(min=0, help="K models trained batched vs one after another (0: skip)")] = 32,
 ) -> None:
-    """Time fused kernels, every cell implementation and the harness step side by side; write results/bench."""
+    """Time fused kernels, every cell implementation and the harness step side by side; write --out (./rnnbench_bench)."""
     opts = Options(
         devices=_devices(device), seq_len=seq_len, batch=batch, input_size=input_size, hidden=_hidden(hidden),
         repeats=repeats, warmup=warmup, out=out, tracking_uri=tracking_uri, threads=threads,

@@ -11,7 +11,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
@@ -25,7 +25,7 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     cell: str = "lstm"
     hidden_size: int | None = Field(32, ge=1, description="units per layer (a budget, when set, overrides it)")
-    budget: int | Literal["music", "speech"] | None = Field(
+    budget: Annotated[int, Field(ge=1)] | Literal["music", "speech"] | None = Field(
         None, description="parameter budget, or a Chung 2014 preset (rnnbench.budget.PRESETS); picks hidden_size"
     )
     budget_convention: Literal["recurrent", "total"] = "recurrent"  # recurrent: Chung Table 1
@@ -59,6 +59,10 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["32", "64"] = "32"
     progress_bar: bool = True
+    # How many torch CPU threads train() uses; auto: rnnbench.train.auto_threads (by the model's size).
+    # It cannot change a number (the compiled loops' results do not depend on it), so it is not part
+    # of a run's identity.
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     gradient_flow: bool = Field(True, description="probe ‖∂L_T/∂h_t‖ and gate saturation at init and after training")
 
 
@@ -98,6 +102,7 @@ class Config(_Strict):
             raise RnnbenchError(_one_line(e, prefix="task" if not isinstance(raw["task"], BaseModel) else "")) from None
         if config.model.cell not in CELLS:
             raise RnnbenchError(f"unknown cell {config.model.cell!r}; valid cells: {', '.join(sorted(CELLS))}")
+        _check_budget(config)
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -208,6 +213,24 @@ def identity_from_params(params: dict[str, str]) -> str | None:
         return "params:" + identity_hash({k: logged[k] for k in sorted(logged)})
 
 
+def _check_budget(config: Config) -> None:
+    """A budget below the smallest model of this cell on this task is refused now, not after the store
+    and the run exist (the task's input and output sizes come from its options, without reading data)."""
+    from rnnbench.budget import PRESETS, hidden_size_for_budget
+    from rnnbench.tasks import get_task
+
+    m = config.model
+    if m.budget is None:
+        return
+    task = get_task(config.task.name)(config.task, seed=config.train.seed)
+    budget = PRESETS[m.budget] if isinstance(m.budget, str) else m.budget
+    try:
+        hidden_size_for_budget(m.cell, task.input_size, budget, convention=m.budget_convention,
+                               output_size=task.output_size, num_layers=m.num_layers)
+    except RnnbenchError as e:
+        raise RnnbenchError(f"config model.budget: {e}") from None
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -221,7 +244,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _union_member(part: Any) -> bool:
     """A loc element pydantic adds for one member of a union (`int`, `literal['music','speech']`, ...)."""
-    return str(part) in ("int", "float", "str", "bool", "none") or str(part).startswith(("literal[", "function-"))
+    return str(part) in ("int", "float", "str", "bool", "none") or str(part).startswith(("literal[", "function-", "constrained-"))
 
 
 def _one_line(e: ValidationError, prefix: str = "") -> str:

@@ -6,13 +6,16 @@ RUNNING in MLflow with its last checkpoint on disk, and `train(config, run_id=..
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -53,6 +56,27 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*TreeSpec.*")
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _restores_torch_threads(fn: _F) -> _F:
+    """train() sets torch's thread count for its model; leave the process's setting as it was found, so
+    the next run in the same process (an in-process sweep) starts from the same cap."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_restores_torch_threads
 def train(
     config: Config,
     *,
@@ -61,6 +85,7 @@ def train(
     tags: dict[str, str] | None = None,
 ) -> RunResult:
     """Train `config`; record params, per-epoch metrics, best-checkpoint test metrics into MLflow."""
+    check_before_run(config)  # before the heavy imports and before any store or run exists
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -84,6 +109,7 @@ def train(
     hidden = resolve_hidden_size(config, task.input_size, task.output_size)
     config = config.model_copy(deep=True)
     config.model.hidden_size = hidden  # the resolved config is what gets recorded
+    threads = use_threads(config, task.input_size, hidden)
 
     use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     if t.device == "cuda" and not torch.cuda.is_available():
@@ -102,7 +128,7 @@ def train(
             "config_hash": config.config_hash(),
             **(tags or {}),
         }
-        run = client.create_run(experiment_id, tags=run_tags, run_name=config.tracking.run_name)
+        run = client.create_run(experiment_id, tags=run_tags, run_name=config.tracking.run_name or run_name(config))
         run_id = run.info.run_id
     else:
         client.update_run(run_id, status="RUNNING")
@@ -112,7 +138,8 @@ def train(
         model = SequenceModel(config, task, hidden)
         if not resuming:
             params = {**config.flat(), **{f"task.{k}": v for k, v in task.describe().items()}}
-            params.update(n_params_recurrent=model.counts["recurrent"], n_params_total=model.counts["total"])
+            params.update(n_params_recurrent=model.counts["recurrent"], n_params_total=model.counts["total"],
+                          threads_used=threads)
             dtype = torch.float64 if t.precision == "64" else torch.float32
             recurrence = model.rnn.recurrence("cuda" if use_cuda else "cpu", dtype)
             client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
@@ -209,6 +236,73 @@ def train(
         raise
     except Exception as e:  # noqa: BLE001 - recorded, then reported to the caller
         return _fail(client, run_id, f"{type(e).__name__}: {e}".strip(), RunTag)
+
+
+def check_before_run(config: Config) -> None:
+    """What can fail cheaply fails here, in one line, before a store, an experiment or a run exists:
+    the task's data (present and hash-checked: a missing, empty or altered data folder) and the
+    checkpoint folder (creatable and writable). The budget is checked with the config itself."""
+    from rnnbench.tasks import get_task
+
+    get_task(config.task.name).check_data(config.task)
+    check_writable_dir(Path(config.tracking.checkpoint_dir), "tracking.checkpoint_dir")
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """RnnbenchError unless `path` is (or can be made) a folder this process can write in. Leaves
+    nothing behind: the probe is a temporary folder made in `path`, or in its nearest existing
+    ancestor when `path` does not exist yet. A real write, not os.access: root passes every mode bit."""
+    probe_in = path
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise RnnbenchError(f"{what} {path} cannot be created: {probe_in} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".rnnbench-write-test-", dir=probe_in))
+    except OSError as e:
+        raise RnnbenchError(f"{what} {path} is not writable ({e.strerror or e})") from None
+
+
+def run_name(config: Config) -> str:
+    """A readable MLflow run name for a plain `rnnbench train` run, in the sweep's label form
+    ('cell=gru task=jsb seed=3 lr=0.0007'), instead of MLflow's random two words."""
+    from rnnbench.sweep.spec import point_label
+
+    return point_label({"model.cell": config.model.cell, "task.name": config.task.name,
+                        "train.seed": config.train.seed, "train.lr": config.train.lr})
+
+
+# One model's step products are tiny at Chung's sizes, and the compiled CPU loops split a forward
+# pass over threads only where gates x H x H >= 16384 (rnnbench/cells/csrc/fast_rnn.cpp, "threads").
+# Measured on this project's 2-core machine while it was busy (load ~2), seconds per JSB epoch,
+# 1 vs 2 torch threads: lstm_peephole H=37 0.41 vs 2.84 and 0.37 vs 1.00; gru_reset_before H=46
+# 0.33 vs 1.83 and 0.39 vs 0.89; tanh H=101 0.40 vs 0.33 and 0.41 vs 2.79 (two threads fight the
+# other processes for the cores and wait on each other). Bigger models gain from a free core and
+# lose when there is none: lstm H=256 1.41 vs 0.88 and 1.15 vs 1.04, gru_reset_before H=256 1.12 vs
+# 0.91 and 1.11 vs 2.62, lstm_peephole H=512 5.5 vs 7.1. Results do not depend on the thread count.
+PARALLEL_PRODUCT = 16384  # gates x H x H from which a second thread can pay
+
+
+def auto_threads(cell: str, input_size: int, hidden_size: int, cap: int) -> int:
+    """train.threads=auto: 1 for a model below PARALLEL_PRODUCT; else the cores the 1-minute load
+    average leaves free, at least 1 and at most `cap` (torch's setting: a sweep worker's share)."""
+    from rnnbench.budget import count_params
+
+    gates_times_hidden = count_params(cell, 2, hidden_size) - count_params(cell, 1, hidden_size)  # one input column
+    if gates_times_hidden * hidden_size < PARALLEL_PRODUCT:
+        return 1
+    free = (os.cpu_count() or 1) - os.getloadavg()[0]
+    return max(1, min(cap, round(free)))
+
+
+def use_threads(config: Config, input_size: int, hidden_size: int) -> int:
+    """Set torch's CPU threads for this run (train.threads, or auto_threads) and return the number."""
+    import torch
+
+    wanted = config.train.threads
+    threads = auto_threads(config.model.cell, input_size, hidden_size, torch.get_num_threads()) if wanted == "auto" else wanted
+    torch.set_num_threads(threads)
+    return threads
 
 
 def _gradient_flow(client: Any, run_id: str, model: Any, task: Any, batch: dict[str, Any], tag: str) -> None:

@@ -10,7 +10,8 @@ import typer
 
 def command(
     sweep: Optional[list[str]] = typer.Option(None, "--sweep", help="sweep name (tag `sweep`); repeat for several; default: every run"),
-    out: Path = typer.Option(Path("results"), "--out", help="directory to (re)generate"),
+    # Not results/: the committed report is regenerated on purpose (`--out results/`), never by default.
+    out: Path = typer.Option(Path("rnnbench_report"), "--out", help="directory to (re)generate (its old contents are replaced)"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)"),
     experiment: Optional[list[str]] = typer.Option(None, "--experiment", help="restrict to these experiments (name or id); repeatable"),
     tuned: Optional[list[str]] = typer.Option(None, "--tuned", help="params chosen on validation per cell (default: train.lr); repeatable"),

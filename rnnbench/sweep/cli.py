@@ -17,7 +17,7 @@ def command(
     workers: Optional[int] = typer.Option(
         None, "--workers", "-w", help="points at once (local: 1 runs in this process; ray: default all CPUs); batched groups at once with --batch-models"
     ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="list the points and what would be done; run nothing"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the points, what would be done and an upper bound of the cost (timed here); run nothing"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar"),
     batch_models: str = typer.Option(
         "auto", "--batch-models", help="train points that differ only in seed and lr together: auto (where CUDA is), on, off"

@@ -23,9 +23,10 @@ from typing import Any, Callable
 
 import yaml
 
+from rnnbench.config import Config
 from rnnbench.errors import RnnbenchError
 from rnnbench.sweep.jobs import Job, Outcome
-from rnnbench.sweep.runs import POINT_ROLE, Decision, checkpoint_of, child_runs, decide, parent_run, retire
+from rnnbench.sweep.runs import POINT_ROLE, Decision, checkpoint_of, child_runs, decide, find_parent, parent_run, retire
 from rnnbench.sweep.spec import Point, SweepSpec, expand
 
 
@@ -122,6 +123,7 @@ def run_sweep(
     if workers is not None and workers < 1:
         raise RnnbenchError(f"--workers must be at least 1 (got {workers})")
     points, shared = plan(spec, overrides)
+    check_points(points)
     with nullcontext() if dry_run else _one_driver(shared["tracking_uri"], spec.name):
         return _plan_and_run(spec, overrides, points, shared, executor, workers, progress, dry_run, echo,
                              _batching_on(batch_models, executor))
@@ -144,10 +146,18 @@ def _plan_and_run(
     )
     if summary.foreign_points:
         echo(f"note: {summary.foreign_points} earlier points of sweep {spec.name!r} are not in this spec (spec or overrides changed?)")
+    to_do = [pp.point.config for pp in planned if pp.decision.action != "done"]
     if dry_run:
         for pp in planned:
             echo(f"  {pp.decision.action:6s} [{pp.point.point_id}] {pp.point.label}")
+        if to_do:
+            from rnnbench.sweep.cost import estimate
+
+            for line in estimate(to_do).lines(workers):
+                echo(line)
         return summary
+    if to_do:
+        _announce_cost(to_do, workers, echo)
 
     _run_planned(spec, overrides, planned, summary, client, experiment_id, shared, executor, workers, progress, echo,
                  batched)
@@ -160,8 +170,12 @@ def _run_planned(
     echo: Callable[[str], None], batched: bool = False,
 ) -> None:
     """Parent run, retire stale attempts, run the rest (groups of new points together when batched)."""
+    if _nothing_to_do(planned, summary, client, experiment_id, spec.name):
+        return
     spec_hash = spec.spec_hash(overrides)
     parent_tags = {"spec_hash": spec_hash, "n_points": str(summary.total), "mlflow.runName": spec.name}
+    if spec.description:  # the MLflow UI shows this tag as the run's description
+        parent_tags["mlflow.note.content"] = spec.description
     summary.parent_run_id = parent_id = parent_run(client, experiment_id, spec.name, parent_tags)
     record = {"spec": spec.model_dump(mode="json"), "overrides": list(overrides or [])}
     client.log_text(parent_id, yaml.safe_dump(record, sort_keys=False), "sweep.yaml")
@@ -172,6 +186,51 @@ def _run_planned(
     jobs = [_job(pp.point, pp.decision, experiment_id, tags, shared) for pp in planned if pp.decision.action != "done"]
     groups, jobs = _batchable(jobs, new_points=batched)
     _execute(jobs, summary, client, executor, workers, progress, echo, groups)
+
+
+def check_points(points: list[Point]) -> None:
+    """Every point's cheap checks (its task's data, the checkpoint folder: rnnbench.train.check_before_run)
+    before the store, the parent run or any child run exists; each distinct task is checked once."""
+    from rnnbench.train import check_before_run
+
+    seen: set[str] = set()
+    for point in points:
+        key = point.config.task.model_dump_json() + "\n" + point.config.tracking.checkpoint_dir
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_before_run(point.config)
+        except RnnbenchError as e:
+            raise RnnbenchError(f"point {point.label}: {e}") from None
+
+
+def _announce_cost(configs: list[Config], workers: int | None, echo: Callable[[str], None]) -> None:
+    """Print the estimate of what is left to run; above WARN_CORE_HOURS, say so loudly, then go on."""
+    from rnnbench.sweep.cost import WARN_CORE_HOURS, estimate
+
+    cost = estimate(configs)
+    lines = cost.lines(workers)
+    if cost.core_hours > WARN_CORE_HOURS:
+        echo(f"warning: a large sweep: {lines[0]}")
+        echo("  (Ctrl-C stops it safely; re-running the same command resumes it. `--dry-run` shows this without running.)")
+    else:
+        echo(f"estimate: {lines[0]}")
+
+
+def _nothing_to_do(planned: list[PlannedPoint], summary: SweepSummary, client: Any, experiment_id: str, sweep: str) -> bool:
+    """Every point FINISHED and the parent closed FINISHED: retire leftover attempts, leave the parent
+    alone (reopening it would move its end time: a 33-second sweep re-run later showed 42 minutes)."""
+    if any(pp.decision.action != "done" for pp in planned):
+        return False
+    parent = find_parent(client, experiment_id, sweep)
+    if parent is None or parent.info.status != "FINISHED":
+        return False
+    summary.parent_run_id = parent.info.run_id
+    for pp in planned:
+        for run, why in pp.decision.retire:
+            retire(client, run, why)
+    return True
 
 
 BATCH_MODES = ("auto", "on", "off")

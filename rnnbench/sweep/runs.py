@@ -39,13 +39,19 @@ def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
+def find_parent(client: Any, experiment_id: str, sweep: str) -> Any | None:
+    """The sweep's parent run (the oldest if several), or None; read only."""
+    return next(iter(search_all(client, experiment_id, f"tags.sweep = '{_quote(sweep)}' AND tags.sweep_role = '{PARENT_ROLE}'")), None)
+
+
 def parent_run(client: Any, experiment_id: str, sweep: str, tags: dict[str, str]) -> str:
-    """The sweep's parent run (the oldest if several), created if absent; marked RUNNING, tags updated."""
+    """The sweep's parent run (the oldest if several), created if absent; marked RUNNING, tags updated.
+    Call it only when there is work: reopening moves the parent's end time and status."""
     from mlflow.entities import RunTag
 
-    found = list(search_all(client, experiment_id, f"tags.sweep = '{_quote(sweep)}' AND tags.sweep_role = '{PARENT_ROLE}'"))
-    if found:
-        run_id = found[0].info.run_id
+    found = find_parent(client, experiment_id, sweep)
+    if found is not None:
+        run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(experiment_id, run_name=sweep, tags={"sweep": sweep, "sweep_role": PARENT_ROLE}).info.run_id

@@ -41,6 +41,11 @@ class Task:
         self.options = options
         self.seed = seed
 
+    @classmethod
+    def check_data(cls, options: TaskOptions) -> None:
+        """Make sure the task's data files are present and intact, cheaply (a hash check, no parsing),
+        or raise a one-line RnnbenchError. Called before any run is created; synthetic tasks have none."""
+
     def datasets(self) -> dict[str, Dataset]:
         """{'train', 'val', 'test'} -> Dataset whose items `collate` turns into a Batch."""
         raise NotImplementedError

@@ -162,6 +162,15 @@ class PolyphonicTask(Task):
         self._rolls: dict[str, list[np.ndarray]] | None = None
         self._baselines: dict[str, dict[str, float]] = {}
 
+    @classmethod
+    def check_data(cls, options: TaskOptions) -> None:
+        """The corpus's files are present and match their SHA-256 (fetch: verified, or downloaded)."""
+        from rnnbench.datasets import fetch
+        from rnnbench.datasets.sources import get_source
+
+        get_source(cls.corpus).file(getattr(options, "source", "mat"))  # e.g. only jsb has a pickle
+        fetch(cls.corpus)
+
     def rolls(self) -> dict[str, list[np.ndarray]]:
         """{'train','val','test'} -> the split's rolls in this task's layout (read once, cached)."""
         if self._rolls is None:

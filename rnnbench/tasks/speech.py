@@ -187,6 +187,13 @@ class SpeechTask(Task):
         self._fits: tuple[torch.Tensor, ...] | None = None
         self.norm_mean = self.norm_std = float("nan")
 
+    @classmethod
+    def check_data(cls, options: TaskOptions) -> None:
+        """The recordings are present and match the manifest (fetch: verified, or downloaded)."""
+        from rnnbench.datasets import fetch
+
+        fetch("fsdd")
+
     def crop_length(self, rate: int) -> int | None:
         o = self.options
         return o.max_samples if o.max_seconds is None else int(round(o.max_seconds * rate))

@@ -1,0 +1,145 @@
+"""What a sweep will cost before it starts: points x epochs x a measured time per epoch.
+
+The time per epoch is measured here, on this machine, for each distinct model and task of the sweep:
+a few real training steps (forward, loss, backward, optimiser step, with the threads `train()` would
+use) on real batches, scaled to an epoch's batches. It is an upper bound of a run's cost because it
+assumes every run goes to `train.max_epochs`; early stopping usually ends runs sooner.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+from rnnbench.config import Config
+
+WARN_CORE_HOURS = 8.0
+"""A sweep estimated above this many hours of one core prints a warning before it starts (and goes on:
+scripts must not block, and Ctrl-C stops a sweep safely; the same command resumes it)."""
+
+TIMED_STEPS = 3  # after one untimed step (first-call costs: allocations, compiled-loop loading)
+EVAL_SHARE = 0.5  # a validation batch (forward only) costs about half a training step
+
+
+@dataclass(frozen=True)
+class Estimate:
+    runs: int
+    seconds: float  # all runs one after another, each to max_epochs
+    per_epoch: dict[str, float]  # model/task description -> measured seconds per epoch
+    unmeasured: int = 0  # runs whose model could not be timed here (they will fail as they would anyway)
+
+    @property
+    def core_hours(self) -> float:
+        return self.seconds / 3600
+
+    def lines(self, workers: int | None = None) -> list[str]:
+        """'N runs: at most X core-hours ...' and the measured seconds per epoch."""
+        if not self.runs:
+            return ["nothing to run"]
+        parallel = f", about {_hours(self.seconds / workers)} with --workers {workers}" if workers and workers > 1 else ""
+        out = [f"{self.runs} runs to do: at most {_hours(self.seconds)} of one core{parallel} "
+               "(every run to train.max_epochs at the time per epoch measured here just now; "
+               "early stopping usually ends runs sooner)"]
+        out += [f"  {what}: {s:.3g} s per epoch" for what, s in sorted(self.per_epoch.items())]
+        if self.unmeasured:
+            out.append(f"  {self.unmeasured} runs could not be timed here and are not counted")
+        return out
+
+
+def _hours(seconds: float) -> str:
+    if seconds >= 360:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 60:.1f} minutes" if seconds >= 60 else f"{seconds:.0f} seconds"
+
+
+def _model_key(config: Config) -> str:
+    """What decides the time per epoch: the model, the task's options, batch size, limits, precision."""
+    c = config.to_dict()
+    t = c["train"]
+    keep = {"model": {k: v for k, v in c["model"].items() if k not in ("init", "init_scale", "forget_bias")},
+            "task": c["task"],
+            "train": {k: t[k] for k in ("batch_size", "limit_train_batches", "limit_eval_batches", "precision", "device",
+                                        "threads")}}
+    return json.dumps(keep, sort_keys=True)
+
+
+def estimate(configs: list[Config]) -> Estimate:
+    """The cost of training every config, each to its max_epochs (or max_steps)."""
+    measured: dict[str, tuple[float, float, int, str] | None] = {}
+    total = 0.0
+    per_epoch: dict[str, float] = {}
+    unmeasured = 0
+    for config in configs:
+        key = _model_key(config)
+        if key not in measured:
+            try:
+                measured[key] = _measure(config)
+            except Exception:  # noqa: BLE001 - an estimate must never stop a sweep; the run reports its own error
+                measured[key] = None
+            if (timing := measured[key]) is not None:
+                per_epoch[timing[3]] = max(per_epoch.get(timing[3], 0.0), timing[0])
+        timing = measured[key]
+        if timing is None:
+            unmeasured += 1
+            continue
+        seconds, final, batches, _ = timing
+        t = config.train
+        epochs = t.max_epochs if t.max_steps < 0 else min(t.max_epochs, math.ceil(t.max_steps / max(batches, 1)))
+        total += epochs * seconds + final
+    return Estimate(len(configs), total, per_epoch, unmeasured)
+
+
+def _measure(config: Config) -> tuple[float, float, int, str]:
+    """(seconds per epoch, seconds of the final evaluation, training batches per epoch, label) from a
+    few timed training steps."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from rnnbench.model import SequenceModel
+    from rnnbench.tasks import get_task
+    from rnnbench.train import resolve_hidden_size, use_threads
+
+    t = config.train
+    task = get_task(config.task.name)(config.task, seed=t.seed)
+    hidden = resolve_hidden_size(config, task.input_size, task.output_size)
+    config = config.model_copy(deep=True)
+    config.model.hidden_size = hidden
+    label = f"{config.task.name} {config.model.cell} hidden {hidden} batch {t.batch_size}"
+    before = torch.get_num_threads()
+    try:
+        use_threads(config, task.input_size, hidden)
+        data = task.datasets()
+        loader = DataLoader(data["train"], batch_size=t.batch_size, shuffle=True, collate_fn=task.collate,
+                            generator=torch.Generator().manual_seed(t.seed))
+        train_batches = len(loader) if t.limit_train_batches is None else min(len(loader), t.limit_train_batches)
+        val_batches = math.ceil(len(data["val"]) / t.batch_size)
+        if t.limit_eval_batches is not None:
+            val_batches = min(val_batches, t.limit_eval_batches)
+        # the best checkpoint scored on test, val and train once at the end (train.py)
+        final_batches = math.ceil(len(data["test"]) / t.batch_size) + val_batches + math.ceil(len(data["train"]) / t.batch_size)
+        use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        device = torch.device("cuda" if use_cuda else "cpu")
+        dtype = torch.float64 if t.precision == "64" else torch.float32
+        model = SequenceModel(config, task, hidden).to(device=device, dtype=dtype)
+        optimizer = model.configure_optimizers()
+        if isinstance(optimizer, (list, tuple)):
+            optimizer = optimizer[0]
+        steps = min(TIMED_STEPS + 1, train_batches)
+        seconds: list[float] = []
+        for i, batch in zip(range(steps), loader):
+            batch = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
+            start = time.perf_counter()
+            loss = task.loss(model(batch["x"]), batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if use_cuda:
+                torch.cuda.synchronize()
+            if i > 0 or steps == 1:
+                seconds.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    step = sum(seconds) / len(seconds)
+    return step * (train_batches + EVAL_SHARE * val_batches), step * EVAL_SHARE * final_batches, train_batches, label
