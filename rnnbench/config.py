@@ -129,6 +129,7 @@ NOT_IDENTITY: dict[str, str] = {
     # flat config key -> why it cannot change a number; every other field of Config and of every
     # task's Options is part of a run's identity (tests/test_config.py pins both lists).
     "train.progress_bar": "display only",
+    "train.threads": "CPU threads: the compiled loops are bit-identical for any count (torch's threaded kernels may differ in float rounding, as between sweep worker counts)",
     "tracking.experiment": "where the run is recorded",
     "tracking.run_name": "a label",
     "tracking.tracking_uri": "where the run is recorded",

@@ -104,7 +104,7 @@ IDENTITY = {
     "train.device", "train.precision",  # CPU vs CUDA kernels, float32 vs float64: different numbers
     "train.gradient_flow",  # changes what a run records
 }
-NOT_IN_IDENTITY = {"train.progress_bar", "tracking.experiment", "tracking.run_name", "tracking.tracking_uri",
+NOT_IN_IDENTITY = {"train.progress_bar", "train.threads", "tracking.experiment", "tracking.run_name", "tracking.tracking_uri",
                    "tracking.checkpoint_dir"}
 
 
@@ -127,6 +127,7 @@ def _old_hash(config: Config) -> str:
     import json
 
     d = {k: v for k, v in config.to_dict().items() if k != "tracking"}
+    d["train"] = {k: v for k, v in d["train"].items() if k != "threads"}  # a field added since
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
