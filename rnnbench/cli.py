@@ -65,12 +65,13 @@ def ui(
     if not 1 <= port <= 65535:
         raise RnnbenchError(f"--port must be between 1 and 65535, got {port}")
     uri = resolve_tracking_uri(tracking_uri)
-    require_store(uri)  # reading only: a mistyped store is refused, never created
     if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
+        require_store(uri)
         typer.echo(f"the tracking server serves the UI: open {runs_page_url(uri, _experiment_to_open(uri, experiment))}")
         return
     bind = "::" if host in ("::", "[::]") else "0.0.0.0" if host in ALL_INTERFACES else host
     _check_port(bind, port)
+    require_store(uri)  # reading only: a mistyped store is refused, never created
     experiment_id = _experiment_to_open(uri, experiment)
     if bind in ("0.0.0.0", "::"):
         here = runs_page_url(f"http://127.0.0.1:{port}" if bind == "0.0.0.0" else f"http://[::1]:{port}", experiment_id)

@@ -66,7 +66,7 @@ def normalize_tracking_uri(uri: str, source: str = "tracking URI") -> str:
     if scheme.split("+")[0] == "sqlite":
         rest = value[len("sqlite:///"):] if value.lower().startswith("sqlite:///") else ""
         if not rest or rest.startswith(":memory:") or "?" in rest:
-            raise RnnbenchError(f"{source} {uri!r}: a SQLite store must be a file, sqlite:///PATH (no in-memory store, no query)")
+            raise RnnbenchError(f"{source} {uri!r}: a SQLite store must be a file: use sqlite:///PATH (no in-memory store, no query)")
         return f"sqlite:///{Path(rest).expanduser().resolve()}"
     if scheme in ("http", "https") or scheme.split("+")[0] in DATABASE_SCHEMES or scheme == "databricks":
         return value
@@ -191,14 +191,14 @@ def _create_sqlite_store(db: Path) -> None:
         raise RnnbenchError(f"the store's folder {folder} is not writable ({e.strerror or e})") from None
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # another creator finishes within seconds
+        for stale in folder.glob(f".{db.name}.creating-*"):  # only lock holders make these: their makers died
+            stale.unlink(missing_ok=True)
         if db.exists():
             problem = sqlite_store_problem(db)
             if problem is None:
                 return
             if problem != "empty":
                 raise RnnbenchError(problem)
-        for stale in folder.glob(f".{db.name}.creating-*"):  # only lock holders make these: their makers died
-            stale.unlink(missing_ok=True)
         tmp = folder / f".{db.name}.creating-{os.getpid()}"
         try:
             store = SqlAlchemyStore(f"sqlite:///{tmp}", (folder / "mlartifacts").as_uri())
@@ -224,7 +224,7 @@ def _create_sqlite_store(db: Path) -> None:
 
 def _check_store_file(db: Path) -> None:
     """A SQLite store before a command writes to it: created if missing, else complete and writable."""
-    if not db.exists():
+    if not db.exists() or any(db.parent.glob(f".{db.name}.creating-*")):  # new, or a creator died after linking
         _create_sqlite_store(db)
         return
     problem = sqlite_store_problem(db)
@@ -246,6 +246,8 @@ def prepare_store(uri: str, experiment: str) -> str:
     check_reachable(uri)
     db = sqlite_path(uri)
     if db is not None:
+        if not db.exists():  # a new store: its first experiment's artifact folder is known already
+            _check_writable_folder(db.parent / "mlartifacts" / experiment, f"the artifact folder of experiment {experiment!r}")
         _check_store_file(db)
     client = MlflowClient(tracking_uri=uri)
     try:
