@@ -246,7 +246,8 @@ def prepare_store(uri: str, experiment: str) -> str:
     check_reachable(uri)
     db = sqlite_path(uri)
     if db is not None:
-        if not db.exists():  # a new store: its first experiment's artifact folder is known already
+        if not db.exists():  # a new store: check its folder and its first experiment's artifact folder first
+            _check_writable_folder(db.parent, "the store's folder")
             _check_writable_folder(db.parent / "mlartifacts" / experiment, f"the artifact folder of experiment {experiment!r}")
         _check_store_file(db)
     client = MlflowClient(tracking_uri=uri)
