@@ -47,23 +47,78 @@ def train(
         typer.echo(f"  {k:24s} {v:.6g}")
 
 
+ALL_INTERFACES = ("", "0", "0.0.0.0", "::", "[::]")
+
+
 @app.command()
 def ui(
     port: int = typer.Option(5000, help="port to serve on"),
-    host: str = typer.Option("127.0.0.1", help="address to bind; the default keeps it on this machine"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; the default keeps it on this machine, 0.0.0.0 opens it to others"),
     tracking_uri: Optional[str] = typer.Option(None, help="store to browse (default: $MLFLOW_TRACKING_URI or ./mlflow.db)"),
+    experiment: Optional[str] = typer.Option(None, help="experiment to open (default: the one with the latest run)"),
 ) -> None:
-    """Serve the MLflow UI for the same store the runs go to."""
+    """Serve the MLflow UI for the same store the runs go to, opened on an experiment's runs table."""
     import os
 
-    from rnnbench.tracking import check_reachable, resolve_tracking_uri
+    from rnnbench.tracking import require_store, resolve_tracking_uri, runs_page_url
 
-    _check_port(host, port)
+    if not 1 <= port <= 65535:
+        raise RnnbenchError(f"--port must be between 1 and 65535, got {port}")
     uri = resolve_tracking_uri(tracking_uri)
-    check_reachable(uri)
-    typer.echo(f"MLflow UI for {uri} on http://{host}:{port}")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
+        require_store(uri)
+        typer.echo(f"the tracking server serves the UI: open {runs_page_url(uri, _experiment_to_open(uri, experiment))}")
+        return
+    bind = "::" if host in ("::", "[::]") else "0.0.0.0" if host in ALL_INTERFACES else host
+    _check_port(bind, port)
+    require_store(uri)  # reading only: a mistyped store is refused, never created
+    experiment_id = _experiment_to_open(uri, experiment)
+    if bind in ("0.0.0.0", "::"):
+        here = runs_page_url(f"http://127.0.0.1:{port}" if bind == "0.0.0.0" else f"http://[::1]:{port}", experiment_id)
+        typer.echo(f"MLflow UI for {uri} listens on all interfaces ({bind} port {port}), reachable from other machines "
+                   f"at http://{_this_machine()}:{port}: open {here}")
+    else:
+        shown = f"[{bind}]" if ":" in bind else bind
+        typer.echo(f"MLflow UI for {uri}: open {runs_page_url(f'http://{shown}:{port}', experiment_id)}")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", bind, "--port", str(port)]
     os.execv(sys.executable, cmd)
+
+
+def _experiment_to_open(uri: str, name: str | None) -> str:
+    """The id of experiment `name`, else of the one whose run started last (else the first one)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from rnnbench.tracking import first_line
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        if name is not None:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                known = ", ".join(sorted(e.name for e in client.search_experiments()))
+                raise RnnbenchError(f"no experiment {name!r} in {uri}; there are: {known}")
+            return exp.experiment_id
+        experiments = client.search_experiments()
+        latest = client.search_runs([e.experiment_id for e in experiments], order_by=["attributes.start_time DESC"],
+                                    max_results=1) if experiments else []
+    except mlflow.exceptions.MlflowException as e:
+        raise RnnbenchError(f"tracking store {uri}: {first_line(e)}") from None
+    if latest:
+        return latest[0].info.experiment_id
+    return experiments[0].experiment_id if experiments else "0"
+
+
+def _this_machine() -> str:
+    """An address other machines may use: this host's IP where its name resolves, else its name.
+    (MLflow's default allowed hosts take localhost and private-network addresses, not names.)"""
+    import socket
+
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return socket.gethostname()
+    return socket.gethostname() if address.startswith("127.") else address
 
 
 def _check_port(host: str, port: int) -> None:

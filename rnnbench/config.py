@@ -318,7 +318,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise RnnbenchError(f"spec file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RnnbenchError(f"{path} is not a YAML text file (not UTF-8 at byte {e.start})") from None
+    except OSError as e:
+        raise RnnbenchError(f"cannot read spec file {path} ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

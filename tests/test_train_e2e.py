@@ -132,30 +132,55 @@ def test_ui_on_a_taken_port_says_so_in_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_ui_serves_the_store_on_localhost(tmp_path: Path) -> None:
-    """`rnnbench ui` starts MLflow's UI for the same store, bound to 127.0.0.1."""
+def test_ui_serves_the_store_on_localhost_and_opens_the_runs_table(tmp_path: Path) -> None:
+    """`rnnbench ui` starts MLflow's UI for the same store, bound to 127.0.0.1, and prints the address
+    of the runs table of the experiment with the latest run: MLflow 3.17's UI opens an experiment on
+    its GenAI traces page unless the URL asks for the machine-learning view (`workflowType`)."""
+    import json
+    import re
     import socket
     import time
     import urllib.request
 
+    from mlflow.tracking import MlflowClient
+
+    from rnnbench.tracking import prepare_store
+
+    uri = f"sqlite:///{tmp_path / 'ui.db'}"
+    prepare_store(uri, "older")
+    experiment_id = prepare_store(uri, "mine")
+    client = MlflowClient(uri)
+    client.set_terminated(client.create_run(experiment_id).info.run_id, "FINISHED")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ui.db'}"}
-    proc = subprocess.Popen(CLI + ["ui", "--port", str(port)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.Popen(CLI + ["ui", "--port", str(port)], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        first = proc.stdout.readline() if proc.stdout else ""
+        page = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        assert first.rstrip().endswith(f"open {page}"), first
         deadline, status = time.time() + 120, None
         while time.time() < deadline and status is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                     status = r.status
             except OSError:
-                assert proc.poll() is None, proc.stdout.read().decode()[-2000:] if proc.stdout else ""
+                assert proc.poll() is None, "the UI server ended"
                 time.sleep(1)
         assert status == 200
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get?experiment_id={experiment_id}"
+        with urllib.request.urlopen(api, timeout=5) as r:
+            tags = {t["key"]: t["value"] for t in json.load(r)["experiment"].get("tags", [])}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"  # older 3.x UIs read this tag
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
-            assert r.status == 200
+            index = r.read().decode()
+        (bundle,) = re.findall(r'src="/?([^"]*static/js/main\.[0-9a-f]+\.js)"', index)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{bundle}", timeout=30) as r:
+            js = r.read().decode()
+        # the served UI knows the page and the query parameter the printed address relies on
+        assert '"/experiments/:experimentId/runs"' in js and 'get("workflowType")' in js and '"machine_learning"' in js
     finally:
         import signal
 

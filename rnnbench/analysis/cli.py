@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -19,10 +20,35 @@ def command(
     figures: bool = typer.Option(True, "--figures/--no-figures", help="draw the figures"),
 ) -> None:
     """Regenerate REPORT.md, tables, figures, runs.csv and histories.csv from the MLflow store."""
+    from rnnbench.errors import RnnbenchError
+    from rnnbench.tracking import require_store, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    require_store(uri)  # reading only: a missing or mistyped store is refused, never created
+    check_out_folder(out)
     from rnnbench.analysis.report import build_report
 
-    path = build_report(
-        out, sweeps=sweep or None, tracking_uri=tracking_uri, experiments=experiment or None,
-        tuned=tuple(tuned) if tuned else ("train.lr",), spec_dir=specs, figures=figures,
-    )
+    try:
+        path = build_report(
+            out, sweeps=sweep or None, tracking_uri=uri, experiments=experiment or None,
+            tuned=tuple(tuned) if tuned else ("train.lr",), spec_dir=specs, figures=figures,
+        )
+    except OSError as e:  # what the check above cannot see ahead (a full disk, a read-only mount)
+        where = f" {e.filename}" if e.filename else ""
+        raise RnnbenchError(f"cannot write the report in {out}:{where} {e.strerror or e}") from None
     typer.echo(f"wrote {path}")
+
+
+def check_out_folder(out: Path) -> None:
+    """One line, before any run is read, if `out` is not a folder that can be made and written."""
+    from rnnbench.errors import RnnbenchError
+
+    if out.exists() and not out.is_dir():
+        raise RnnbenchError(f"--out {out} is a file, not a folder")
+    ancestor = out.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise RnnbenchError(f"--out {out} cannot be created: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise RnnbenchError(f"--out {out} cannot be written: {ancestor} is not writable")

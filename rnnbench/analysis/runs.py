@@ -54,9 +54,11 @@ def client_for(tracking_uri: str | None = None) -> Any:
     """An MlflowClient for `tracking_uri` (else $MLFLOW_TRACKING_URI, else ./mlflow.db, as training)."""
     from mlflow.tracking import MlflowClient
 
-    from rnnbench.tracking import resolve_tracking_uri
+    from rnnbench.tracking import require_store, resolve_tracking_uri
 
-    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    uri = resolve_tracking_uri(tracking_uri)
+    require_store(uri)  # reading: MLflow would create a missing SQLite file (and its folders)
+    return MlflowClient(tracking_uri=uri)
 
 
 def is_curve_key(key: str) -> bool:

@@ -178,10 +178,17 @@ def _run_planned(
         parent_tags["mlflow.note.content"] = spec.description
     summary.parent_run_id = parent_id = parent_run(client, experiment_id, spec.name, parent_tags)
     record = {"spec": spec.model_dump(mode="json"), "overrides": list(overrides or [])}
-    client.log_text(parent_id, yaml.safe_dump(record, sort_keys=False), "sweep.yaml")
-    for pp in planned:
-        for run, why in pp.decision.retire:
-            retire(client, run, why)
+    try:
+        client.log_text(parent_id, yaml.safe_dump(record, sort_keys=False), "sweep.yaml")
+        for pp in planned:
+            for run, why in pp.decision.retire:
+                retire(client, run, why)
+    except BaseException as e:  # the parent must not stay RUNNING (prepare_store checked the usual causes)
+        client.set_tag(parent_id, "failure_reason", " ".join(f"{type(e).__name__}: {e}".split())[:500])
+        client.set_terminated(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if isinstance(e, Exception) and not isinstance(e, RnnbenchError):
+            raise RnnbenchError(f"sweep {spec.name}: cannot record the sweep ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+        raise
     tags = {"sweep": spec.name, "sweep_role": POINT_ROLE, "spec_hash": spec_hash, "mlflow.parentRunId": parent_id}
     jobs = [_job(pp.point, pp.decision, experiment_id, tags, shared) for pp in planned if pp.decision.action != "done"]
     groups, jobs = _batchable(jobs, new_points=batched)
@@ -276,16 +283,23 @@ def _one_driver(uri: str, sweep: str) -> Iterator[None]:
     """For a SQLite store, refuse a second driver of the same sweep while one runs (it would take
     the first one's RUNNING points for dead ones). The lock dies with its process, SIGKILL included.
     With a tracking server nothing is locked: run one driver per sweep."""
-    if not uri.startswith("sqlite:///"):
+    from rnnbench.tracking import sqlite_path
+
+    db = sqlite_path(uri)
+    if db is None:
         yield
         return
     import fcntl
 
-    lock = Path(uri[len("sqlite:///"):]).parent / f".rnnbench-sweep-{sweep}.lock"
+    lock = db.parent / f".rnnbench-sweep-{sweep}.lock"
     if not lock.parent.is_dir():  # prepare_store reports the missing directory in one line
         yield
         return
-    with open(lock, "w") as handle:
+    try:
+        handle = open(lock, "w")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise RnnbenchError(f"the store's folder {lock.parent} is not writable ({e.strerror or e})") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -295,18 +309,25 @@ def _one_driver(uri: str, sweep: str) -> Iterator[None]:
 
 def _open_store(shared: dict[str, Any], sweep: str, create: bool) -> tuple[Any, str, dict[str, list[Any]]]:
     """(client, experiment id, child runs by point). With `create`, make the store and experiment
-    here, once, before any worker starts; without, only read (a dry run must not create a store)."""
+    here, once, before any worker starts (tracking.prepare_store: atomic, one line on any problem);
+    without, only read: a dry run creates nothing, and a store that is not there has no runs yet."""
     from mlflow.tracking import MlflowClient
 
-    from rnnbench.tracking import prepare_store
+    from rnnbench.tracking import check_reachable, prepare_store, sqlite_path, sqlite_store_problem
 
     uri, experiment = shared["tracking_uri"], shared["experiment"]
     if create:
         experiment_id = prepare_store(uri, experiment)
         client = MlflowClient(tracking_uri=uri)
         return client, experiment_id, child_runs(client, experiment_id, sweep)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        return None, "-", {}
+    check_reachable(uri)
+    db = sqlite_path(uri)
+    if db is not None:
+        problem = sqlite_store_problem(db) if db.is_file() else "empty"
+        if problem == "empty":
+            return None, "-", {}
+        if problem:
+            raise RnnbenchError(problem)
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
