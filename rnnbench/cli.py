@@ -96,14 +96,23 @@ _mount()
 
 
 def main() -> None:
+    import shlex
+
+    from rnnbench.interrupts import Interrupted, exit_status, stop_on_sigterm
+
+    stop_on_sigterm()  # a kill or a scheduler's time-out cleans up as Ctrl-C does
     try:
         app()
     except RnnbenchError as e:
         typer.echo(f"rnnbench: error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("rnnbench: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            command = shlex.join(["rnnbench", *sys.argv[1:]])
+            typer.echo(f"rnnbench: interrupted: {e.kept}; {e.again}: {command}", err=True)
+        else:
+            typer.echo("rnnbench: interrupted", err=True)
+        sys.exit(exit_status())
 
 
 if __name__ == "__main__":
