@@ -206,7 +206,7 @@ def train(
         from rnnbench.interrupts import Interrupted
 
         client.set_terminated(run_id, "KILLED")
-        kept = Path(config.tracking.checkpoint_dir) / run_id
+        kept = (Path(config.tracking.checkpoint_dir) / run_id).resolve()
         raise Interrupted(
             f"run {run_id} marked KILLED; its checkpoints (if an epoch ended) are kept in {kept}, "
             f"and rnnbench.train.train(config, run_id={run_id!r}) resumes it",

@@ -73,9 +73,9 @@ def visible_gpus() -> list[str]:
 
 
 # --- worker processes never outlive their driver --------------------------------------------------
-# A worker's run stops the way Ctrl-C stops it (KeyboardInterrupt: the run is closed KILLED and keeps
+# A worker stops its run the way Ctrl-C does (rnnbench.interrupts: the run is closed KILLED and keeps
 # its checkpoint, so the next invocation resumes it) when
-#   * SIGTERM or SIGINT reaches the worker (the driver stopping its pool, `kill` of the process group);
+#   * SIGTERM or SIGINT reaches it (the driver stopping its pool, a signal to the process group);
 #   * the driver dies, even by SIGKILL: on Linux the kernel sends PARENT_DEATH_SIGNAL at once
 #     (prctl PR_SET_PDEATHSIG), elsewhere a watchdog thread sees os.getppid() change within
 #     WATCHDOG_PERIOD_S. PR_SET_PDEATHSIG fires when the *thread* that spawned the worker ends, and
@@ -89,27 +89,21 @@ WATCHDOG_PERIOD_S = 0.5
 ORPHAN_GRACE_S = 20.0
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
-_worker_state: dict[str, Any] = {"busy": False, "stopping": False, "parent": 0}
+_worker_state: dict[str, Any] = {"busy": False, "parent": 0}
 
 
-def _stop_this_worker(signum: int, frame: Any) -> None:
-    """SIGTERM/SIGINT in a worker: stop the point it trains as Ctrl-C does; an idle worker just exits."""
-    if _worker_state["stopping"]:
-        return  # the first signal's cleanup (closing the run KILLED) is under way: let it finish
-    _worker_state["stopping"] = True
-    if not _worker_state["busy"]:
-        os._exit(128 + signum)
-    raise KeyboardInterrupt
+def _orphaned() -> bool:
+    return os.getppid() != _worker_state["parent"]
 
 
 def _on_parent_death_signal(signum: int, frame: Any) -> None:
-    if os.getppid() != _worker_state["parent"]:  # the driver process is gone, not one of its threads
-        _stop_this_worker(signal.SIGTERM, frame)
+    if _orphaned():  # the driver process is gone, not merely the thread that spawned us
+        os.kill(os.getpid(), signal.SIGTERM)  # through whatever handler is installed (Lightning's while training)
 
 
 def _watch_parent() -> None:
     """Portable fallback for PR_SET_PDEATHSIG; also makes an orphan exit once its run is closed."""
-    while os.getppid() == _worker_state["parent"]:
+    while not _orphaned():
         time.sleep(WATCHDOG_PERIOD_S)
     os.kill(os.getpid(), signal.SIGTERM)  # the main thread closes the run KILLED (or exits if idle)
     deadline = time.monotonic() + ORPHAN_GRACE_S
@@ -131,20 +125,23 @@ def _set_parent_death_signal() -> None:
 
 def guard_worker(parent: int) -> None:
     """Tie this worker process to its driver (pid `parent`); call first in a pool's initializer."""
+    from rnnbench.interrupts import stop_on_signals
+
     _worker_state["parent"] = parent
-    signal.signal(signal.SIGTERM, _stop_this_worker)
-    signal.signal(signal.SIGINT, _stop_this_worker)
+    stop_on_signals(idle=lambda: not _worker_state["busy"])
     signal.signal(PARENT_DEATH_SIGNAL, _on_parent_death_signal)
     _set_parent_death_signal()
     threading.Thread(target=_watch_parent, name="rnnbench-parent-watchdog", daemon=True).start()
-    if os.getppid() != parent:  # the driver died before the signal was armed
+    if _orphaned():  # the driver died before the signal was armed
         os._exit(1)
 
 
 def in_worker(fn: Callable[..., Any], *args: Any) -> Any:
     """Run one task in a guarded worker. A worker already told to stop takes no new task (one can
     still reach it after its pool was cancelled: concurrent.futures queues a task ahead)."""
-    if _worker_state["stopping"]:
+    from rnnbench.interrupts import stop_requested
+
+    if stop_requested():
         os._exit(1)
     _worker_state["busy"] = True
     try:

@@ -97,19 +97,24 @@ def _finished_meanwhile(job: Job) -> bool:
 
 def run_point(job: Job) -> Outcome:
     """Train one point; never raises for a failed run (the reason is in MLflow and the Outcome)."""
+    from rnnbench.interrupts import stop_requested
+
     start = time.perf_counter()
     try:
         with point_locks([job]):
             if _finished_meanwhile(job):
                 return Outcome(job.index, job.point_id, job.label, job.resume_run_id, "FINISHED", None,
                                time.perf_counter() - start, True)
-            return _train_point(job, start)
+            outcome = _train_point(job, start)
     except PointBusy as e:  # nothing recorded: the run belongs to the process that holds the lock
         return Outcome(job.index, job.point_id, job.label, job.resume_run_id, "FAILED", str(e),
                        time.perf_counter() - start, job.resume_run_id is not None)
     except Exception as e:  # noqa: BLE001 - e.g. the lock file cannot be created
         return Outcome(job.index, job.point_id, job.label, _record_failure(job, None, one_line(e)), "FAILED", one_line(e),
                        time.perf_counter() - start, job.resume_run_id is not None)
+    if stop_requested():  # the stop came where nothing raised it (after the fit): stop the sweep here
+        raise KeyboardInterrupt
+    return outcome
 
 
 def _train_point(job: Job, start: float) -> Outcome:
