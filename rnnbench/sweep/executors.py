@@ -44,7 +44,8 @@ class Executor(ABC):
 
 
 def lost(job: Job, error: BaseException) -> Outcome:
-    """The outcome of a job whose worker died (its run, if any, stays RUNNING and is resumed next time)."""
+    """The outcome of a job whose worker died or was stopped alone (its run, if any, is left RUNNING or
+    KILLED with its checkpoint, and is resumed next time)."""
     return Outcome(job.index, job.point_id, job.label, job.resume_run_id, "FAILED", f"worker lost: {one_line(error)}")
 
 

@@ -97,8 +97,6 @@ def _finished_meanwhile(job: Job) -> bool:
 
 def run_point(job: Job) -> Outcome:
     """Train one point; never raises for a failed run (the reason is in MLflow and the Outcome)."""
-    from rnnbench.interrupts import stop_requested
-
     start = time.perf_counter()
     try:
         with point_locks([job]):
@@ -112,8 +110,6 @@ def run_point(job: Job) -> Outcome:
     except Exception as e:  # noqa: BLE001 - e.g. the lock file cannot be created
         return Outcome(job.index, job.point_id, job.label, _record_failure(job, None, one_line(e)), "FAILED", one_line(e),
                        time.perf_counter() - start, job.resume_run_id is not None)
-    if stop_requested():  # the stop came where nothing raised it (after the fit): stop the sweep here
-        raise KeyboardInterrupt
     return outcome
 
 

@@ -341,6 +341,8 @@ def _drive(pool: Any, jobs: list[Job], summary: SweepSummary, progress: bool) ->
 
     from tqdm import tqdm
 
+    from rnnbench.interrupts import stop_requested
+
     queue = deque(jobs)
     in_flight = 0
     bar = tqdm(total=summary.total, initial=summary.already_done + len(summary.outcomes), desc=summary.name, unit="point",
@@ -357,6 +359,8 @@ def _drive(pool: Any, jobs: list[Job], summary: SweepSummary, progress: bool) ->
             if outcome.status != "FINISHED":
                 bar.write(f"FAILED {outcome.label}: {outcome.reason}", file=sys.stderr)
             bar.update(1)
+            if stop_requested():  # Ctrl-C/SIGTERM handed to Lightning came after its last check: stop here
+                raise KeyboardInterrupt
         bar.set_postfix(failed=len(summary.failed), running=0, refresh=True)
     finally:
         bar.close()
