@@ -24,8 +24,8 @@ RNNBENCH = [sys.executable, "-m", "rnnbench.cli"]
 # enough that the re-run finishes quickly.
 BASE = {
     "model": {"hidden_size": 8},
-    "task": {"name": "copy", "seq_len": 5, "n_train": 1000, "n_val": 16, "n_test": 16},
-    "train": {"max_epochs": 3, "batch_size": 16, "early_stopping_patience": None},
+    "task": {"name": "copy", "seq_len": 5, "n_train": 800, "n_val": 16, "n_test": 16},
+    "train": {"max_epochs": 5, "batch_size": 16, "early_stopping_patience": None},
 }
 
 
@@ -120,7 +120,10 @@ def test_stopping_a_sweep_leaves_no_worker_and_loses_nothing(tmp_path: Path, sto
     name = "last.ckpt" if mode == "points" else "batched_last.pt"
     args = ["sweep", str(spec), "--workers", "2", "--no-progress", "--batch-models", "off" if mode == "points" else "on"]
 
-    proc = start_and_wait(args, tmp_path, lambda: len(checkpoints(ckpts, name)) == n_points)  # all mid-training
+    def all_mid_training() -> bool:  # every point has a checkpoint and none has finished
+        return len(checkpoints(ckpts, name)) == n_points and {s for _, s, r in runs_in_store(db) if r == "point"} == {"RUNNING"}
+
+    proc = start_and_wait(args, tmp_path, all_mid_training)
     workers = psutil.Process(proc.pid).children(recursive=True)
     assert len(workers) >= 2
     KILLS[kill](proc)
@@ -149,7 +152,7 @@ def test_stopping_a_sweep_leaves_no_worker_and_loses_nothing(tmp_path: Path, sto
     finished = [(rid, s) for rid, s, role in runs_in_store(db) if role == "point"]
     assert sorted(finished) == sorted((rid, "FINISHED") for rid, _ in points)  # the same runs, continued
     for run_id, _ in points:
-        assert epochs_logged(store, run_id) == [0, 1, 2]  # every epoch once
+        assert epochs_logged(store, run_id) == [0, 1, 2, 3, 4]  # every epoch once
 
 
 def test_two_processes_never_train_one_point(tmp_path: Path) -> None:
