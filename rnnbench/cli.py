@@ -150,15 +150,48 @@ def _mount() -> None:
 _mount()
 
 
+def _interruption(error: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt behind `error`: typer turns one into `Exit(130)` (raised from it), which
+    click turns into SystemExit; so an interrupted command reaches main() as SystemExit."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _report_interruption(stop: KeyboardInterrupt) -> None:
+    """One line: what was marked KILLED and kept, and the command that carries on."""
+    import shlex
+
+    from rnnbench.interrupts import Interrupted, exit_status
+
+    if isinstance(stop, Interrupted):
+        command = shlex.join(["rnnbench", *sys.argv[1:]])
+        typer.echo(f"rnnbench: interrupted: {stop.kept}; {stop.again}: {command}", err=True)
+    else:
+        typer.echo("rnnbench: interrupted", err=True)
+    sys.exit(exit_status())
+
+
 def main() -> None:
+    from rnnbench.interrupts import stop_on_signals
+
+    stop_on_signals()  # a kill or a scheduler's time-out cleans up as Ctrl-C does
     try:
         app()
     except RnnbenchError as e:
         typer.echo(f"rnnbench: error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("rnnbench: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        _report_interruption(e)
+    except SystemExit as e:
+        if (stop := _interruption(e)) is None:
+            raise
+        _report_interruption(stop)
 
 
 if __name__ == "__main__":

@@ -229,8 +229,16 @@ def train(
         return _fail(client, run_id, str(e), RunTag)
     except (KeyboardInterrupt, SystemExit):
         # Lightning turns Ctrl-C inside fit() into SystemExit(1): either way the run was stopped.
+        # `rnnbench train` has no resume option; train(config, run_id=...) continues from last.ckpt.
+        from rnnbench.interrupts import Interrupted
+
         client.set_terminated(run_id, "KILLED")
-        raise KeyboardInterrupt from None
+        kept = (Path(config.tracking.checkpoint_dir) / run_id).resolve()
+        raise Interrupted(
+            f"run {run_id} marked KILLED; its checkpoints (if an epoch ended) are kept in {kept}, "
+            f"and rnnbench.train.train(config, run_id={run_id!r}) resumes it",
+            "to train it again from the start, run",
+        ) from None
     except RnnbenchError as e:
         _fail(client, run_id, str(e), RunTag)
         raise

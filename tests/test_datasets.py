@@ -13,8 +13,12 @@ import io
 import os
 import pickle
 import socket
+import signal
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -221,10 +225,26 @@ def _altered(data: bytes) -> bytes:
     return data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:]
 
 
+TRICKLE_INTERVAL_S = 0.2  # /trickle/ sends one byte this often...
+TRICKLE_FOR_S = 30.0  # ...for this long, then closes the connection
+
+
 class _Handler(SimpleHTTPRequestHandler):
-    """Static files; under /truncated/ the body stops half-way (Content-Length is the full size)."""
+    """Static files; under /truncated/ the body stops half-way (Content-Length is the full size);
+    under /trickle/ it comes one byte at a time, each well within any per-read timeout."""
 
     def copyfile(self, source, outputfile) -> None:
+        if self.path.startswith("/trickle/"):
+            data, stop = source.read(), time.monotonic() + TRICKLE_FOR_S
+            try:
+                for i in range(len(data)):
+                    if time.monotonic() > stop:
+                        return
+                    outputfile.write(data[i : i + 1])
+                    outputfile.flush()
+                    time.sleep(TRICKLE_INTERVAL_S)
+            except OSError:  # the client went away
+                return
         if self.path.startswith("/truncated/"):
             data = source.read()
             outputfile.write(data[: len(data) // 2])
@@ -240,7 +260,7 @@ def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     """A threaded http.server on 127.0.0.1 (port 0) serving a temp copy of the JSB files as
     /good/, /truncated/ (short bodies) and /altered/ (one byte flipped). Yields (url, root)."""
     root = tmp_path_factory.mktemp("served")
-    for prefix in ("good", "truncated", "altered"):
+    for prefix in ("good", "truncated", "altered", "trickle"):
         for f in DATASETS["jsb"].files:
             dst = root / prefix / f.path
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -301,6 +321,51 @@ def test_download_failures_leave_nothing(server: tuple[str, Path], cache: Path, 
     assert verify() == []
     fetch("jsb", base_url=f"{url}/good")  # and the next good download goes through
     assert verify() == [] and len(files_under(cache)) == 2
+
+
+def test_download_deadline_against_a_trickling_server(server: tuple[str, Path], cache: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that keeps every read alive but never finishes: the fetch ends at its overall deadline
+    with one line naming the URL and the deadline, and leaves nothing in the cache."""
+    url, _ = server
+    monkeypatch.setenv("RNNBENCH_DOWNLOAD_DEADLINE", "1.5")
+    with pytest.raises(RnnbenchError) as info:
+        fetch("jsb", base_url=f"{url}/trickle")
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"{url}/trickle/polyphonic/mat/JSB_Chorales.mat" in message and "deadline of 1.5 s" in message, message
+    assert files_under(cache) == []
+    with pytest.raises(RnnbenchError, match="deadline of 0.5 s"):  # the argument beats the variable
+        fetch("jsb", base_url=f"{url}/trickle", deadline_s=0.5)
+    for bad in ("soon", "0", "-3", "nan"):
+        monkeypatch.setenv("RNNBENCH_DOWNLOAD_DEADLINE", bad)
+        with pytest.raises(RnnbenchError, match="RNNBENCH_DOWNLOAD_DEADLINE"):
+            fetch("jsb", base_url=f"{url}/good")
+    assert files_under(cache) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_fetch_stopped_mid_download_leaves_no_partial_file(server: tuple[str, Path], cache: Path, signum: int) -> None:
+    """`rnnbench data fetch` killed (SIGTERM) or Ctrl-C'd while the bytes trickle in: it exits with
+    the signal's status, says so in one line, and leaves no temporary or partial file in the cache."""
+    url, _ = server
+    env = {k: v for k, v in os.environ.items() if k != "RNNBENCH_DATA_DIR"}
+    env["RNNBENCH_CACHE_DIR"] = str(cache)
+    proc = subprocess.Popen([sys.executable, "-m", "rnnbench.cli", "data", "fetch", "jsb", "--base-url", f"{url}/trickle"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not files_under(cache) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert files_under(cache), f"the download never started (exit {proc.poll()})"
+        time.sleep(3 * TRICKLE_INTERVAL_S)  # some bytes are in the temporary file
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, stderr[-2000:]
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "rnnbench: interrupted", stderr[-2000:]
+    assert files_under(cache) == []
 
 
 # ----------------------------------------------------------------------------- the FSDD archive

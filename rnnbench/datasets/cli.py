@@ -34,12 +34,19 @@ def fetch_command(
         Optional[str],
         typer.Option(help="download from this mirror of the data layout instead of the canonical URLs"),
     ] = None,
+    deadline: Annotated[
+        Optional[float],
+        typer.Option(help="seconds one download may take in all (default: $RNNBENCH_DOWNLOAD_DEADLINE or 900)",
+                     show_default=False),
+    ] = None,
 ) -> None:
     """Download (or check in RNNBENCH_DATA_DIR) the named datasets, verifying every hash."""
-    from rnnbench.datasets.download import fetch
+    from rnnbench.datasets.download import download_deadline, fetch
 
+    if deadline is not None:
+        download_deadline(deadline)  # a bad value is one line before anything is fetched
     for name in _names(names):
-        typer.echo(f"{name}: {fetch(name, base_url=base_url)}")
+        typer.echo(f"{name}: {fetch(name, base_url=base_url, deadline_s=deadline)}")
 
 
 @data_app.command("verify")

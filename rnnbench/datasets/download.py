@@ -9,6 +9,11 @@ Two modes, chosen by environment variables:
   checks the SHA-256 and only then moves it into place, so a failed or tampered download
   leaves nothing behind that could later pass as valid.
 
+Each download has an overall deadline (`RNNBENCH_DOWNLOAD_DEADLINE` seconds, default
+DEFAULT_DEADLINE_S; `rnnbench data fetch --deadline`) besides a per-read timeout, so a server that
+trickles bytes cannot hold a fetch forever; a fetch stopped by the deadline, an error, Ctrl-C or
+SIGTERM (rnnbench.interrupts makes it unwind like Ctrl-C) leaves no partial file in the cache.
+
 Every file is hash-checked before first use in a process; the result is remembered against the
 file's (size, mtime, inode) so repeated loads cost a `stat`, not a re-hash.
 """
@@ -21,6 +26,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
 import zlib
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
@@ -34,6 +40,12 @@ if TYPE_CHECKING:
 
 ENV_DATA_DIR = "RNNBENCH_DATA_DIR"
 ENV_CACHE_DIR = "RNNBENCH_CACHE_DIR"
+ENV_DEADLINE = "RNNBENCH_DOWNLOAD_DEADLINE"
+
+# The largest download (the fsdd archive, ~20 MB) takes 15 minutes at 23 kB/s: a link slower than
+# that is better served by a longer deadline, chosen on purpose.
+DEFAULT_DEADLINE_S = 900.0
+READ_TIMEOUT_S = 30.0  # per connect and per read, as pooch's default
 
 _CHUNK = 1 << 16
 # path -> the stat signature it had when its hash (or manifest) last checked out
@@ -128,7 +140,7 @@ def _archive_problem(a: RemoteArchive, directory: Path) -> str | None:
 # ----------------------------------------------------------------------------- fetching
 
 
-def fetch(name: str, *, base_url: str | None = None) -> Path:
+def fetch(name: str, *, base_url: str | None = None, deadline_s: float | None = None) -> Path:
     """Make dataset `name` present and verified under `data_root()`; return its main local path.
 
     The main path is the .mat file for the polyphonic sets and the recordings directory for fsdd
@@ -140,6 +152,7 @@ def fetch(name: str, *, base_url: str | None = None) -> Path:
     data folder served with `python -m http.server -d DATA -b 127.0.0.1 8000` works as
     `fetch("jsb", base_url="http://127.0.0.1:8000")`; hashes are checked exactly as for the
     canonical URLs. Not allowed with `RNNBENCH_DATA_DIR`, which is never downloaded into.
+    `deadline_s` bounds each download's whole transfer (default: `download_deadline()`).
     """
     source = get_source(name)
     root = data_root()
@@ -161,7 +174,7 @@ def fetch(name: str, *, base_url: str | None = None) -> Path:
             if problem := _file_problem(f, path):
                 raise RnnbenchError(f"{name}: {problem} in the offline mirror {ENV_DATA_DIR}={root}")
         else:
-            _download_file(name, f, path, _url(f.url, f.path, base_url))
+            _download_file(name, f, path, _url(f.url, f.path, base_url), deadline_s)
 
     if source.archive is not None:
         a = source.archive
@@ -172,7 +185,7 @@ def fetch(name: str, *, base_url: str | None = None) -> Path:
                 if problem := _archive_problem(a, directory):
                     raise RnnbenchError(f"{name}: {problem} in the offline mirror {ENV_DATA_DIR}={root}")
             elif not (directory.is_dir() and _archive_problem(a, directory) is None):
-                _download_archive(name, a, directory, _url(a.url, a.mirror_path, base_url))
+                _download_archive(name, a, directory, _url(a.url, a.mirror_path, base_url), deadline_s)
         return directory
     return root / source.files[0].path
 
@@ -189,14 +202,79 @@ def _url(canonical: str, layout_path: str, base_url: str | None) -> str:
     return canonical if base_url is None else f"{base_url.rstrip('/')}/{layout_path}"
 
 
-def _downloader() -> pooch.HTTPDownloader:
-    import pooch
-
-    # Bigger chunks than pooch's 1 KiB default: the fsdd archive is ~20 MB.
-    return pooch.HTTPDownloader(progressbar=True, chunk_size=_CHUNK)
+class DeadlineExceeded(Exception):
+    """A download was still incomplete when its deadline passed."""
 
 
-def _download_file(name: str, f: RemoteFile, path: Path, url: str) -> None:
+def download_deadline(deadline_s: float | None = None) -> float:
+    """The overall deadline of one download in seconds: `deadline_s`, else $RNNBENCH_DOWNLOAD_DEADLINE,
+    else DEFAULT_DEADLINE_S."""
+    if deadline_s is None:
+        raw = os.environ.get(ENV_DEADLINE, "").strip()
+        if not raw:
+            return DEFAULT_DEADLINE_S
+        try:
+            deadline_s = float(raw)
+        except ValueError:
+            raise RnnbenchError(f"{ENV_DEADLINE}={raw!r} is not a number of seconds") from None
+        where = f"{ENV_DEADLINE}={raw}"
+    else:
+        where = f"--deadline {deadline_s:g}"
+    if not deadline_s > 0 or deadline_s == float("inf"):
+        raise RnnbenchError(f"{where}: the download deadline must be a positive number of seconds")
+    return deadline_s
+
+
+class DeadlineDownloader:
+    """A pooch downloader (same call as pooch.HTTPDownloader) that streams with requests and stops
+    when the whole transfer has taken longer than `deadline_s`, not only when one read stalls.
+
+    pooch.HTTPDownloader's timeout is per read, and its reads wait for a whole chunk: one byte every
+    few seconds keeps it going for days. Here each read returns what one receive brought (read1), so
+    the deadline is checked at least every `read_timeout_s`. pooch still streams into its temporary
+    file, checks the hash and only then moves the file into the cache.
+    """
+
+    def __init__(self, deadline_s: float, read_timeout_s: float = READ_TIMEOUT_S, chunk_size: int = _CHUNK,
+                 progressbar: bool = True) -> None:
+        self.deadline_s = deadline_s
+        self.read_timeout_s = min(read_timeout_s, deadline_s)
+        self.chunk_size = chunk_size
+        self.progressbar = progressbar
+
+    def __call__(self, url: str, output_file: str, pooch_instance: object = None, check_only: bool = False) -> bool | None:
+        import requests
+        from tqdm import tqdm
+        from urllib3.exceptions import ProtocolError, ReadTimeoutError
+
+        if check_only:
+            return requests.head(url, timeout=self.read_timeout_s, allow_redirects=True).status_code == 200
+        start = time.monotonic()
+        with requests.get(url, stream=True, timeout=self.read_timeout_s) as response:
+            response.raise_for_status()
+            total = int(response.headers.get("content-length", 0) or 0)
+            with open(output_file, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, ncols=79, leave=True,
+                                                     disable=not self.progressbar) as progress:
+                while True:
+                    if time.monotonic() - start > self.deadline_s:
+                        raise DeadlineExceeded(f"not complete within the deadline of {self.deadline_s:g} s")
+                    try:
+                        chunk = response.raw.read1(self.chunk_size, decode_content=True)
+                    except ProtocolError as e:  # as requests' iter_content names them
+                        raise requests.exceptions.ChunkedEncodingError(e) from e
+                    except ReadTimeoutError as e:
+                        raise requests.exceptions.ReadTimeout(e) from e
+                    if not chunk:
+                        return None
+                    out.write(chunk)
+                    progress.update(len(chunk))
+
+
+def _downloader(deadline_s: float | None = None) -> DeadlineDownloader:
+    return DeadlineDownloader(download_deadline(deadline_s))
+
+
+def _download_file(name: str, f: RemoteFile, path: Path, url: str, deadline_s: float | None = None) -> None:
     """pooch.retrieve: download into a temp file beside `path`, check the hash, then move."""
     import pooch
 
@@ -207,7 +285,7 @@ def _download_file(name: str, f: RemoteFile, path: Path, url: str) -> None:
             known_hash=f"sha256:{f.sha256}",
             fname=path.name,
             path=path.parent,
-            downloader=_downloader(),
+            downloader=_downloader(deadline_s),
         )
     except Exception as exc:  # noqa: BLE001 -- known download failures become one line
         if (error := _download_error(name, f.path, url, exc)) is None:
@@ -221,6 +299,8 @@ def _describe(exc: Exception) -> str | None:
     import requests
 
     # Order matters: requests' exceptions are OSErrors too.
+    if isinstance(exc, DeadlineExceeded):
+        return f"{exc} (set {ENV_DEADLINE} or --deadline for a slow link)"
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         return f"HTTP error {exc.response.status_code} {exc.response.reason}"
     if isinstance(exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)):
@@ -250,7 +330,7 @@ def _download_error(name: str, what: str, url: str, exc: Exception) -> RnnbenchE
     return RnnbenchError(" ".join(f"fetch {name}: {what} from {url}: {problem}".split()))
 
 
-def _download_archive(name: str, a: RemoteArchive, directory: Path, url: str) -> None:
+def _download_archive(name: str, a: RemoteArchive, directory: Path, url: str, deadline_s: float | None = None) -> None:
     """Download the tag archive, extract `*/recordings/*.wav` into a staging dir, check the
     manifest, then swap the directory into place. On any failure the staging dir (archive
     included) is removed, so nothing half-made is left where `fetch` or `verify` would look."""
@@ -259,7 +339,7 @@ def _download_archive(name: str, a: RemoteArchive, directory: Path, url: str) ->
     try:
         archive = staging / "archive.tar.gz"
         try:
-            _downloader()(url, str(archive), None)
+            _downloader(deadline_s)(url, str(archive), None)
         except Exception as exc:  # noqa: BLE001 -- known download failures become one line
             if (error := _download_error(name, "archive", url, exc)) is None:
                 raise

@@ -12,10 +12,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
 from rnnbench.errors import RnnbenchError
 from rnnbench.sweep.jobs import Job, Outcome, one_line, run_point
@@ -41,7 +44,8 @@ class Executor(ABC):
 
 
 def lost(job: Job, error: BaseException) -> Outcome:
-    """The outcome of a job whose worker died (its run, if any, stays RUNNING and is resumed next time)."""
+    """The outcome of a job whose worker died or was stopped alone (its run, if any, is left RUNNING or
+    KILLED with its checkpoint, and is resumed next time)."""
     return Outcome(job.index, job.point_id, job.label, job.resume_run_id, "FAILED", f"worker lost: {one_line(error)}")
 
 
@@ -69,7 +73,87 @@ def visible_gpus() -> list[str]:
     return listed[:n] if listed else [str(i) for i in range(n)]
 
 
-def _init_worker(threads: int, slots: "multiprocessing.queues.Queue[int] | None" = None, gpus: tuple[str, ...] = ()) -> None:
+# --- worker processes never outlive their driver --------------------------------------------------
+# A worker stops its run the way Ctrl-C does (rnnbench.interrupts: the run is closed KILLED and keeps
+# its checkpoint, so the next invocation resumes it) when
+#   * SIGTERM or SIGINT reaches it (the driver stopping its pool, a signal to the process group);
+#   * the driver dies, even by SIGKILL: on Linux the kernel sends PARENT_DEATH_SIGNAL at once
+#     (prctl PR_SET_PDEATHSIG), elsewhere a watchdog thread sees os.getppid() change within
+#     WATCHDOG_PERIOD_S. PR_SET_PDEATHSIG fires when the *thread* that spawned the worker ends, and
+#     concurrent.futures spawns replacement workers from its management thread: so the signal is not
+#     SIGTERM but PARENT_DEATH_SIGNAL, whose handler stops the worker only if its parent process is
+#     really gone (getppid changed), and ignores the end of a mere thread.
+# An orphaned worker exits once its run is closed (at most ORPHAN_GRACE_S later), so a re-run of the
+# sweep does not find it still training; run_point's per-point lock (jobs.py) is the guarantee.
+PARENT_DEATH_SIGNAL = signal.SIGUSR2
+WATCHDOG_PERIOD_S = 0.5
+ORPHAN_GRACE_S = 20.0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+_worker_state: dict[str, Any] = {"busy": False, "parent": 0}
+
+
+def _orphaned() -> bool:
+    return os.getppid() != _worker_state["parent"]
+
+
+def _on_parent_death_signal(signum: int, frame: Any) -> None:
+    if _orphaned():  # the driver process is gone, not merely the thread that spawned us
+        os.kill(os.getpid(), signal.SIGTERM)  # through whatever handler is installed (Lightning's while training)
+
+
+def _watch_parent() -> None:
+    """Portable fallback for PR_SET_PDEATHSIG; also makes an orphan exit once its run is closed."""
+    while not _orphaned():
+        time.sleep(WATCHDOG_PERIOD_S)
+    os.kill(os.getpid(), signal.SIGTERM)  # the main thread closes the run KILLED (or exits if idle)
+    deadline = time.monotonic() + ORPHAN_GRACE_S
+    while _worker_state["busy"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os._exit(1)
+
+
+def _set_parent_death_signal() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the watchdog thread alone notices
+        pass
+
+
+def guard_worker(parent: int) -> None:
+    """Tie this worker process to its driver (pid `parent`); call first in a pool's initializer."""
+    from rnnbench.interrupts import stop_on_signals
+
+    _worker_state["parent"] = parent
+    stop_on_signals(idle=lambda: not _worker_state["busy"])
+    signal.signal(PARENT_DEATH_SIGNAL, _on_parent_death_signal)
+    _set_parent_death_signal()
+    threading.Thread(target=_watch_parent, name="rnnbench-parent-watchdog", daemon=True).start()
+    if _orphaned():  # the driver died before the signal was armed
+        os._exit(1)
+
+
+def in_worker(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run one task in a guarded worker. A worker already told to stop takes no new task (one can
+    still reach it after its pool was cancelled: concurrent.futures queues a task ahead)."""
+    from rnnbench.interrupts import stop_requested
+
+    if stop_requested():
+        os._exit(1)
+    _worker_state["busy"] = True
+    try:
+        return fn(*args)
+    finally:
+        _worker_state["busy"] = False
+
+
+def _init_worker(parent: int, threads: int, slots: "multiprocessing.queues.Queue[int] | None" = None,
+                 gpus: tuple[str, ...] = ()) -> None:
+    guard_worker(parent)
     # Worker k of the pool (k taken from `slots`) sees only GPU k mod len(gpus), as its cuda:0, so N
     # workers on a multi-GPU host spread over the GPUs instead of all sharing the first. Set before
     # anything initialises CUDA in this fresh (spawned) process.
@@ -78,6 +162,35 @@ def _init_worker(threads: int, slots: "multiprocessing.queues.Queue[int] | None"
     import torch
 
     torch.set_num_threads(threads)
+
+
+def worker_pool(workers: int, threads: int | None = None, slots: Any = None, gpus: tuple[str, ...] = ()) -> cf.ProcessPoolExecutor:
+    """A pool of `workers` spawned, guarded processes with `threads` torch threads each (default
+    cpu_count / workers). Submit tasks as `pool.submit(in_worker, fn, *args)`."""
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    return cf.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(os.getpid(), threads, slots, gpus),
+    )
+
+
+def stop_pool(pool: cf.ProcessPoolExecutor, grace_s: float = CANCEL_GRACE_S) -> None:
+    """Cancel what has not started and stop the workers now: SIGTERM closes each running point's run
+    KILLED (resumable); a worker still alive after `grace_s` is killed."""
+    # No public way to reach the processes before Python 3.14 (terminate_workers).
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(1.0)
 
 
 class ProcessPoolExecutor(Executor):
@@ -97,26 +210,20 @@ class ProcessPoolExecutor(Executor):
         self._futures: dict[cf.Future, Job] = {}
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
-        context = multiprocessing.get_context("spawn")
         slots = None
         if len(self._gpus) > 1:
-            slots = context.Queue()
+            slots = multiprocessing.get_context("spawn").Queue()
             for k in range(self.capacity):
                 slots.put(k)
-        return cf.ProcessPoolExecutor(
-            max_workers=self.capacity,
-            mp_context=context,
-            initializer=_init_worker,
-            initargs=(self._threads, slots, self._gpus),
-        )
+        return worker_pool(self.capacity, self._threads, slots, self._gpus)
 
     def submit(self, job: Job) -> None:
         try:
-            future = self._pool.submit(run_point, job)
+            future = self._pool.submit(in_worker, run_point, job)
         except cf.process.BrokenProcessPool:  # a worker died (OOM, killed): start a fresh pool
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
-            future = self._pool.submit(run_point, job)
+            future = self._pool.submit(in_worker, run_point, job)
         self._futures[future] = job
 
     def next_done(self) -> Outcome:
@@ -125,20 +232,16 @@ class ProcessPoolExecutor(Executor):
         job = self._futures.pop(future)
         try:
             return future.result()
+        except KeyboardInterrupt as e:  # that worker alone was stopped by a signal: its run is KILLED, resumable
+            return lost(job, e)
         except Exception as e:  # noqa: BLE001 - BrokenProcessPool and the like
             return lost(job, e)
 
     def close(self, cancel: bool = False) -> None:
-        # No public way to stop running workers before Python 3.14 (terminate_workers): after a
-        # Ctrl-C they stop on their own; others (the driver alone was signalled) get 10 s, then SIGTERM.
-        processes = list((getattr(self._pool, "_processes", None) or {}).values())
-        self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
         if cancel:
-            deadline = time.monotonic() + CANCEL_GRACE_S
-            for process in processes:
-                process.join(max(0.0, deadline - time.monotonic()))
-                if process.is_alive():
-                    process.terminate()
+            stop_pool(self._pool)
+        else:
+            self._pool.shutdown(wait=True)
 
 
 def local_executor(workers: int | None) -> Executor:

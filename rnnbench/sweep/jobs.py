@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+# How long a point waits for another process that still trains it (a worker of a driver that was
+# killed closes its run and exits within seconds: rnnbench.sweep.executors). Past that the point is
+# reported FAILED for this invocation and its run is left untouched, to be resumed next time.
+POINT_LOCK_WAIT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -41,13 +49,75 @@ def one_line(error: BaseException) -> str:
     return (f"{type(error).__name__}: {text}" if text else type(error).__name__)[:500]
 
 
+class PointBusy(Exception):
+    """Another process holds the lock of a point this job would train."""
+
+
+def _lock_file(job: Job) -> Path:
+    return Path(job.config["tracking"]["checkpoint_dir"]) / ".locks" / f"{job.point_id}.lock"
+
+
+@contextmanager
+def point_locks(jobs: list[Job], wait_s: float = POINT_LOCK_WAIT_S) -> Iterator[None]:
+    """Hold an exclusive lock per point (a file under the checkpoint folder) while its run trains, so
+    two processes never train one run into one checkpoint, whatever killed whose driver. The lock
+    dies with its process, SIGKILL included. Raises PointBusy after `wait_s`."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the driver's own lock and the workers' watchdogs remain
+        yield
+        return
+    with ExitStack() as held:
+        for job in sorted(jobs, key=lambda j: j.point_id):  # one order everywhere: no deadlock
+            path = _lock_file(job)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = held.enter_context(open(path, "a"))
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise PointBusy(f"point {job.point_id} is still being trained by another process (lock {path}); "
+                                        "its run is left as it is, re-run the sweep later") from None
+                    time.sleep(0.2)
+        yield
+
+
+def _finished_meanwhile(job: Job) -> bool:
+    """True if the run this job would resume was FINISHED by whoever held its lock before us."""
+    from mlflow.tracking import MlflowClient
+
+    if job.resume_run_id is None:
+        return False
+    client = MlflowClient(tracking_uri=job.config["tracking"]["tracking_uri"])
+    return client.get_run(job.resume_run_id).info.status == "FINISHED"
+
+
 def run_point(job: Job) -> Outcome:
     """Train one point; never raises for a failed run (the reason is in MLflow and the Outcome)."""
+    start = time.perf_counter()
+    try:
+        with point_locks([job]):
+            if _finished_meanwhile(job):
+                return Outcome(job.index, job.point_id, job.label, job.resume_run_id, "FINISHED", None,
+                               time.perf_counter() - start, True)
+            outcome = _train_point(job, start)
+    except PointBusy as e:  # nothing recorded: the run belongs to the process that holds the lock
+        return Outcome(job.index, job.point_id, job.label, job.resume_run_id, "FAILED", str(e),
+                       time.perf_counter() - start, job.resume_run_id is not None)
+    except Exception as e:  # noqa: BLE001 - e.g. the lock file cannot be created
+        return Outcome(job.index, job.point_id, job.label, _record_failure(job, None, one_line(e)), "FAILED", one_line(e),
+                       time.perf_counter() - start, job.resume_run_id is not None)
+    return outcome
+
+
+def _train_point(job: Job, start: float) -> Outcome:
     from rnnbench.config import Config
     from rnnbench.errors import RnnbenchError
     from rnnbench.train import train
 
-    start = time.perf_counter()
     if job.resume_run_id is not None:  # Lightning warns that the run's checkpoint folder exists: it should
         warnings.filterwarnings("ignore", ".*exists and is not empty.*")
     config: Config | None = None
@@ -131,8 +201,9 @@ def run_group(jobs: list[Job]) -> list[Outcome]:
 
     start = time.perf_counter()
     try:
-        results = train_many([Config.from_dict(j.config) for j in jobs], experiment_id=jobs[0].experiment_id,
-                             tags=[j.tags for j in jobs], run_ids=[j.resume_run_id for j in jobs])
+        with point_locks(jobs):
+            results = train_many([Config.from_dict(j.config) for j in jobs], experiment_id=jobs[0].experiment_id,
+                                 tags=[j.tags for j in jobs], run_ids=[j.resume_run_id for j in jobs])
     except Exception as e:  # noqa: BLE001 - train_many already closed its runs as FAILED
         reason = one_line(e)
         return [Outcome(j.index, j.point_id, j.label, j.resume_run_id, "FAILED", reason, time.perf_counter() - start,

@@ -25,6 +25,7 @@ import yaml
 
 from rnnbench.config import Config
 from rnnbench.errors import RnnbenchError
+from rnnbench.interrupts import Interrupted
 from rnnbench.sweep.jobs import Job, Outcome
 from rnnbench.sweep.runs import POINT_ROLE, Decision, checkpoint_of, child_runs, decide, find_parent, parent_run, retire
 from rnnbench.sweep.spec import Point, SweepSpec, expand
@@ -366,7 +367,11 @@ def _execute(
         status = "FINISHED" if summary.ok else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
-        raise
+        raise Interrupted(
+            f"sweep {summary.name}: its parent run {summary.parent_run_id} and the points in progress marked KILLED, "
+            "their checkpoints kept",
+            "to resume them, run",
+        ) from None
     finally:
         now = int(time.time() * 1000)
         counts = {
@@ -386,29 +391,26 @@ def _run_groups_concurrently(groups: list[list[Job]], workers: int, summary: Swe
     """Groups in `workers` spawned processes at once: for hosts with many CPU cores. On one GPU the
     processes time-slice the device and each runs 3-10x slower (results/bench/GRID_GPU.md)."""
     import concurrent.futures as cf
-    import multiprocessing
-    import os
 
-    from rnnbench.sweep.executors import _init_worker, lost
+    from rnnbench.sweep.executors import in_worker, lost, stop_pool, worker_pool
     from rnnbench.sweep.jobs import run_group
 
     n = min(workers, len(groups))
     echo(f"training {len(groups)} groups of points together, {n} groups at a time in worker processes")
-    pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_init_worker, initargs=(max(1, (os.cpu_count() or 1) // n),))
+    pool = worker_pool(n)
     try:
-        futures = {pool.submit(run_group, g): g for g in groups}
+        futures = {pool.submit(in_worker, run_group, g): g for g in groups}
         for future in cf.as_completed(futures):
             group = futures[future]
             try:
                 outcomes = future.result()
-            except Exception as e:  # noqa: BLE001 - a worker died: its runs stay RUNNING, resumed next time
-                outcomes = [lost(j, e) for j in group]
+            except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - a worker died or was stopped alone:
+                outcomes = [lost(j, e) for j in group]  # its runs are KILLED or RUNNING, resumed next time
             summary.outcomes.extend(outcomes)
             done = sum(o.status == "FINISHED" for o in outcomes)
             echo(f"group done: {_group_label(group)}: {done}/{len(group)} FINISHED")
     except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
+        stop_pool(pool)  # running groups close their runs KILLED (resumable)
         raise
     pool.shutdown()
 
@@ -418,6 +420,8 @@ def _drive(pool: Any, jobs: list[Job], summary: SweepSummary, progress: bool) ->
     from collections import deque
 
     from tqdm import tqdm
+
+    from rnnbench.interrupts import stop_requested
 
     queue = deque(jobs)
     in_flight = 0
@@ -435,6 +439,8 @@ def _drive(pool: Any, jobs: list[Job], summary: SweepSummary, progress: bool) ->
             if outcome.status != "FINISHED":
                 bar.write(f"FAILED {outcome.label}: {outcome.reason}", file=sys.stderr)
             bar.update(1)
+            if stop_requested():  # Ctrl-C/SIGTERM handed to Lightning came after its last check: stop here
+                raise KeyboardInterrupt
         bar.set_postfix(failed=len(summary.failed), running=0, refresh=True)
     finally:
         bar.close()
