@@ -69,7 +69,8 @@ def train(
     from torch.utils.data import DataLoader
 
     from rnnbench.analysis.gradient_flow import probe_batch
-    from rnnbench.model import DivergedError, EpochRecorder, RandomState, SequenceModel
+    from rnnbench import checkpoints
+    from rnnbench.model import DivergedError, EpochRecorder, RandomState, SafeCheckpointIO, SequenceModel
     from rnnbench.tasks import get_task
 
     _quiet_lightning()
@@ -106,6 +107,7 @@ def train(
         run_id = run.info.run_id
     else:
         client.update_run(run_id, status="RUNNING")
+    ckpt_dir = Path(config.tracking.checkpoint_dir) / run_id
 
     try:
         L.seed_everything(t.seed, workers=True, verbose=False)
@@ -129,7 +131,6 @@ def train(
             "final_train": DataLoader(data["train"], **kw),
         }
 
-        ckpt_dir = Path(config.tracking.checkpoint_dir) / run_id
         monitor = f"val_{task.primary_metric}"
         callbacks: list[Any] = [
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_last=True),
@@ -155,6 +156,7 @@ def train(
             enable_model_summary=False,
             num_sanity_val_steps=0,
             default_root_dir=str(ckpt_dir),
+            plugins=[SafeCheckpointIO()],  # atomic writes; reads that cannot run code
         )
         # Lightning's deterministic mode also fills every new tensor with NaN
         # (torch.utils.deterministic.fill_uninitialized_memory): a debugging aid that cost ~1 ms of a
@@ -168,8 +170,12 @@ def train(
             _gradient_flow(client, run_id, model, task, probe, "init")
         setup_seconds = time.perf_counter() - t_setup
         if resuming and last.exists():
-            callbacks[1].restore(client, run_id)  # epochs before the interruption count too
-        trainer.fit(model, train_loader, eval_loaders["val"], ckpt_path=str(last) if resuming and last.exists() else None)
+            problem = checkpoints.folder_problem(ckpt_dir)
+            if problem:
+                raise RnnbenchError(f"cannot resume run {run_id}: {problem}")
+            callbacks[1].restore(client, run_id)  # checkpoints older than EpochRecorder's state: epochs from MLflow
+        trainer.fit(model, train_loader, eval_loaders["val"], ckpt_path=str(last) if resuming and last.exists() else None,
+                    weights_only=True)
 
         # Test (and re-score train and val) with the best-validation checkpoint, as Chung et al.
         best = callbacks[0].best_model_path or None
@@ -177,7 +183,7 @@ def train(
         for split in ("test", "final_val", "final_train"):
             model.eval_prefix = split
             loader = eval_loaders["val" if split == "final_val" else split]
-            for results in trainer.validate(model, loader, ckpt_path=best, verbose=False):
+            for results in trainer.validate(model, loader, ckpt_path=best, verbose=False, weights_only=True):
                 final.update({k: float(v) for k, v in results.items()})
         if probe is not None:  # the model now holds the best-validation weights
             _gradient_flow(client, run_id, model, task, probe, "trained")
@@ -199,16 +205,16 @@ def train(
         client.set_terminated(run_id, "FINISHED")
         return RunResult(run_id, "FINISHED", final)
     except DivergedError as e:
-        return _fail(client, run_id, str(e), RunTag)
+        return _fail(client, run_id, str(e), RunTag, ckpt_dir)
     except (KeyboardInterrupt, SystemExit):
         # Lightning turns Ctrl-C inside fit() into SystemExit(1): either way the run was stopped.
         client.set_terminated(run_id, "KILLED")
         raise KeyboardInterrupt from None
     except RnnbenchError as e:
-        _fail(client, run_id, str(e), RunTag)
+        _fail(client, run_id, str(e), RunTag, ckpt_dir)
         raise
     except Exception as e:  # noqa: BLE001 - recorded, then reported to the caller
-        return _fail(client, run_id, f"{type(e).__name__}: {e}".strip(), RunTag)
+        return _fail(client, run_id, f"{type(e).__name__}: {e}".strip(), RunTag, ckpt_dir)
 
 
 def _gradient_flow(client: Any, run_id: str, model: Any, task: Any, batch: dict[str, Any], tag: str) -> None:
@@ -227,7 +233,11 @@ def _gradient_flow(client: Any, run_id: str, model: Any, task: Any, batch: dict[
     model.train(was_training)
 
 
-def _fail(client: Any, run_id: str, reason: str, RunTag: Any) -> RunResult:
+def _fail(client: Any, run_id: str, reason: str, RunTag: Any, ckpt_dir: Path | None = None) -> RunResult:
+    from rnnbench.checkpoints import remove_folder
+
+    if ckpt_dir is not None:  # nothing resumes a FAILED run (a sweep starts its point afresh)
+        remove_folder(ckpt_dir)
     reason = " ".join(reason.split())[:500]
     client.log_batch(run_id, tags=[RunTag("failure_reason", reason)])
     client.set_terminated(run_id, "FAILED")

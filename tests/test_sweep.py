@@ -188,8 +188,10 @@ def _run(status: str, run_id: str, params: bool = True) -> Any:
 def test_decide_keeps_one_run_per_point(tmp_path: Path) -> None:
     from rnnbench.sweep.runs import decide
 
+    import torch
+
     (tmp_path / "r2").mkdir()
-    (tmp_path / "r2" / "last.ckpt").write_text("x")
+    torch.save({"epoch": 0}, tmp_path / "r2" / "last.ckpt")
     assert decide([], tmp_path).action == "new"
     d = decide([_run("FAILED", "r0"), _run("FINISHED", "r1"), _run("FINISHED", "r3")], tmp_path)
     assert (d.action, d.run_id, [r.info.run_id for r, _ in d.retire]) == ("done", "r1", ["r0", "r3"])

@@ -167,7 +167,7 @@ def _run_planned(
     client.log_text(parent_id, yaml.safe_dump(record, sort_keys=False), "sweep.yaml")
     for pp in planned:
         for run, why in pp.decision.retire:
-            retire(client, run, why)
+            retire(client, run, why, shared["checkpoint_dir"])
     tags = {"sweep": spec.name, "sweep_role": POINT_ROLE, "spec_hash": spec_hash, "mlflow.parentRunId": parent_id}
     jobs = [_job(pp.point, pp.decision, experiment_id, tags, shared) for pp in planned if pp.decision.action != "done"]
     groups, jobs = _batchable(jobs, new_points=batched)
