@@ -75,7 +75,7 @@ def load(path: str | os.PathLike[str], map_location: Any = None) -> Any:
 
     import torch
 
-    path = Path(path)
+    path = Path(path).absolute()  # named in full in the messages
     if path.is_file() and path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     try:

@@ -133,12 +133,18 @@ def train(
 
         monitor = f"val_{task.primary_metric}"
         callbacks: list[Any] = [
-            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_last=True),
+            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min"),
             EpochRecorder(client, run_id, monitor),
             RandomState(gen),
         ]
         if t.early_stopping_patience is not None:
             callbacks.append(EarlyStopping(monitor=monitor, mode="min", patience=t.early_stopping_patience))
+        # last.ckpt after every epoch, the resume point: Lightning 2.6's save_last=True writes it only in
+        # epochs that improved `monitor` (when best.ckpt is written), so a resume would redo the epochs
+        # since. Lightning runs checkpoint callbacks last and in this order: this one's file holds the
+        # epoch's EarlyStopping and best-checkpoint state.
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                                         enable_version_counter=False))
         trainer = L.Trainer(
             accelerator="gpu" if use_cuda else "cpu",
             devices=1,
