@@ -35,13 +35,15 @@ BASE = {
 
 # Run the rnnbench command line in this process after installing a kill switch: SIGKILL right after
 # the Nth file moved into place under a given name (a checkpoint write: os.replace, or os.rename
-# under shutil.move), or right after the MLflow write of a given epoch's metrics.
+# under shutil.move), half-way through the Nth copy onto that name, or right after the MLflow write
+# of a given epoch's metrics.
 LAUNCHER = r"""
 import os, signal, sys
 from pathlib import Path
 
 after_file = os.environ.get("KILL_AFTER_FILE")  # "<file name>:<n>"
 after_epoch = os.environ.get("KILL_AFTER_EPOCH_LOGGED")  # "<epoch>"
+during_copy = os.environ.get("KILL_DURING_COPY")  # "<file name>:<n>"
 if after_file:
     name, n = after_file.rsplit(":", 1)
     seen = [0]
@@ -55,6 +57,20 @@ if after_file:
             return out
         return wrapper
     os.replace, os.rename = killing(os.replace), killing(os.rename)
+if during_copy:  # a kill half-way through copying a file of that name (a move across file systems)
+    import shutil
+    name, n = during_copy.rsplit(":", 1)
+    copies = [0]
+    copyfile = shutil.copyfile
+    def copy_half_then_die(src, dst, *a, **k):
+        if Path(dst).name == name:
+            copies[0] += 1
+            if copies[0] == int(n):
+                data = Path(src).read_bytes()
+                Path(dst).write_bytes(data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+        return copyfile(src, dst, *a, **k)
+    shutil.copyfile = copy_half_then_die
 if after_epoch:
     from mlflow.tracking import MlflowClient
     log_batch = MlflowClient.log_batch
@@ -202,6 +218,35 @@ def killed_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "spec.yaml").write_text(yaml.safe_dump(BASE, sort_keys=False))
     killed(rnnbench(["train", "spec.yaml"], folder, KILL_AFTER_FILE="last.ckpt:2"))
     return folder
+
+
+def test_a_kill_while_a_checkpoint_is_written_leaves_a_whole_one(tmp_path: Path) -> None:
+    """With the temp folder on another file system (a node's tmpfs, a shared checkpoint folder),
+    Lightning's own writer staged each checkpoint there and copied it over: a kill during that copy
+    left a truncated last.ckpt. Checkpoints are now written in their own folder and renamed."""
+    import tempfile
+
+    import torch
+
+    def loads(path: Path) -> bool:
+        try:
+            torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - any failure to load is what this test looks for
+            return False
+        return True
+
+    staging = Path(tempfile.mkdtemp(dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
+    if staging is None or os.stat(staging).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a temp folder on another file system than the checkpoints (/dev/shm)")
+    try:
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(BASE, sort_keys=False))
+        out = rnnbench(["train", "spec.yaml"], tmp_path, TMPDIR=str(staging), KILL_DURING_COPY="last.ckpt:2")
+        files = list((tmp_path / "rnnbench_runs").glob("*/*.ckpt"))
+        assert files, out.stderr[-2000:]
+        assert [loads(f) for f in files] == [True] * len(files)  # whole, whatever happened
+        assert not [p for p in staging.iterdir() if p.is_file()]  # and no half-copied file left in the temp folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @pytest.mark.parametrize("file, how", [("last.ckpt", "code"), ("best.ckpt", "code"), ("last.ckpt", "truncated"),
