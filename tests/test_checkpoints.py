@@ -111,13 +111,14 @@ def client_of(folder: Path) -> Any:
 
 
 def runs_of(folder: Path, experiment: str, deleted: bool = False) -> list[Any]:
+    """The experiment's runs (a sweep's: its child runs, not the parent), active or deleted ones."""
     from mlflow.entities import ViewType
 
     client = client_of(folder)
     exp = client.get_experiment_by_name(experiment)
     view = ViewType.DELETED_ONLY if deleted else ViewType.ACTIVE_ONLY
-    return [r for r in client.search_runs([exp.experiment_id], run_view_type=view, max_results=100) if "point_id" in r.data.tags
-            or experiment == "rnnbench"]
+    runs = client.search_runs([exp.experiment_id], run_view_type=view, max_results=100)
+    return [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
 
 
 def poison(path: Path, marker: Path) -> None:

@@ -203,6 +203,12 @@ def test_decide_keeps_one_run_per_point(tmp_path: Path) -> None:
     assert (d.action, [r.info.run_id for r, _ in d.retire]) == ("retry", ["r4"])
     d = decide([_run("RUNNING", "r2", params=False)], tmp_path)  # killed before its params were logged
     assert d.action == "retry"
+    (tmp_path / "r5").mkdir()
+    data = (tmp_path / "r2" / "last.ckpt").read_bytes()
+    (tmp_path / "r5" / "last.ckpt").write_bytes(data[: len(data) // 2])  # truncated: start afresh, say why
+    d = decide([_run("KILLED", "r2"), _run("RUNNING", "r5")], tmp_path)
+    assert (d.action, d.run_id, [r.info.run_id for r, _ in d.retire]) == ("resume", "r2", ["r5"])
+    assert str(tmp_path / "r5" / "last.ckpt") in d.retire[0][1]
 
 
 # --- end to end ------------------------------------------------------------------------------------
