@@ -57,6 +57,7 @@ import torch
 import yaml
 from torch import nn
 
+from rnnbench import checkpoints
 from rnnbench.config import Config
 from rnnbench.cpu_memory import keep_freed_memory
 from rnnbench.errors import RnnbenchError
@@ -399,6 +400,7 @@ class _Member:
     noise: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     reason: str | None = None
     final: dict[str, float] = field(default_factory=dict)
+    logged: set[int] = field(default_factory=set)  # epochs of `history` that MLflow holds
 
     @property
     def monitor(self) -> str:
@@ -447,6 +449,16 @@ class _Member:
             values[f"{split}_{name}"] = _as_logged(value)
         return values
 
+    def log_unlogged(self) -> None:
+        """Write to MLflow every epoch of `history` it lacks (each epoch is checkpointed first)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for epoch, values in enumerate(self.history):
+            if epoch not in self.logged:
+                self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in values.items()])
+                self.logged.add(epoch)
+
     def best_epoch(self) -> int:
         scores = [h.get(self.monitor, float("inf")) for h in self.history]
         return min(range(len(scores)), key=scores.__getitem__) if scores else -1
@@ -469,12 +481,11 @@ class _Member:
             },
         }
         state["wall_offset"] = self.history[-1]["wall_seconds"] if self.history else self.wall_offset
-        tmp = self.ckpt_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.ckpt_path)
+        checkpoints.save(state, self.ckpt_path)  # atomic: a kill leaves the previous epoch's file whole
 
     def load(self) -> None:
-        state = torch.load(self.ckpt_path, map_location=next(self.model.parameters()).device, weights_only=False)
+        # weights_only: tensors and plain data only (everything save() writes), never code from the file
+        state = checkpoints.load(self.ckpt_path, map_location=next(self.model.parameters()).device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.best_state = state["best_state"]
@@ -508,9 +519,11 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
     return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
 
 
-def _fail_run(client: Any, run_id: str, reason: str) -> str:
+def _fail_run(client: Any, run_id: str, reason: str, ckpt_folder: Path | None = None) -> str:
     from mlflow.entities import RunTag
 
+    if ckpt_folder is not None:  # nothing resumes a FAILED run (a sweep starts its point afresh)
+        checkpoints.remove_folder(ckpt_folder)
     reason = " ".join(reason.split())[:500]
     client.log_batch(run_id, tags=[RunTag("failure_reason", reason)])
     client.set_terminated(run_id, "FAILED")
@@ -566,7 +579,7 @@ class _Group:
             seconds = time.perf_counter() - b0
             for m in running:
                 if m.status == "failed":
-                    _fail_run(m.client, m.run_id, m.reason or "")
+                    _fail_run(m.client, m.run_id, m.reason or "", m.ckpt_path.parent)
                     continue
                 m.train_seconds += seconds
                 steps[m.index] += 1
@@ -638,16 +651,13 @@ class _Group:
         self.evaluate(members, "val", "val")
 
     def _end_epoch(self, m: _Member, seconds: float) -> None:
-        """Log the epoch (as EpochRecorder), then ModelCheckpoint's and EarlyStopping's decisions."""
-        from mlflow.entities import Metric
-
+        """Record the epoch, take ModelCheckpoint's and EarlyStopping's decisions, checkpoint, then log it
+        (as EpochRecorder: a kill between the two loses nothing, the resume writes what MLflow lacks)."""
         values = {**m.split_values("train"), **m.split_values("val")}
         values.update(epoch_seconds=seconds, wall_seconds=m.wall_offset + time.perf_counter() - self.t_fit,
                       updates=float(m.global_step))
         m.history.append(values)
         m.epoch_seconds.append(seconds)
-        now = int(time.time() * 1000)
-        m.client.log_batch(m.run_id, metrics=[Metric(k, float(v), now, m.epoch) for k, v in values.items()])
 
         current = values[m.monitor]
         score = math.inf if math.isnan(current) else current  # ModelCheckpoint treats NaN as the worst
@@ -668,6 +678,7 @@ class _Group:
         if m.status == "steps_done" or (m.status == "active" and m.epoch >= m.config.train.max_epochs):
             m.status = "stopped"
         m.save()
+        m.log_unlogged()
 
     def finish(self, setup_seconds: float) -> None:
         """Score every stopped member with its best-validation state (test, final_val, final_train)."""
@@ -777,9 +788,16 @@ def _build_member(
         "final_train": DataLoader(data["train"], **kw),
     }
     member = _Member(index, config, task, model, optimizer, client, run_id, hidden, loaders, train_gen, cpu_rng, noise_rng, probe)
+    if resuming:
+        member.logged = {m.step for m in client.get_metric_history(run_id, "epoch_seconds")}
     if resuming and member.ckpt_path.is_file():
-        member.load()
+        try:
+            member.load()
+        except checkpoints.CheckpointError as e:  # recorded in the run, then one line for the caller
+            _fail_run(client, run_id, f"cannot resume run {run_id}: {e}", member.ckpt_path.parent)
+            raise RnnbenchError(f"cannot resume run {run_id}: {e}") from None
         member.status = "active" if member.status in ("active", "steps_done") else "stopped"
+        member.log_unlogged()  # epochs checkpointed by the interrupted process but not yet logged
     return member
 
 
@@ -858,8 +876,10 @@ def train_many(
     except Exception as e:  # noqa: BLE001 - recorded in every unfinished run, as train() does
         reason = str(e) if isinstance(e, RnnbenchError) else f"{type(e).__name__}: {e}".strip()
         failed = {m.run_id: m.reason for m in members if m.status == "failed"}
+        folders = {m.run_id: m.ckpt_path.parent for m in members}
         results = [
-            RunResult(run_id, "FAILED", reason=failed[run_id] if run_id in failed else _fail_run(client, run_id, reason))
+            RunResult(run_id, "FAILED", reason=failed[run_id] if run_id in failed
+                      else _fail_run(client, run_id, reason, folders.get(run_id)))
             for client, run_id in started
         ]
         if isinstance(e, RnnbenchError) or len(started) < K:

@@ -14,9 +14,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from rnnbench import checkpoints
 from rnnbench.budget import param_counts
 from rnnbench.cells import get_cell
 from rnnbench.config import Config
@@ -185,8 +187,29 @@ class RandomState(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint files through rnnbench.checkpoints: every write atomic in its own folder
+    (temp file, fsync, os.replace), every read weights_only=True whatever the caller or the
+    environment asks (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD; strategies that restore without passing
+    weights_only), and a bad file a one-line CheckpointError naming it."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("SafeCheckpointIO takes no storage_options")
+        checkpoints.save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return checkpoints.load(path, map_location=map_location if map_location is not None else "cpu")
+
+
 class EpochRecorder(Callback):
-    """One MLflow write per epoch, step = epoch (per-step logging slows the MLflow UI), plus timings."""
+    """One MLflow write per epoch, step = epoch (per-step logging slows the MLflow UI), plus timings.
+
+    The per-epoch record is part of every checkpoint (this callback's state_dict) and an epoch is
+    written to MLflow only after the checkpoint that holds it: Lightning saves last.ckpt at the end
+    of the training epoch (ModelCheckpoint runs last), so the record of epoch e goes to MLflow at the
+    start of epoch e + 1 or when fit ends. A kill between the two loses nothing: the resumed run
+    writes, from its checkpoint's record, every epoch MLflow lacks, and never one MLflow has."""
 
     def __init__(self, client: Any, run_id: str, monitor: str) -> None:
         self.client, self.run_id = client, run_id
@@ -195,11 +218,47 @@ class EpochRecorder(Callback):
         self.train_seconds = 0.0  # time inside training batches only
         self.epoch_seconds: list[float] = []
         self.history: list[dict[str, float]] = []
+        self._logged: set[int] = set()  # epochs MLflow holds
+        self._restored: dict[str, Any] | None = None
         self._t0 = self._b0 = 0.0
         self._fit_t0 = time.perf_counter()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(h) for h in self.history], "epoch_seconds": list(self.epoch_seconds)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Taken over in on_fit_start only: validate(ckpt_path=best) restores callbacks too, and the
+        # record in best.ckpt (up to the best epoch) must not replace the whole run's.
+        self._restored = state_dict
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # After Lightning restored the checkpoint (before on_fit_start for single-device strategies).
+        if self._restored is not None:
+            self.history = [dict(h) for h in self._restored["history"]]
+            self.epoch_seconds = list(self._restored["epoch_seconds"])
+            self.epochs = len(self.history)
+            if self.history:  # wall-clock continues from where the interrupted run stopped
+                self._fit_t0 = time.perf_counter() - self.history[-1].get("wall_seconds", 0.0)
+        self._restored = None
+        # Write what the checkpoint holds and MLflow lacks.
+        self._logged = {m.step for m in self.client.get_metric_history(self.run_id, "epoch_seconds")}
+        self._log_unlogged()
+
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._log_unlogged()  # the previous epoch: its checkpoint is on disk now
         self._t0 = time.perf_counter()
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._log_unlogged()  # the last epoch, after its checkpoint
+
+    def _log_unlogged(self) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for epoch, values in enumerate(self.history):
+            if epoch not in self._logged:
+                self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
+                self._logged.add(epoch)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._b0 = time.perf_counter()
@@ -210,8 +269,6 @@ class EpochRecorder(Callback):
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
-        from mlflow.entities import Metric
-
         # An epoch re-run after a resume replaces its earlier record instead of doubling it.
         del self.history[trainer.current_epoch:], self.epoch_seconds[trainer.current_epoch:]
         seconds = time.perf_counter() - self._t0
@@ -221,11 +278,10 @@ class EpochRecorder(Callback):
         values.update(epoch_seconds=seconds, wall_seconds=time.perf_counter() - self._fit_t0, updates=float(trainer.global_step))
         self.history.append(values)
         self.epochs = len(self.history)
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, trainer.current_epoch) for k, v in values.items()])
 
     def restore(self, client: Any, run_id: str) -> None:
-        """Reload the per-epoch record of an interrupted run, so a resumed run's summary spans all epochs."""
+        """Reload the per-epoch record of an interrupted run from MLflow: for checkpoints written before
+        the record was part of them (a newer checkpoint's record replaces this one)."""
         by_epoch: dict[int, dict[str, float]] = {}
         for key in ("epoch_seconds", "wall_seconds", *self._monitored):
             for m in client.get_metric_history(run_id, key):

@@ -94,7 +94,8 @@ def train(
     from torch.utils.data import DataLoader
 
     from rnnbench.analysis.gradient_flow import probe_batch
-    from rnnbench.model import DivergedError, EpochRecorder, RandomState, SequenceModel
+    from rnnbench import checkpoints
+    from rnnbench.model import DivergedError, EpochRecorder, RandomState, SafeCheckpointIO, SequenceModel
     from rnnbench.tasks import get_task
 
     _quiet_lightning()
@@ -132,6 +133,7 @@ def train(
         run_id = run.info.run_id
     else:
         client.update_run(run_id, status="RUNNING")
+    ckpt_dir = Path(config.tracking.checkpoint_dir) / run_id
 
     try:
         L.seed_everything(t.seed, workers=True, verbose=False)
@@ -156,15 +158,20 @@ def train(
             "final_train": DataLoader(data["train"], **kw),
         }
 
-        ckpt_dir = Path(config.tracking.checkpoint_dir) / run_id
         monitor = f"val_{task.primary_metric}"
         callbacks: list[Any] = [
-            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_last=True),
+            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min"),
             EpochRecorder(client, run_id, monitor),
             RandomState(gen),
         ]
         if t.early_stopping_patience is not None:
             callbacks.append(EarlyStopping(monitor=monitor, mode="min", patience=t.early_stopping_patience))
+        # last.ckpt after every epoch, the resume point: Lightning 2.6's save_last=True writes it only in
+        # epochs that improved `monitor` (when best.ckpt is written), so a resume would redo the epochs
+        # since. Lightning runs checkpoint callbacks last and in this order: this one's file holds the
+        # epoch's EarlyStopping and best-checkpoint state.
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                                         enable_version_counter=False))
         trainer = L.Trainer(
             accelerator="gpu" if use_cuda else "cpu",
             devices=1,
@@ -182,6 +189,7 @@ def train(
             enable_model_summary=False,
             num_sanity_val_steps=0,
             default_root_dir=str(ckpt_dir),
+            plugins=[SafeCheckpointIO()],  # atomic writes; reads that cannot run code
         )
         # Lightning's deterministic mode also fills every new tensor with NaN
         # (torch.utils.deterministic.fill_uninitialized_memory): a debugging aid that cost ~1 ms of a
@@ -195,8 +203,12 @@ def train(
             _gradient_flow(client, run_id, model, task, probe, "init")
         setup_seconds = time.perf_counter() - t_setup
         if resuming and last.exists():
-            callbacks[1].restore(client, run_id)  # epochs before the interruption count too
-        trainer.fit(model, train_loader, eval_loaders["val"], ckpt_path=str(last) if resuming and last.exists() else None)
+            problem = checkpoints.folder_problem(ckpt_dir)
+            if problem:
+                raise RnnbenchError(f"cannot resume run {run_id}: {problem}")
+            callbacks[1].restore(client, run_id)  # checkpoints older than EpochRecorder's state: epochs from MLflow
+        trainer.fit(model, train_loader, eval_loaders["val"], ckpt_path=str(last) if resuming and last.exists() else None,
+                    weights_only=True)
 
         # Test (and re-score train and val) with the best-validation checkpoint, as Chung et al.
         best = callbacks[0].best_model_path or None
@@ -204,7 +216,7 @@ def train(
         for split in ("test", "final_val", "final_train"):
             model.eval_prefix = split
             loader = eval_loaders["val" if split == "final_val" else split]
-            for results in trainer.validate(model, loader, ckpt_path=best, verbose=False):
+            for results in trainer.validate(model, loader, ckpt_path=best, verbose=False, weights_only=True):
                 final.update({k: float(v) for k, v in results.items()})
         if probe is not None:  # the model now holds the best-validation weights
             _gradient_flow(client, run_id, model, task, probe, "trained")
@@ -226,7 +238,7 @@ def train(
         client.set_terminated(run_id, "FINISHED")
         return RunResult(run_id, "FINISHED", final)
     except DivergedError as e:
-        return _fail(client, run_id, str(e), RunTag)
+        return _fail(client, run_id, str(e), RunTag, ckpt_dir)
     except (KeyboardInterrupt, SystemExit):
         # Lightning turns Ctrl-C inside fit() into SystemExit(1): either way the run was stopped.
         # `rnnbench train` has no resume option; train(config, run_id=...) continues from last.ckpt.
@@ -240,10 +252,10 @@ def train(
             "to train it again from the start, run",
         ) from None
     except RnnbenchError as e:
-        _fail(client, run_id, str(e), RunTag)
+        _fail(client, run_id, str(e), RunTag, ckpt_dir)
         raise
     except Exception as e:  # noqa: BLE001 - recorded, then reported to the caller
-        return _fail(client, run_id, f"{type(e).__name__}: {e}".strip(), RunTag)
+        return _fail(client, run_id, f"{type(e).__name__}: {e}".strip(), RunTag, ckpt_dir)
 
 
 def check_before_run(config: Config) -> None:
@@ -329,7 +341,11 @@ def _gradient_flow(client: Any, run_id: str, model: Any, task: Any, batch: dict[
     model.train(was_training)
 
 
-def _fail(client: Any, run_id: str, reason: str, RunTag: Any) -> RunResult:
+def _fail(client: Any, run_id: str, reason: str, RunTag: Any, ckpt_dir: Path | None = None) -> RunResult:
+    from rnnbench.checkpoints import remove_folder
+
+    if ckpt_dir is not None:  # nothing resumes a FAILED run (a sweep starts its point afresh)
+        remove_folder(ckpt_dir)
     reason = " ".join(reason.split())[:500]
     client.log_batch(run_id, tags=[RunTag("failure_reason", reason)])
     client.set_terminated(run_id, "FAILED")

@@ -188,8 +188,10 @@ def _run(status: str, run_id: str, params: bool = True) -> Any:
 def test_decide_keeps_one_run_per_point(tmp_path: Path) -> None:
     from rnnbench.sweep.runs import decide
 
+    import torch
+
     (tmp_path / "r2").mkdir()
-    (tmp_path / "r2" / "last.ckpt").write_text("x")
+    torch.save({"epoch": 0}, tmp_path / "r2" / "last.ckpt")
     assert decide([], tmp_path).action == "new"
     d = decide([_run("FAILED", "r0"), _run("FINISHED", "r1"), _run("FINISHED", "r3")], tmp_path)
     assert (d.action, d.run_id, [r.info.run_id for r, _ in d.retire]) == ("done", "r1", ["r0", "r3"])
@@ -201,6 +203,12 @@ def test_decide_keeps_one_run_per_point(tmp_path: Path) -> None:
     assert (d.action, [r.info.run_id for r, _ in d.retire]) == ("retry", ["r4"])
     d = decide([_run("RUNNING", "r2", params=False)], tmp_path)  # killed before its params were logged
     assert d.action == "retry"
+    (tmp_path / "r5").mkdir()
+    data = (tmp_path / "r2" / "last.ckpt").read_bytes()
+    (tmp_path / "r5" / "last.ckpt").write_bytes(data[: len(data) // 2])  # truncated: start afresh, say why
+    d = decide([_run("KILLED", "r2"), _run("RUNNING", "r5")], tmp_path)
+    assert (d.action, d.run_id, [r.info.run_id for r, _ in d.retire]) == ("resume", "r2", ["r5"])
+    assert str(tmp_path / "r5" / "last.ckpt") in d.retire[0][1]
 
 
 # --- end to end ------------------------------------------------------------------------------------

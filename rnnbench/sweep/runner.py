@@ -171,7 +171,7 @@ def _run_planned(
     echo: Callable[[str], None], batched: bool = False,
 ) -> None:
     """Parent run, retire stale attempts, run the rest (groups of new points together when batched)."""
-    if _nothing_to_do(planned, summary, client, experiment_id, spec.name):
+    if _nothing_to_do(planned, summary, client, experiment_id, spec.name, shared["checkpoint_dir"]):
         return
     spec_hash = spec.spec_hash(overrides)
     parent_tags = {"spec_hash": spec_hash, "n_points": str(summary.total), "mlflow.runName": spec.name}
@@ -183,7 +183,7 @@ def _run_planned(
         client.log_text(parent_id, yaml.safe_dump(record, sort_keys=False), "sweep.yaml")
         for pp in planned:
             for run, why in pp.decision.retire:
-                retire(client, run, why)
+                retire(client, run, why, shared["checkpoint_dir"])
     except BaseException as e:  # the parent must not stay RUNNING (prepare_store checked the usual causes)
         client.set_tag(parent_id, "failure_reason", " ".join(f"{type(e).__name__}: {e}".split())[:500])
         client.set_terminated(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -226,7 +226,9 @@ def _announce_cost(configs: list[Config], workers: int | None, echo: Callable[[s
         echo(f"estimate: {lines[0]}")
 
 
-def _nothing_to_do(planned: list[PlannedPoint], summary: SweepSummary, client: Any, experiment_id: str, sweep: str) -> bool:
+def _nothing_to_do(
+    planned: list[PlannedPoint], summary: SweepSummary, client: Any, experiment_id: str, sweep: str, checkpoint_dir: str
+) -> bool:
     """Every point FINISHED and the parent closed FINISHED: retire leftover attempts, leave the parent
     alone (reopening it would move its end time: a 33-second sweep re-run later showed 42 minutes)."""
     if any(pp.decision.action != "done" for pp in planned):
@@ -237,7 +239,7 @@ def _nothing_to_do(planned: list[PlannedPoint], summary: SweepSummary, client: A
     summary.parent_run_id = parent.info.run_id
     for pp in planned:
         for run, why in pp.decision.retire:
-            retire(client, run, why)
+            retire(client, run, why, checkpoint_dir)
     return True
 
 

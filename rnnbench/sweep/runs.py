@@ -74,15 +74,20 @@ def point_runs(client: Any, experiment_id: str, sweep: str, point_id: str) -> li
     return list(search_all(client, experiment_id, f"tags.sweep = '{_quote(sweep)}' AND tags.point_id = '{_quote(point_id)}'"))
 
 
-def retire(client: Any, run: Any, reason: str) -> None:
-    """Tag, close (a RUNNING run died with its process) and soft-delete a stale attempt."""
+def retire(client: Any, run: Any, reason: str, checkpoint_dir: str | Path | None = None) -> None:
+    """Tag, close (a RUNNING run died with its process) and soft-delete a stale attempt; with
+    `checkpoint_dir`, delete its checkpoint folder too (nothing resumes a retired run)."""
     from mlflow.entities import RunTag
 
+    from rnnbench.checkpoints import remove_folder
+
     run_id = run.info.run_id
-    client.log_batch(run_id, tags=[RunTag("superseded", "true"), RunTag("superseded_reason", reason)])
+    client.log_batch(run_id, tags=[RunTag("superseded", "true"), RunTag("superseded_reason", reason[:500])])
     if run.info.status == "RUNNING":
         client.set_terminated(run_id, "KILLED")
     client.delete_run(run_id)
+    if checkpoint_dir is not None:
+        remove_folder(Path(checkpoint_dir) / run_id)
 
 
 LIGHTNING_CHECKPOINT = "last.ckpt"  # rnnbench.train (Lightning's ModelCheckpoint, save_last)
@@ -99,14 +104,26 @@ def checkpoint_of(run_id: str, checkpoint_dir: str | Path) -> str | None:
     return None
 
 
-def resumable(run: Any, checkpoint_dir: str | Path) -> bool:
-    """A RUNNING/KILLED run can be continued when its params are logged and its last checkpoint exists
-    (Lightning's of a one-model run, or the batched_last.pt of a model trained in a group)."""
+def checkpoint_problem(run_id: str, checkpoint_dir: str | Path) -> str | None:
+    """Why the run's checkpoint files cannot be resumed from (empty, truncated, holding code), or None.
+    Each file is loaded as the resume would load it (weights_only), so nothing in it runs."""
+    from rnnbench.checkpoints import folder_problem
+
+    return folder_problem(Path(checkpoint_dir) / run_id)
+
+
+def _could_resume(run: Any, checkpoint_dir: str | Path) -> bool:
     return (
         run.info.status in ("RUNNING", "KILLED")
         and bool(run.data.params)
         and checkpoint_of(run.info.run_id, checkpoint_dir) is not None
     )
+
+
+def resumable(run: Any, checkpoint_dir: str | Path) -> bool:
+    """A RUNNING/KILLED run can be continued when its params are logged and its last checkpoint exists
+    (Lightning's of a one-model run, or the batched_last.pt of a model trained in a group) and loads."""
+    return _could_resume(run, checkpoint_dir) and checkpoint_problem(run.info.run_id, checkpoint_dir) is None
 
 
 @dataclass(frozen=True)
@@ -119,18 +136,30 @@ class Decision:
 
 
 def decide(runs: list[Any], checkpoint_dir: str | Path) -> Decision:
-    """Keep the point's first FINISHED run, else the newest resumable one; retire every other attempt."""
+    """Keep the point's first FINISHED run, else the newest resumable one; retire every other attempt.
+    A run whose checkpoint is unusable is retired with the reason naming the file: the point starts afresh."""
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if finished:
         keep = finished[0]
         why = f"point already FINISHED in run {keep.info.run_id}"
         return Decision("done", keep.info.run_id, tuple((r, why) for r in runs if r is not keep))
-    carry_on = next((r for r in reversed(runs) if resumable(r, checkpoint_dir)), None)
-    stale = tuple(
-        (r, "left RUNNING with nothing to resume from" if r.info.status == "RUNNING" else f"{r.info.status} attempt replaced")
-        for r in runs
-        if r is not carry_on
-    )
+    carry_on = None
+    unusable: dict[str, str] = {}  # run id -> what is wrong with its checkpoint
+    for r in reversed(runs):
+        if not _could_resume(r, checkpoint_dir):
+            continue
+        problem = checkpoint_problem(r.info.run_id, checkpoint_dir)
+        if problem is None:
+            carry_on = r
+            break
+        unusable[r.info.run_id] = problem
+
+    def why(r: Any) -> str:
+        if r.info.run_id in unusable:
+            return f"cannot resume, point started afresh: {unusable[r.info.run_id]}"
+        return "left RUNNING with nothing to resume from" if r.info.status == "RUNNING" else f"{r.info.status} attempt replaced"
+
+    stale = tuple((r, why(r)) for r in runs if r is not carry_on)
     if carry_on is not None:
         return Decision("resume", carry_on.info.run_id, stale)
     return Decision("retry" if runs else "new", None, stale)
