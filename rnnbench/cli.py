@@ -28,16 +28,24 @@ OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. model.cell=gru 
 def train(
     spec: Path = typer.Argument(..., help="YAML run spec (see experiments/)"),
     overrides: Optional[list[str]] = OVERRIDES,
+    resume: Optional[str] = typer.Option(
+        None, "--resume", metavar="RUN_ID", help="continue a run stopped by Ctrl-C, SIGTERM or a kill, from its last checkpoint"
+    ),
 ) -> None:
     """Train one configuration and record it as an MLflow run."""
     from rnnbench.config import load_config
 
     config = load_config(spec, overrides or [])
+    from rnnbench.train import resumable_run
     from rnnbench.train import train as run_training
     from rnnbench.tracking import resolve_tracking_uri
 
-    result = run_training(config)
     uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    if resume is None:
+        result = run_training(config)
+    else:
+        experiment_id = resumable_run(config, resume)
+        result = run_training(config, run_id=resume, experiment_id=experiment_id)
     if result.status != "FINISHED":
         typer.echo(f"run {result.run_id} FAILED: {result.reason}", err=True)
         raise typer.Exit(1)
@@ -170,7 +178,10 @@ def _report_interruption(stop: KeyboardInterrupt) -> None:
     from rnnbench.interrupts import Interrupted, exit_status
 
     if isinstance(stop, Interrupted):
-        command = shlex.join(["rnnbench", *sys.argv[1:]])
+        args = list(sys.argv[1:])
+        if stop.add_args and stop.add_args[0] not in args:
+            args += list(stop.add_args)
+        command = shlex.join(["rnnbench", *args])
         typer.echo(f"rnnbench: interrupted: {stop.kept}; {stop.again}: {command}", err=True)
     else:
         typer.echo("rnnbench: interrupted", err=True)

@@ -24,12 +24,14 @@ _state: dict[str, Any] = {"signal": None, "idle": None}
 
 class Interrupted(KeyboardInterrupt):
     """A Ctrl-C or SIGTERM that stopped runs. `kept`: what was marked KILLED and kept; `again`: what
-    running the same command again does (printed before the command itself)."""
+    running the same command again does (printed before the command itself); `add_args`: options the
+    command needs to carry on (e.g. `--resume RUN_ID`), added where it lacks them."""
 
-    def __init__(self, kept: str, again: str) -> None:
-        super().__init__(kept, again)  # args match __init__: it survives pickling from a worker process
+    def __init__(self, kept: str, again: str, add_args: tuple[str, ...] = ()) -> None:
+        super().__init__(kept, again, add_args)  # args match __init__: it survives pickling from a worker
         self.kept = kept
         self.again = again
+        self.add_args = tuple(add_args)
 
 
 def _request_stop(signum: int, frame: Any) -> None:

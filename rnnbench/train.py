@@ -247,15 +247,46 @@ def train(
         client.set_terminated(run_id, "KILLED")
         kept = (Path(config.tracking.checkpoint_dir) / run_id).resolve()
         raise Interrupted(
-            f"run {run_id} marked KILLED; its checkpoints (if an epoch ended) are kept in {kept}, "
-            f"and rnnbench.train.train(config, run_id={run_id!r}) resumes it",
-            "to train it again from the start, run",
+            f"run {run_id} marked KILLED; its checkpoints (if an epoch ended) are kept in {kept}",
+            "to resume it, run", ("--resume", run_id),
         ) from None
     except RnnbenchError as e:
         _fail(client, run_id, str(e), RunTag, ckpt_dir)
         raise
     except Exception as e:  # noqa: BLE001 - recorded, then reported to the caller
         return _fail(client, run_id, f"{type(e).__name__}: {e}".strip(), RunTag, ckpt_dir)
+
+
+def resumable_run(config: Config, run_id: str) -> str:
+    """The experiment id of `run_id` if `train(config, run_id=...)` can continue it: the run is in the
+    store, stopped (RUNNING after a kill, or KILLED), and was started with this config; else one line."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from rnnbench.tracking import require_store
+
+    uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    require_store(uri)
+    try:
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException:
+        raise RnnbenchError(f"--resume: no run {run_id!r} in {uri}") from None
+    status = run.info.status
+    if status == "FINISHED":
+        raise RnnbenchError(f"--resume: run {run_id} is already FINISHED; nothing to resume")
+    if status not in ("RUNNING", "KILLED"):
+        reason = run.data.tags.get("failure_reason", "no reason recorded")
+        raise RnnbenchError(f"--resume: run {run_id} is {status} ({reason}); train anew without --resume")
+    from rnnbench.tasks import get_task
+
+    task = get_task(config.task.name)(config.task, seed=config.train.seed)
+    resolved = config.model_copy(deep=True)  # the hash train() tagged: with the hidden size resolved
+    resolved.model.hidden_size = resolve_hidden_size(config, task.input_size, task.output_size)
+    logged = run.data.tags.get("config_hash")
+    if logged is not None and logged != resolved.config_hash():
+        raise RnnbenchError(f"--resume: run {run_id} was started with another config (hash {logged}, this one "
+                            f"{resolved.config_hash()}): give the spec and overrides it was started with")
+    return run.info.experiment_id
 
 
 def check_before_run(config: Config) -> None:

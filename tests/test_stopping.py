@@ -214,6 +214,15 @@ def test_stopping_train_marks_the_run_killed_in_one_line(tmp_path: Path, store: 
     assert "Traceback" not in stderr, stderr[-3000:]
     (line,) = [line for line in stderr.splitlines() if line.startswith("rnnbench:")]
     assert line.startswith(f"rnnbench: interrupted: run {run_id} marked KILLED;")
-    assert str(ckpts / run_id) in line and f"run_id={run_id!r}" in line
-    assert line.endswith(f"to train it again from the start, run: rnnbench train {config}")
+    assert str(ckpts / run_id) in line
+    assert line.endswith(f"to resume it, run: rnnbench train {config} --resume {run_id}")
     assert (ckpts / run_id / "last.ckpt").is_file()
+    if signum == signal.SIGTERM:  # the printed command carries the run on to the end: still one run
+        resumed = subprocess.run([*RNNBENCH, "train", str(config), "--resume", run_id],
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert [(r, s) for r, s, _ in runs_in_store(tmp_path / "mlflow.db")] == [(run_id, "FINISHED")]
+        again = subprocess.run([*RNNBENCH, "train", str(config), "--resume", run_id], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == 2 and again.stderr.strip() == (
+            f"rnnbench: error: --resume: run {run_id} is already FINISHED; nothing to resume")
