@@ -762,7 +762,9 @@ def _build_member(
     has_params = resuming and bool(client.get_run(run_id).data.params)
     if not has_params:
         params = {**config.flat(), **{f"task.{k}": v for k, v in task.describe().items()}}
-        params.update(n_params_recurrent=model.counts["recurrent"], n_params_total=model.counts["total"])
+        # a group runs its K recurrences in parallel over the process's threads (not train.threads' rule)
+        params.update(n_params_recurrent=model.counts["recurrent"], n_params_total=model.counts["total"],
+                      threads_used=torch.get_num_threads())
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
                          tags=[RunTag("recurrence", _group_recurrence(config.model.cell, device, dtype))])
         client.log_text(run_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")

@@ -155,10 +155,14 @@ TINY_SWEEP = {"name": "described", "description": "two cells on a tiny copy task
               "grid": {"model.cell": ["tanh", "gru"]}}
 
 
-def test_sweep_description_reaches_mlflow_and_a_finished_rerun_leaves_the_parent_alone(tmp_path: Path, store: str) -> None:
+def test_sweep_description_reaches_mlflow_and_a_finished_rerun_leaves_the_parent_alone(
+    tmp_path: Path, store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlflow.tracking import MlflowClient
 
-    from rnnbench.sweep import run_sweep, spec_from_dict
+    from rnnbench.sweep import cost, run_sweep, spec_from_dict
+
+    monkeypatch.setattr(cost, "ESTIMATE_FROM_RUN_EPOCHS", 0)  # estimate this tiny sweep too
 
     spec = spec_from_dict(TINY_SWEEP)
     said: list[str] = []
@@ -217,9 +221,21 @@ def test_a_large_sweep_warns_and_goes_on(tmp_path: Path, store: str, monkeypatch
     from rnnbench.sweep import cost, run_sweep, spec_from_dict
 
     monkeypatch.setattr(cost, "WARN_CORE_HOURS", 0.0)
+    monkeypatch.setattr(cost, "ESTIMATE_FROM_RUN_EPOCHS", 0)
     said: list[str] = []
     summary = run_sweep(spec_from_dict(TINY_SWEEP), progress=False, echo=said.append)
     assert summary.ok and any(s.startswith("warning: a large sweep: 2 runs to do") for s in said), said
+
+
+def test_a_small_sweep_is_not_held_up_by_its_estimate(tmp_path: Path, store: str) -> None:
+    from rnnbench.sweep import cost, run_sweep, spec_from_dict
+    from rnnbench.sweep.spec import expand
+
+    spec = spec_from_dict(TINY_SWEEP)
+    assert not cost.worth_estimating([p.config for p in expand(spec)])
+    said: list[str] = []
+    assert run_sweep(spec, progress=False, echo=said.append).ok
+    assert not any("runs to do" in s for s in said), said
 
 
 def test_bench_and_report_defaults_write_outside_results(tmp_path: Path, store: str) -> None:

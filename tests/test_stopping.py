@@ -24,8 +24,8 @@ RNNBENCH = [sys.executable, "-m", "rnnbench.cli"]
 # enough that the re-run finishes quickly.
 BASE = {
     "model": {"hidden_size": 8},
-    "task": {"name": "copy", "seq_len": 5, "n_train": 800, "n_val": 16, "n_test": 16},
-    "train": {"max_epochs": 5, "batch_size": 16, "early_stopping_patience": None},
+    "task": {"name": "copy", "seq_len": 5, "n_train": 1200, "n_val": 16, "n_test": 16},
+    "train": {"max_epochs": 20, "batch_size": 16, "early_stopping_patience": None},
 }
 
 
@@ -105,7 +105,8 @@ KILLS = {
 @pytest.mark.parametrize(
     "mode, kill, rerun",
     [("points", "sigkill-driver", True), ("points", "sigterm-driver", False), ("points", "sigterm-group", False),
-     ("points", "ctrl-c", True), ("groups", "sigkill-driver", True)],
+     # Ctrl-C of a sweep held before this issue; CI runs the cases that failed then
+     pytest.param("points", "ctrl-c", True, marks=pytest.mark.slow), ("groups", "sigkill-driver", True)],
 )
 def test_stopping_a_sweep_leaves_no_worker_and_loses_nothing(tmp_path: Path, store: str, mode: str, kill: str,
                                                              rerun: bool) -> None:
@@ -152,7 +153,7 @@ def test_stopping_a_sweep_leaves_no_worker_and_loses_nothing(tmp_path: Path, sto
     finished = [(rid, s) for rid, s, role in runs_in_store(db) if role == "point"]
     assert sorted(finished) == sorted((rid, "FINISHED") for rid, _ in points)  # the same runs, continued
     for run_id, _ in points:
-        assert epochs_logged(store, run_id) == [0, 1, 2, 3, 4]  # every epoch once
+        assert epochs_logged(store, run_id) == list(range(20))  # every epoch once
 
 
 def test_two_processes_never_train_one_point(tmp_path: Path) -> None:

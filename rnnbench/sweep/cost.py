@@ -19,6 +19,11 @@ WARN_CORE_HOURS = 8.0
 """A sweep estimated above this many hours of one core prints a warning before it starts (and goes on:
 scripts must not block, and Ctrl-C stops a sweep safely; the same command resumes it)."""
 
+ESTIMATE_FROM_RUN_EPOCHS = 1000
+"""A real sweep times its models for the estimate only from this many run-epochs to do (runs x
+max_epochs): timing costs ~5 s (lightning's import, a few steps per model), more than a small sweep
+itself; `--dry-run` always estimates."""
+
 TIMED_STEPS = 3  # after one untimed step (first-call costs: allocations, compiled-loop loading)
 EVAL_SHARE = 0.5  # a validation batch (forward only) costs about half a training step
 
@@ -63,6 +68,11 @@ def _model_key(config: Config) -> str:
             "train": {k: t[k] for k in ("batch_size", "limit_train_batches", "limit_eval_batches", "precision", "device",
                                         "threads")}}
     return json.dumps(keep, sort_keys=True)
+
+
+def worth_estimating(configs: list[Config]) -> bool:
+    """Enough run-epochs to do that the estimate is worth its own few seconds (ESTIMATE_FROM_RUN_EPOCHS)."""
+    return sum(c.train.max_epochs for c in configs) >= ESTIMATE_FROM_RUN_EPOCHS
 
 
 def estimate(configs: list[Config]) -> Estimate:

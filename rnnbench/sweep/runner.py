@@ -158,7 +158,7 @@ def _plan_and_run(
                 echo(line)
         return summary
     if to_do:
-        _announce_cost(to_do, workers, echo)
+        _announce_cost(to_do, workers, echo)  # for sweeps large enough to be worth it
 
     _run_planned(spec, overrides, planned, summary, client, experiment_id, shared, executor, workers, progress, echo,
                  batched)
@@ -215,11 +215,13 @@ def check_points(points: list[Point]) -> None:
 
 def _announce_cost(configs: list[Config], workers: int | None, echo: Callable[[str], None]) -> None:
     """Print the estimate of what is left to run; above WARN_CORE_HOURS, say so loudly, then go on."""
-    from rnnbench.sweep.cost import WARN_CORE_HOURS, estimate
+    from rnnbench.sweep import cost as costs
 
-    cost = estimate(configs)
+    if not costs.worth_estimating(configs):
+        return
+    cost = costs.estimate(configs)
     lines = cost.lines(workers)
-    if cost.core_hours > WARN_CORE_HOURS:
+    if cost.core_hours > costs.WARN_CORE_HOURS:
         echo(f"warning: a large sweep: {lines[0]}")
         echo("  (Ctrl-C stops it safely; re-running the same command resumes it. `--dry-run` shows this without running.)")
     else:
