@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-RNNBENCH = [sys.executable, "-m", "rnnbench.cli"]
+from cli_processes import RNNBENCH, start_and_wait
 # Long enough to be mid-training when the signal comes (an epoch takes a few seconds here), short
 # enough that the re-run finishes quickly.
 BASE = {
@@ -65,22 +65,6 @@ def wait_gone(procs: list[psutil.Process], timeout: float = 40) -> list[psutil.P
     while (left := alive(procs)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
-
-
-def start_and_wait(args: list[str], cwd: Path, reached: Any, timeout: float = 240) -> subprocess.Popen:
-    """Start `rnnbench *args` in its own session (stderr to a file) and wait until `reached()`."""
-    err = open(cwd / "stderr.txt", "w")
-    proc = subprocess.Popen(RNNBENCH + args, cwd=cwd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=err,
-                            start_new_session=True)
-    err.close()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if reached():
-            return proc
-        time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    pytest.fail(f"never reached mid-training (exit {proc.poll()}): {(cwd / 'stderr.txt').read_text()[-2000:]}")
 
 
 def checkpoints(root: Path, name: str) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from cli_processes import start_and_wait
 from rnnbench.errors import RnnbenchError
 from rnnbench.sweep.spec import expand, spec_from_dict
 
@@ -379,19 +380,9 @@ def _store_state(db: Path, ckpt_root: Path) -> tuple[list[str], list[str]]:
 def _kill_sweep_when(tmp_path: Path, args: list[str], reached: Any) -> None:
     """Start `rnnbench sweep *args` in its own process group, wait (at most 240 s) until `reached()`, then
     SIGKILL the driver and its workers, the whole group."""
-    proc = subprocess.Popen(CLI + args, cwd=tmp_path, env=dict(os.environ), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if reached():
-                break
-            time.sleep(0.3)
-        else:
-            pytest.fail(f"sweep never reached mid-way (exit {proc.poll()})")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc = start_and_wait(["sweep", *args], tmp_path, reached)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def test_sigkill_mid_sweep_then_restart(tmp_path: Path, store: str) -> None:

@@ -232,9 +232,9 @@ class ProcessPoolExecutor(Executor):
         job = self._futures.pop(future)
         try:
             return future.result()
-        except KeyboardInterrupt as e:  # that worker alone was stopped by a signal: its run is KILLED, resumable
-            return lost(job, e)
-        except Exception as e:  # noqa: BLE001 - BrokenProcessPool and the like
+        # KeyboardInterrupt: that worker alone was stopped by a signal (its run is KILLED, resumable);
+        # Exception: BrokenProcessPool and the like
+        except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001
             return lost(job, e)
 
     def close(self, cancel: bool = False) -> None:
