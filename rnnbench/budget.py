@@ -7,8 +7,13 @@ The "total" convention adds the output layer Linear(H, O) with bias: HO + O.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rnnbench.cells import get_cell
 from rnnbench.errors import RnnbenchError
+
+if TYPE_CHECKING:
+    from rnnbench.config import Config
 
 PRESETS: dict[str, int] = {"music": 20_000, "speech": 168_500}
 """Chung et al. 2014, Table 1 budgets, recurrent layer only (output layer excluded):
@@ -67,3 +72,14 @@ def hidden_size_for_budget(
         else:
             lo = mid
     return lo if budget - count(lo) <= count(hi) - budget else hi
+
+
+def hidden_size_of(config: Config, input_size: int, output_size: int) -> int:
+    """model.hidden_size as given, or the size whose parameter count is nearest model.budget."""
+    m = config.model
+    if m.budget is None:
+        assert m.hidden_size is not None
+        return m.hidden_size
+    budget = PRESETS[m.budget] if isinstance(m.budget, str) else m.budget
+    return hidden_size_for_budget(m.cell, input_size, budget, convention=m.budget_convention,
+                                  output_size=output_size, num_layers=m.num_layers)

@@ -24,9 +24,8 @@ from typing import Any
 
 from rnnbench.errors import RnnbenchError
 
-# The files a run's checkpoint folder may hold (rnnbench.train: Lightning's ModelCheckpoint with
-# filename="best" and save_last; rnnbench.many_models: one file per model of a group).
-CHECKPOINT_FILES = ("last.ckpt", "best.ckpt", "batched_last.pt")
+# The files a run's checkpoint folder may hold (rnnbench/training/checkpoint.py: one per member).
+CHECKPOINT_FILES = ("member.pt",)
 _TMP_SUFFIX = ".tmp"
 
 

@@ -29,7 +29,6 @@ class Job:
     experiment_id: str
     tags: dict[str, str] = field(default_factory=dict)
     resume_run_id: str | None = None  # a run left RUNNING/KILLED with a checkpoint: continue it
-    resume_batched: bool = False  # that checkpoint is train_many's: the run continues in a group (run_group)
 
 
 @dataclass(frozen=True)
@@ -191,20 +190,20 @@ def _record_failure(job: Job, config: Any, reason: str) -> str | None:
 
 
 def run_group(jobs: list[Job]) -> list[Outcome]:
-    """Train new points that differ only in seed and learning rate together (rnnbench.many_models).
-
-    Each point still gets its own child run with the tags its job carries; a group error fails
-    every point of the group, and the sweep goes on.
-    """
+    """Train points that differ only in per-member keys (seed, learning rate, ...) as one population
+    (rnnbench.training). Each point still gets its own run with the tags its job carries; a
+    population error fails every point of it, and the sweep goes on."""
     from rnnbench.config import Config
-    from rnnbench.many_models import train_many
+    from rnnbench.training.loop import train_population
 
     start = time.perf_counter()
     try:
         with point_locks(jobs):
-            results = train_many([Config.from_dict(j.config) for j in jobs], experiment_id=jobs[0].experiment_id,
-                                 tags=[j.tags for j in jobs], run_ids=[j.resume_run_id for j in jobs])
-    except Exception as e:  # noqa: BLE001 - train_many already closed its runs as FAILED
+            results = train_population([Config.from_dict(j.config) for j in jobs], experiment_id=jobs[0].experiment_id,
+                                       tags=[j.tags for j in jobs], run_ids=[j.resume_run_id for j in jobs])
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - train_population already closed its runs as FAILED
         reason = one_line(e)
         return [Outcome(j.index, j.point_id, j.label, j.resume_run_id, "FAILED", reason, time.perf_counter() - start,
                         j.resume_run_id is not None) for j in jobs]

@@ -85,8 +85,7 @@ def _job(point: Point, decision: Decision, experiment_id: str, tags: dict[str, s
     if point.sample is not None:
         point_tags["sample"] = str(point.sample)
     resume = decision.run_id if decision.action == "resume" else None
-    batched = resume is not None and checkpoint_of(resume, shared["checkpoint_dir"]) == "batched"
-    return Job(point.index, point.point_id, point.label, config, experiment_id, point_tags, resume, batched)
+    return Job(point.index, point.point_id, point.label, config, experiment_id, point_tags, resume)
 
 
 def plan(spec: SweepSpec, overrides: list[str] | None = None) -> tuple[list[Point], dict[str, Any]]:
@@ -264,22 +263,19 @@ def _batching_on(mode: str, executor: str) -> bool:
 
 
 def _batchable(jobs: list[Job], new_points: bool = True) -> tuple[list[list[Job]], list[Job]]:
-    """(groups that train together, the other jobs). Points resuming a group's checkpoint always train
-    in a group (train_many continues them; with --batch-models off too), joined by new points of
-    their key when `new_points`; new points form groups of >= 2 when `new_points`. Points resuming a
-    one-model run keep their own Lightning checkpoints and run alone."""
+    """(populations of >= 2 points that train together, the points that train alone). With batching
+    on (`new_points`), points of one population key train together, new and resumed alike (a member's
+    checkpoint resumes in any population of its kind); with it off, every point trains alone."""
     from rnnbench.config import Config
-    from rnnbench.many_models import group_key
+    from rnnbench.training.loop import population_key
 
+    if not new_points:
+        return [], sorted(jobs, key=lambda j: j.index)
     by_key: dict[Any, list[Job]] = {}
-    rest: list[Job] = []
     for job in jobs:
-        if job.resume_batched or (new_points and job.resume_run_id is None):
-            by_key.setdefault(group_key(Config.from_dict(job.config)), []).append(job)
-        else:
-            rest.append(job)
-    groups = [g for g in by_key.values() if len(g) >= 2 or g[0].resume_batched]
-    rest += [g[0] for g in by_key.values() if len(g) == 1 and not g[0].resume_batched]
+        by_key.setdefault(population_key(Config.from_dict(job.config)), []).append(job)
+    groups = [g for g in by_key.values() if len(g) >= 2]
+    rest = [g[0] for g in by_key.values() if len(g) == 1]
     return groups, sorted(rest, key=lambda j: j.index)
 
 

@@ -90,18 +90,12 @@ def retire(client: Any, run: Any, reason: str, checkpoint_dir: str | Path | None
         remove_folder(Path(checkpoint_dir) / run_id)
 
 
-LIGHTNING_CHECKPOINT = "last.ckpt"  # rnnbench.train (Lightning's ModelCheckpoint, save_last)
-BATCHED_CHECKPOINT = "batched_last.pt"  # rnnbench.many_models.CHECKPOINT_NAME (a group of models)
+MEMBER_CHECKPOINT = "member.pt"  # rnnbench.training.checkpoint.FILE (one per member of a population)
 
 
 def checkpoint_of(run_id: str, checkpoint_dir: str | Path) -> str | None:
-    """Which checkpoint a run left: 'lightning' (train()), 'batched' (train_many()), or None."""
-    folder = Path(checkpoint_dir) / run_id
-    if (folder / LIGHTNING_CHECKPOINT).is_file():
-        return "lightning"
-    if (folder / BATCHED_CHECKPOINT).is_file():
-        return "batched"
-    return None
+    """The checkpoint file a run left ('member.pt'), or None."""
+    return MEMBER_CHECKPOINT if (Path(checkpoint_dir) / run_id / MEMBER_CHECKPOINT).is_file() else None
 
 
 def checkpoint_problem(run_id: str, checkpoint_dir: str | Path) -> str | None:
@@ -122,7 +116,7 @@ def _could_resume(run: Any, checkpoint_dir: str | Path) -> bool:
 
 def resumable(run: Any, checkpoint_dir: str | Path) -> bool:
     """A RUNNING/KILLED run can be continued when its params are logged and its last checkpoint exists
-    (Lightning's of a one-model run, or the batched_last.pt of a model trained in a group) and loads."""
+    (member.pt, written at every epoch's end) and loads."""
     return _could_resume(run, checkpoint_dir) and checkpoint_problem(run.info.run_id, checkpoint_dir) is None
 
 

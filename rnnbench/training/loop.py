@@ -1,0 +1,399 @@
+"""Train a population of K >= 1 configs with Lightning and record each member in its own MLflow run.
+
+`rnnbench train` is a population of one; a sweep trains its points that differ only in per-member
+keys (`MEMBER_KEYS`) as populations of K. The flow of one population:
+
+  build    configs -> one task class, one hidden size -> runs (created, or reopened to resume) ->
+           Population (stacked weights from each member's own seed) -> member checkpoints restored
+  fit      Lightning's loop, manual optimization (Population.training_step); at each epoch's end the
+           callbacks below decide per member, checkpoint, record, and drop the members that are done
+  score    the members that finished, with their best-validation weights: test, final_val, final_train
+  record   final metrics, FINISHED; a diverged member FAILED with its reason as soon as it is found
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from rnnbench import checkpoints
+from rnnbench.config import Config
+from rnnbench.errors import RnnbenchError
+from rnnbench.training import checkpoint
+from rnnbench.training.population import EvalBatches, Member, Population, TrainBatches, build
+from rnnbench.training.recorder import RunRecorder
+
+# Keys in which the members of one population may differ (each is a (K,) tensor or a per-member rule);
+# every other key (cell, task, size, batch size, optimizer kind, precision, ...) is the population's.
+MEMBER_KEYS = ("train.seed", "train.lr", "train.momentum", "train.weight_decay", "train.grad_clip",
+               "train.weight_noise", "train.early_stopping_patience", "train.max_epochs", "train.rmsprop_alpha")
+
+
+def population_key(config: Config) -> tuple[tuple[str, str], ...]:
+    """Configs with equal keys can train as one population: equal in everything but MEMBER_KEYS,
+    tracking.* and the settings that never change a number (train.progress_bar, train.threads)."""
+    free = set(MEMBER_KEYS) | {"train.progress_bar", "train.threads"}
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.flat().items()
+                        if k not in free and not k.startswith("tracking.")))
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str  # FINISHED | FAILED
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+
+
+class PopulationInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a population; its unfinished runs (`run_ids`) are KILLED, resumable."""
+
+    def __init__(self, run_ids: list[str]) -> None:
+        super().__init__(f"stopped; runs {', '.join(run_ids)} KILLED")
+        self.run_ids = run_ids
+
+
+# A rule that may stop members at an epoch's end, e.g. successive halving over learning rates:
+# called with the epoch just completed and {member index: validation score} of the members in
+# training; returns the member indices to stop ("pruned").
+Pruner = Callable[[int, dict[int, float]], list[int]]
+
+
+# --- the epoch's end, in the order of the callbacks' list -------------------------------------------
+class EpochTimer(Callback):
+    """Epoch and training-batch seconds; wall-clock since fit began (plus a resumed run's earlier time)."""
+
+    def __init__(self) -> None:
+        self.fit_t0 = self.epoch_t0 = self.batch_t0 = 0.0
+        self.train_seconds = 0.0
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.fit_t0 = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self.epoch_t0 = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.batch_t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Population, outputs: Any, batch: Any, batch_idx: int) -> None:
+        seconds = time.perf_counter() - self.batch_t0
+        for i in pl_module.ids:
+            pl_module.members[i].train_seconds += seconds
+
+
+class MemberStopping(Callback):
+    """Per member, at each epoch's end: its record of the epoch; divergence (FAILED); early stopping
+    as Lightning's EarlyStopping (mode min, `patience` epochs without a strict improvement, a
+    non-finite score stops), best-validation weights kept; max_epochs; then the pruner, if any."""
+
+    def __init__(self, timer: EpochTimer, pruner: Pruner | None = None) -> None:
+        self.timer, self.pruner = timer, pruner
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Population) -> None:
+        pop = pl_module
+        train, val = pop.split_values("train"), pop.split_values("val")
+        now = time.perf_counter()
+        bad = pop.bad_step.tolist()
+        bad_loss = pop.bad_loss.tolist()
+        steps, time_steps = pop.steps.tolist(), pop.train_steps.tolist()
+        improved = []
+        monitor = f"val_{pop.task.primary_metric}"
+        for row, i in enumerate(pop.ids):
+            m = pop.members[i]
+            m.time_steps = time_steps[row]
+            if bad[row] >= 0:
+                m.status, m.reason = "failed", f"training loss became {bad_loss[row]} at epoch {m.epoch}, step {bad[row]}"
+                improved.append(False)
+                continue
+            record = {**train[row], **val[row], "epoch_seconds": now - self.timer.epoch_t0,
+                      "wall_seconds": m.wall_offset + now - self.timer.fit_t0, "updates": float(steps[row])}
+            del m.history[m.epoch:]  # an epoch re-run after a resume replaces its earlier record
+            m.history.append(record)
+            score = record.get(monitor, math.nan)
+            better = math.isfinite(score) and score < m.best_score
+            improved.append(better)
+            if better:
+                m.best_score, m.best_epoch, m.wait = score, m.epoch, 0
+            else:
+                m.wait += 1
+            m.epoch += 1
+            if not math.isfinite(score):
+                m.status, m.stopped_by = "stopped", "non_finite_val"
+            elif m.patience is not None and m.wait >= m.patience:
+                m.status, m.stopped_by = "stopped", "early_stopping"
+            elif m.epoch >= m.config.train.max_epochs:
+                m.status, m.stopped_by = "stopped", "max_epochs"
+        pop.keep_best(improved)
+        if self.pruner is not None:
+            scores = {i: pop.members[i].history[-1].get(monitor, math.nan) for i in pop.ids
+                      if pop.members[i].status == "training"}
+            epoch = pop.members[pop.ids[0]].epoch
+            for i in self.pruner(epoch, scores) if scores else []:
+                pop.members[i].status, pop.members[i].stopped_by = "stopped", "pruned"
+
+
+class MemberCheckpoint(Callback):
+    """Each member's file, after the epoch's decisions and before the epoch reaches MLflow."""
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Population) -> None:
+        for row, i in enumerate(pl_module.ids):
+            if pl_module.members[i].status != "failed":  # nothing resumes a FAILED run
+                checkpoint.save(pl_module, row)
+
+
+class EpochRecords(Callback):
+    """The epoch to each member's MLflow run; a diverged member FAILED; then the members that are done
+    leave the compute, and the fit ends when none is left."""
+
+    def __init__(self, recorders: dict[int, RunRecorder]) -> None:
+        self.recorders = recorders
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Population) -> None:
+        pop = pl_module
+        for i in pop.ids:
+            m = pop.members[i]
+            self.recorders[i].log_epochs(m.history)
+            if m.status == "failed":
+                self.recorders[i].fail(m.reason or "diverged", checkpoint.member_path(m.config.tracking.checkpoint_dir, m.run_id).parent)
+        rows = [r for r, i in enumerate(pop.ids) if pop.members[i].status == "training"]
+        if len(rows) < len(pop.ids):
+            pop.keep(rows)
+        if not rows:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: Any, pl_module: Population) -> None:
+        time_steps = pl_module.train_steps.tolist()
+        for row, i in enumerate(pl_module.ids):  # max_steps ended the fit inside an epoch
+            pl_module.members[i].time_steps = time_steps[row]
+            if pl_module.members[i].status == "training":
+                pl_module.members[i].status, pl_module.members[i].stopped_by = "stopped", "max_steps"
+
+
+def quiet_lightning() -> None:
+    """Lightning's per-start adverts and summaries drown the progress bar."""
+    import logging
+    import warnings
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*TreeSpec.*", ".*configure_optimizers.*",
+                    ".*exists and is not empty.*"):
+        warnings.filterwarnings("ignore", pattern)
+
+
+# --- one population, start to end -------------------------------------------------------------------
+def train_population(
+    configs: list[Config],
+    *,
+    run_ids: list[str | None] | None = None,
+    experiment_id: str | None = None,
+    tags: list[dict[str, str]] | None = None,
+    pruner: Pruner | None = None,
+    impl: str = "auto",
+) -> list[RunResult]:
+    """Train `configs` (equal `population_key`) as one population; one MLflow run per member.
+
+    run_ids[k] continues member k's run from its checkpoint (or starts it afresh in that run); tags[k]
+    are added to its run. Returns one RunResult per config, in order. A diverged member ends FAILED
+    while the others go on; an error of the whole population fails every unfinished run (a
+    RnnbenchError is re-raised after that); Ctrl-C or SIGTERM closes the unfinished runs KILLED
+    (resumable) and re-raises KeyboardInterrupt.
+    """
+    from rnnbench.budget import hidden_size_of, param_counts
+    from rnnbench.cells import implementation
+    from rnnbench.cpu_memory import keep_freed_memory
+    from rnnbench.tasks import get_task
+    from rnnbench.training.threads import use_threads
+
+    K = len(configs)
+    run_ids = list(run_ids) if run_ids is not None else [None] * K
+    tags = list(tags) if tags is not None else [{} for _ in range(K)]
+    if not configs:
+        return []
+    if len(run_ids) != K or len(tags) != K:
+        raise RnnbenchError(f"train_population: {K} configs but {len(run_ids)} run ids and {len(tags)} tag sets")
+    key = population_key(configs[0])
+    for c in configs[1:]:
+        if population_key(c) != key:
+            differ = sorted(set(population_key(c)) ^ set(key))
+            raise RnnbenchError(f"train_population: configs differ in {differ[0][0]!r}, which members must share")
+    quiet_lightning()
+    keep_freed_memory()
+    t_setup = time.perf_counter()
+    t = configs[0].train
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise RnnbenchError("train.device=cuda but no CUDA device is available")
+    use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    dtype = torch.float64 if t.precision == "64" else torch.float32
+
+    task = get_task(configs[0].task.name)(configs[0].task, seed=t.seed)
+    hidden = hidden_size_of(configs[0], task.input_size, task.output_size)
+    resolved = [c.model_copy(deep=True) for c in configs]
+    for c in resolved:
+        c.model.hidden_size = hidden  # the resolved config is what gets recorded
+    configs = resolved
+    threads = use_threads(configs[0], task.input_size, hidden) if K == 1 else torch.get_num_threads()
+
+    recorders: dict[int, RunRecorder] = {}
+    members: list[Member] = []
+    try:
+        counts = param_counts(configs[0].model.cell, task.input_size, hidden, task.output_size, configs[0].model.num_layers)
+        recurrence = implementation(configs[0].model.cell, device, dtype, impl)
+        for k, c in enumerate(configs):
+            recorders[k] = _open_run(c, run_ids[k], experiment_id, tags[k], device, K, counts, threads, recurrence)
+        pop = build(configs, device, dtype, impl, [recorders[k].run_id for k in range(K)])
+        members = pop.members
+        _resume(pop, recorders, run_ids)
+        probes = _probe_batches(pop) if t.gradient_flow else None
+        if probes is not None:
+            _probe(pop, recorders, probes, "init", only=[k for k in range(K) if not recorders[k].resumed])
+        setup_seconds = time.perf_counter() - t_setup
+        _fit(pop, recorders, pruner)
+        done = [i for i, m in enumerate(members) if m.status == "stopped"]
+        final = _score(pop, done, setup_seconds, counts, hidden)
+        if probes is not None and done:
+            _probe(pop, recorders, probes, "trained", only=done)
+    except (KeyboardInterrupt, SystemExit):
+        for k, r in recorders.items():
+            if k >= len(members) or members[k].status != "failed":
+                r.kill()
+        raise PopulationInterrupted([r.run_id for r in recorders.values()]) from None
+    except Exception as e:  # noqa: BLE001 - recorded in every unfinished run, as one line
+        reason = str(e) if isinstance(e, RnnbenchError) else f"{type(e).__name__}: {e}".strip()
+        results = []
+        for k, r in recorders.items():
+            m = members[k] if k < len(members) else None
+            if m is not None and m.status == "failed":
+                results.append(RunResult(r.run_id, "FAILED", reason=m.reason))
+            else:
+                folder = checkpoint.member_path(configs[k].tracking.checkpoint_dir, r.run_id).parent
+                results.append(RunResult(r.run_id, "FAILED", reason=r.fail(reason, folder)))
+        if isinstance(e, RnnbenchError) or len(recorders) < K:
+            raise
+        return results
+
+    results = []
+    for k, m in enumerate(members):
+        if m.status == "failed":  # recorded when it diverged
+            results.append(RunResult(m.run_id, "FAILED", reason=m.reason))
+            continue
+        recorders[k].log_final(final[k])
+        recorders[k].finish()
+        results.append(RunResult(m.run_id, "FINISHED", final[k]))
+    return results
+
+
+def _open_run(config: Config, run_id: str | None, experiment_id: str | None, tags: dict[str, str],
+              device: torch.device, K: int, counts: dict[str, int], threads: int, recurrence: str) -> RunRecorder:
+    """A new run with its params, or the run to resume (its params are already there)."""
+    import yaml
+
+    from rnnbench.tasks import get_task
+    from rnnbench.tracking import prepare_store, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    if run_id is not None:
+        rec = RunRecorder.reopen(uri, run_id)
+    else:
+        exp = experiment_id or prepare_store(uri, config.tracking.experiment)
+        rec = RunRecorder.create(uri, exp, config=config, device=device, tags={**tags, "population": str(K)},
+                                 run_name=config.tracking.run_name)
+    if not rec.has_params():
+        task = get_task(config.task.name)(config.task, seed=config.train.seed)
+        params = {**config.flat(), **{f"task.{k}": v for k, v in task.describe().items()},
+                  "n_params_recurrent": counts["recurrent"], "n_params_total": counts["total"], "threads_used": threads}
+        rec.log_setup(params, {"recurrence": recurrence}, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return rec
+
+
+def _resume(pop: Population, recorders: dict[int, RunRecorder], run_ids: list[str | None]) -> None:
+    """Members with a checkpoint continue from it; one whose file is bad fails in one line."""
+    for row, i in enumerate(list(pop.ids)):
+        if run_ids[i] is None:
+            continue
+        m = pop.members[i]
+        path = checkpoint.member_path(m.config.tracking.checkpoint_dir, m.run_id)
+        if not path.is_file():
+            continue
+        try:
+            checkpoint.restore(pop, row, checkpoint.load(path))
+        except checkpoints.CheckpointError as e:
+            raise RnnbenchError(f"cannot resume run {m.run_id}: {e}") from None
+        recorders[i].log_epochs(m.history)  # epochs checkpointed by the interrupted process, not yet logged
+        m.wall_offset = m.history[-1]["wall_seconds"] if m.history else m.wall_offset
+    rows = [r for r, i in enumerate(pop.ids) if pop.members[i].status == "training"]
+    if len(rows) < len(pop.ids):
+        pop.keep(rows)
+
+
+def _trainer(pop: Population, callbacks: list[Any], max_epochs: int, max_steps: int) -> Any:
+    import lightning as L
+
+    t = pop.configs[0].train
+    use_cuda = pop.device.type == "cuda"
+    trainer = L.Trainer(
+        accelerator="gpu" if use_cuda else "cpu", devices=1, max_epochs=max_epochs, max_steps=max_steps,
+        limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_eval_batches,
+        precision="64-true" if t.precision == "64" else "32-true", deterministic=not use_cuda,
+        callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=t.progress_bar,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    # Lightning's deterministic mode also fills every new tensor with NaN (a debugging aid costing
+    # about a tenth of a small CPU step); the algorithms stay deterministic without it.
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    return trainer
+
+
+def _fit(pop: Population, recorders: dict[int, RunRecorder], pruner: Pruner | None) -> None:
+    if not pop.ids:
+        return
+    t = pop.configs[0].train
+    start = pop.members[pop.ids[0]].epoch
+    max_epochs = max(pop.configs[i].train.max_epochs for i in pop.ids) - start
+    done_steps = int(pop.steps.max())
+    max_steps = -1 if t.max_steps < 0 else max(t.max_steps - done_steps, 0)
+    if max_epochs <= 0 or max_steps == 0:
+        for i in pop.ids:
+            pop.members[i].status = "stopped"
+        return
+    timer = EpochTimer()
+    callbacks = [timer, MemberStopping(timer, pruner), MemberCheckpoint(), EpochRecords(recorders)]
+    trainer = _trainer(pop, callbacks, max_epochs, max_steps)
+    trainer.fit(pop, TrainBatches(pop), EvalBatches(pop, "val"))
+
+
+def _score(pop: Population, done: list[int], setup_seconds: float, counts: dict[str, int], hidden: int) -> dict[int, dict[str, float]]:
+    """Test, final_val and final_train of the finished members with their best-validation weights."""
+    final: dict[int, dict[str, float]] = {i: {} for i in done}
+    if not done:
+        return final
+    pop.use_best(done)
+    trainer = _trainer(pop, [], 1, -1)
+    for split in ("test", "final_val", "final_train"):
+        pop.scoring = split
+        trainer.validate(pop, EvalBatches(pop, split), verbose=False)
+        for i, values in zip(pop.ids, pop.split_values(split)):
+            final[i].update(values)
+    pop.scoring = None
+    for i in done:
+        m = pop.members[i]
+        seconds = [h["epoch_seconds"] for h in m.history]
+        best = m.best_epoch
+        final[i].update(
+            epochs=float(len(m.history)), best_epoch=float(best),
+            best_val=float(m.best_score) if math.isfinite(m.best_score) else math.nan,
+            seconds_per_epoch=sum(seconds) / len(seconds) if seconds else math.nan,
+            seconds_to_best=m.history[best]["wall_seconds"] if 0 <= best < len(m.history) else math.nan,
+            time_steps_per_second=m.time_steps / max(m.train_seconds, 1e-9), setup_seconds=setup_seconds,
+            n_params_recurrent=float(counts["recurrent"]), n_params_total=float(counts["total"]), hidden_size=float(hidden),
+        )
+    return final

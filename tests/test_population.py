@@ -1,0 +1,129 @@
+"""The population trainer (rnnbench/training): a member does not depend on its population.
+
+For every registered cell, K in {1, 3, 8}, on real music data (sequences of unequal lengths, so
+batch-mates pad each other) in float64: every member of a population of K gives the numbers the same
+config gives trained alone (per-epoch records, final scores, final weights), including a member that
+stops early and one that diverges. No MLflow here (the loop runs with no recorder); the runs and
+their records are tested in test_train_e2e.py and test_sweep.py.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import requires_data
+from rnnbench.cells import CELLS
+from rnnbench.config import Config, load_config
+from rnnbench.training import loop
+from rnnbench.training.population import build
+
+TIMING = {"epoch_seconds", "wall_seconds"}
+TINY = ["task.name=jsb", "task.max_sequences=12", "model.hidden_size=4", "train.batch_size=3",
+        "train.precision='64'", "train.progress_bar=false", "train.gradient_flow=false",
+        "train.limit_train_batches=3", "train.limit_eval_batches=2", "train.early_stopping_patience=null",
+        "train.max_epochs=3"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def member_configs(cell: str, tmp: Path, members: list[list[str]]) -> list[Config]:
+    return [load_config(None, TINY + [f"model.cell={cell}", f"tracking.checkpoint_dir={tmp}"] + over) for over in members]
+
+
+def fit(configs: list[Config]) -> Any:
+    """Train a population with the real loop and callbacks, no MLflow; return it after scoring."""
+    pop = build(configs, torch.device("cpu"), torch.float64, run_ids=[f"m{k}-{c.train.seed}-{c.train.lr}" for k, c in enumerate(configs)])
+    loop._fit(pop, {}, None)
+    done = [i for i, m in enumerate(pop.members) if m.status == "stopped"]
+    final = loop._score(pop, done, 0.0, {"recurrent": 0, "total": 0}, 4)
+    return pop, final
+
+
+def numbers(pop: Any, final: dict[int, dict[str, float]], k: int) -> dict[str, Any]:
+    m = pop.members[k]
+    history = [{key: v for key, v in h.items() if key not in TIMING} for h in m.history]
+    scores = {key: v for key, v in final.get(k, {}).items() if key.startswith(("test_", "final_"))}
+    return {"status": m.status, "history": history, "scores": scores, "best_epoch": m.best_epoch}
+
+
+def assert_close(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["status"] == b["status"] and a["best_epoch"] == b["best_epoch"]
+    assert len(a["history"]) == len(b["history"])
+    for ha, hb in zip(a["history"], b["history"]):
+        assert ha.keys() == hb.keys()
+        for key in ha:
+            assert ha[key] == pytest.approx(hb[key], rel=1e-9, abs=1e-12, nan_ok=True), key
+    assert a["scores"].keys() == b["scores"].keys()
+    for key in a["scores"]:
+        assert a["scores"][key] == pytest.approx(b["scores"][key], rel=1e-9, abs=1e-12, nan_ok=True), key
+
+
+# Eight members that differ in seed and per-member hyperparameters: one stops early (patience 1),
+# one has fewer epochs, one diverges (Adam steps of 1e308 overflow the weights to inf within two
+# updates; inf times a zero input is NaN).
+EIGHT = [
+    ["train.seed=0", "train.lr=0.01"],
+    ["train.seed=1", "train.lr=0.003"],
+    ["train.seed=2", "train.lr=0.03", "train.early_stopping_patience=1"],
+    ["train.seed=3", "train.lr=0.001", "train.max_epochs=2"],
+    ["train.seed=4", "train.lr=0.02", "train.grad_clip=0.5"],
+    ["train.seed=5", "train.lr=1e308", "train.grad_clip=null"],
+    ["train.seed=6", "train.lr=0.005", "train.weight_noise=0.01"],
+    ["train.seed=7", "train.lr=0.002"],
+]
+
+
+@requires_data
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_members_do_not_depend_on_their_population(cell: str, tmp_path: Path) -> None:
+    eight = member_configs(cell, tmp_path, EIGHT)
+    pop8, final8 = fit(eight)
+    statuses = [m.status for m in pop8.members]
+    assert statuses[5] == "failed" and "training loss became" in (pop8.members[5].reason or "")
+    assert all(s == "stopped" for k, s in enumerate(statuses) if k != 5)
+    assert pop8.members[3].epoch == 2 and pop8.members[0].epoch == 3  # per-member max_epochs
+    three_idx = [2, 5, 6]
+    pop3, final3 = fit([eight[k] for k in three_idx])
+    for j, k in enumerate(three_idx):
+        assert_close(numbers(pop3, final3, j), numbers(pop8, final8, k))
+    for k in (0, 2, 5, 6):  # alone: plain, early-stopped, diverged, with weight noise
+        pop1, final1 = fit([eight[k]])
+        assert_close(numbers(pop1, final1, 0), numbers(pop8, final8, k))
+
+
+@requires_data
+def test_a_member_stopped_early_keeps_its_best_weights(tmp_path: Path) -> None:
+    configs = member_configs("gru_reset_before", tmp_path, [["train.seed=0", "train.lr=0.05", "train.early_stopping_patience=1"]])
+    pop, final = fit(configs)
+    m = pop.members[0]
+    scores = [h["val_nll"] for h in m.history]
+    assert m.best_epoch == min(range(len(scores)), key=scores.__getitem__)
+    assert final[0]["final_val_nll"] == pytest.approx(scores[m.best_epoch], rel=1e-9)
+
+
+@requires_data
+def test_a_pruner_stops_members_at_a_rung(tmp_path: Path) -> None:
+    configs = member_configs("tanh", tmp_path, [[f"train.seed={s}", f"train.lr={lr}"] for s, lr in ((0, 0.01), (1, 1e-5), (2, 0.003))])
+    pop = build(configs, torch.device("cpu"), torch.float64, run_ids=["a", "b", "c"])
+    calls: list[tuple[int, dict[int, float]]] = []
+
+    def keep_best_two_at_epoch_1(epoch: int, scores: dict[int, float]) -> list[int]:
+        calls.append((epoch, dict(scores)))
+        return sorted(scores, key=scores.__getitem__)[2:] if epoch == 1 else []
+
+    loop._fit(pop, {}, keep_best_two_at_epoch_1)
+    pruned = [m for m in pop.members if m.stopped_by == "pruned"]
+    assert len(pruned) == 1 and pruned[0].epoch == 1
+    assert [e for e, _ in calls] == [1, 2, 3] and len(calls[1][1]) == 2
+    assert all(math.isfinite(v) for _, s in calls for v in s.values())
