@@ -118,9 +118,12 @@ class RunRecorder:
 
     def logged_epochs(self) -> set[int]:
         """The epochs (steps of EPOCH_MARKER) the store holds for this run."""
+        return set(self._known_epochs())
+
+    def _known_epochs(self) -> set[int]:
         if self._logged is None:
             self._logged = {m.step for m in self.client.get_metric_history(self.run_id, EPOCH_MARKER)}
-        return set(self._logged)
+        return self._logged
 
     def epoch_history(self, keys: Iterable[str]) -> list[dict[str, float]]:
         """The recorded per-epoch values of `keys`, one dict per recorded epoch in epoch order (a key
@@ -147,7 +150,7 @@ class RunRecorder:
         record must hold EPOCH_MARKER (how a reopened run knows its epoch is recorded)."""
         from mlflow.entities import Metric
 
-        logged = self.logged_epochs()
+        logged = self._known_epochs()
         missing = [e for e in range(len(history)) if e not in logged]
         for epoch in missing:
             if EPOCH_MARKER not in history[epoch]:
@@ -155,8 +158,7 @@ class RunRecorder:
         now = _now_ms()
         for epoch in missing:
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in history[epoch].items()])
-            assert self._logged is not None
-            self._logged.add(epoch)  # only after the write: a failed write is retried by the next call
+            logged.add(epoch)  # only after the write: a failed write is retried by the next call
         return missing
 
     def log_final(self, metrics: Mapping[str, float]) -> None:
