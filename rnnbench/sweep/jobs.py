@@ -138,16 +138,12 @@ def _train_point(job: Job, start: float) -> Outcome:
 
 def _mark_killed(job: Job) -> None:
     """Close this attempt's run as KILLED (it keeps its checkpoint; the next invocation resumes it)."""
-    from mlflow.tracking import MlflowClient
-
     from rnnbench.sweep.runs import point_runs
+    from rnnbench.training.recorder import RunRecorder, tracking_client
 
     try:
-        client = MlflowClient(tracking_uri=job.config["tracking"]["tracking_uri"])
-        runs = point_runs(client, job.experiment_id, job.tags["sweep"], job.point_id)
-        for run in runs:
-            if run.info.status == "RUNNING":
-                client.set_terminated(run.info.run_id, "KILLED")
+        client = tracking_client(job.config["tracking"]["tracking_uri"])
+        RunRecorder.kill_running(client, point_runs(client, job.experiment_id, job.tags["sweep"], job.point_id))
     except Exception:  # noqa: BLE001 - left RUNNING instead: the next invocation handles that too
         pass
 
@@ -158,33 +154,22 @@ def _record_failure(job: Job, config: Any, reason: str) -> str | None:
     train() fails some runs itself; errors raised before it creates its run (a bad task option, an
     unreadable dataset) would otherwise leave no trace in the store.
     """
-    from mlflow.entities import Param, RunTag
-    from mlflow.tracking import MlflowClient
-
     from rnnbench.sweep.runs import point_runs
+    from rnnbench.training.recorder import RunRecorder, tracking_client
 
-    uri = job.config["tracking"]["tracking_uri"]
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = tracking_client(job.config["tracking"]["tracking_uri"])
         if job.resume_run_id is not None:
-            run_id = job.resume_run_id
-        else:  # the driver retired earlier attempts, so an active run of this point is this attempt's
-            mine = point_runs(client, job.experiment_id, job.tags["sweep"], job.point_id)
-            if mine:
-                run_id = mine[0].info.run_id
-                if mine[0].info.status == "FAILED":
-                    return run_id
-            else:
-                tags = {**job.tags, "failure_reason": reason}
-                if config is not None:
-                    tags.update(cell=config.model.cell, task=config.task.name, seed=str(config.train.seed))
-                    tags["config_hash"] = config.config_hash()
-                run_id = client.create_run(job.experiment_id, tags=tags, run_name=job.config["tracking"].get("run_name")).info.run_id
-                if config is not None:
-                    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in config.flat().items()])
-        client.log_batch(run_id, tags=[RunTag("failure_reason", reason)])
-        client.set_terminated(run_id, "FAILED")
-        return run_id
+            RunRecorder(client, job.resume_run_id).fail(reason)
+            return job.resume_run_id
+        # the driver retired earlier attempts, so an active run of this point is this attempt's
+        mine = point_runs(client, job.experiment_id, job.tags["sweep"], job.point_id)
+        if mine:
+            if mine[0].info.status != "FAILED":
+                RunRecorder(client, mine[0].info.run_id).fail(reason)
+            return mine[0].info.run_id
+        return RunRecorder.record_early_failure(client, job.experiment_id, reason, tags=job.tags,
+                                                run_name=job.config["tracking"].get("run_name"), config=config).run_id
     except Exception:  # noqa: BLE001 - the store itself is unreachable: the summary still has the reason
         return None
 
