@@ -28,7 +28,7 @@ from rnnbench.config import Config
 from rnnbench.errors import RnnbenchError
 from rnnbench.training import checkpoint
 from rnnbench.training.population import EvalBatches, Member, Population, TrainBatches, build
-from rnnbench.training.recorder import RunRecorder
+from rnnbench.training.recorder import RunRecorder, standard_tags
 
 # Keys in which the members of one population may differ (each is a (K,) tensor or a per-member rule);
 # every other key (cell, task, size, batch size, optimizer kind, precision, ...) is the population's.
@@ -248,14 +248,17 @@ def train_population(
     try:
         counts = param_counts(configs[0].model.cell, task.input_size, hidden, task.output_size, configs[0].model.num_layers)
         recurrence = implementation(configs[0].model.cell, device, dtype, impl)
+        fresh = []  # members whose run is new (or had not got as far as its params): probed at init
         for k, c in enumerate(configs):
-            recorders[k] = _open_run(c, run_ids[k], experiment_id, tags[k], device, K, counts, threads, recurrence)
+            recorders[k], new = _open_run(c, run_ids[k], experiment_id, tags[k], device, K, counts, threads, recurrence)
+            if new:
+                fresh.append(k)
         pop = build(configs, device, dtype, impl, [recorders[k].run_id for k in range(K)])
         members = pop.members
         _resume(pop, recorders, run_ids)
         probes = _probe_batches(pop) if t.gradient_flow else None
         if probes is not None:
-            _probe(pop, recorders, probes, "init", only=[k for k in range(K) if not recorders[k].resumed])
+            _probe(pop, recorders, probes, "init", only=fresh)
         setup_seconds = time.perf_counter() - t_setup
         _fit(pop, recorders, pruner)
         done = [i for i, m in enumerate(members) if m.status == "stopped"]
@@ -293,8 +296,9 @@ def train_population(
 
 
 def _open_run(config: Config, run_id: str | None, experiment_id: str | None, tags: dict[str, str],
-              device: torch.device, K: int, counts: dict[str, int], threads: int, recurrence: str) -> RunRecorder:
-    """A new run with its params, or the run to resume (its params are already there)."""
+              device: torch.device, K: int, counts: dict[str, int], threads: int, recurrence: str) -> tuple[RunRecorder, bool]:
+    """A new run with its params, or the run to resume (its params are already there); True if the
+    params were logged now (a new run)."""
     import yaml
 
     from rnnbench.tasks import get_task
@@ -305,14 +309,16 @@ def _open_run(config: Config, run_id: str | None, experiment_id: str | None, tag
         rec = RunRecorder.reopen(uri, run_id)
     else:
         exp = experiment_id or prepare_store(uri, config.tracking.experiment)
-        rec = RunRecorder.create(uri, exp, config=config, device=device, tags={**tags, "population": str(K)},
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        rec = RunRecorder.create(uri, exp, tags=standard_tags(config, device_name, {**tags, "population": str(K)}),
                                  run_name=config.tracking.run_name)
     if not rec.has_params():
         task = get_task(config.task.name)(config.task, seed=config.train.seed)
         params = {**config.flat(), **{f"task.{k}": v for k, v in task.describe().items()},
                   "n_params_recurrent": counts["recurrent"], "n_params_total": counts["total"], "threads_used": threads}
         rec.log_setup(params, {"recurrence": recurrence}, yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return rec
+        return rec, True
+    return rec, False
 
 
 def _resume(pop: Population, recorders: dict[int, RunRecorder], run_ids: list[str | None]) -> None:
