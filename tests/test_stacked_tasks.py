@@ -63,8 +63,11 @@ def test_stacked_members_give_each_member_its_own_numbers(name: str) -> None:
     steps = [int(b["x"].shape[1]) for b in members]
     if "mask" in members[0]:  # the task has lengths: the members must need padding
         assert len(set(steps)) > 1, f"want members of unequal lengths, got {steps}"
-    stacked = task.stack_batches(members)
-    T = max(steps)
+    assert task.stack_batches(members)["x"].shape[:3] == (K, B, max(steps))
+    # Padded beyond the longest member too (a padded-length bucket), so every task, fixed-length
+    # ones included, must select its own steps: copy's recall window, adding's last step.
+    T = max(steps) + 3
+    stacked = task.stack_batches(members, length=T)
     assert stacked["x"].shape[:3] == (K, B, T)
     assert stacked["steps"].dtype == torch.int64 and stacked["steps"].tolist() == steps
 
@@ -133,6 +136,9 @@ def test_stack_batches_pads_time_with_zeros_and_false_and_adds_steps() -> None:
     assert torch.equal(s["lengths"], torch.tensor([[3, 2], [5, 1]]))  # no time dim: stacked as it is
     assert s["steps"].dtype == torch.int64 and s["steps"].tolist() == [3, 5]
     assert stack_batches([b, b])["x"].shape == (2, 2, 5, 4)  # equal lengths: no padding
+    bucket = stack_batches([a, b], length=8)  # to a padded-length bucket
+    assert bucket["x"].shape == (2, 2, 8, 4) and not bucket["x"][:, :, 5:].any() and not bucket["mask"][:, :, 5:].any()
+    assert bucket["steps"].tolist() == [3, 5] and bucket["lengths"].shape == (2, 2)
 
 
 def test_stack_batches_refuses_members_that_do_not_fit() -> None:
@@ -143,6 +149,8 @@ def test_stack_batches_refuses_members_that_do_not_fit() -> None:
         stack_batches([a, {"x": torch.ones(2, 3, 4)}])
     with pytest.raises(ValueError, match="at least one"):
         stack_batches([])
+    with pytest.raises(ValueError, match="shorter than the longest"):
+        stack_batches([a], length=2)
 
 
 def test_an_unstacked_batch_is_a_clear_error() -> None:

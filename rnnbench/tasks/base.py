@@ -32,12 +32,13 @@ def time_keys(batches: list[Batch]) -> list[str]:
     return keys
 
 
-def stack_batches(batches: list[Batch]) -> Batch:
+def stack_batches(batches: list[Batch], length: int | None = None) -> Batch:
     """K members' own batches (each from `collate`, same keys and B) as one stacked Batch.
 
-    Every per-step tensor (dim 1 is the member's T) is padded along time to the longest member
-    with zeros (False for masks), then stacked: x (K, B, T_max, D). Other tensors are stacked
-    as they are (e.g. lengths (K, B)). Adds "steps": (K,) int64, each member's own unpadded T.
+    Every per-step tensor (dim 1 is the member's T) is padded along time to the longest member,
+    or to `length` if given (e.g. a padded-length bucket; at least the longest), with zeros (False
+    for masks), then stacked: x (K, B, T_max, D). Other tensors are stacked as they are (e.g.
+    lengths (K, B)). Adds "steps": (K,) int64, each member's own unpadded T.
     """
     if not batches:
         raise ValueError("stack_batches needs at least one member batch")
@@ -49,6 +50,10 @@ def stack_batches(batches: list[Batch]) -> Batch:
             raise ValueError(f"member {k}'s batch has {b['x'].shape[0]} items, member 0's {batches[0]['x'].shape[0]}")
     steps = [int(b["x"].shape[1]) for b in batches]
     longest = max(steps)
+    if length is not None:
+        if length < longest:
+            raise ValueError(f"stack_batches: length {length} is shorter than the longest member ({longest} steps)")
+        longest = length
     padded = set(time_keys(batches)) if min(steps) < longest else set()
     out: Batch = {}
     for key in batches[0]:
@@ -136,9 +141,9 @@ class Task:
         """One member's batch (B, T, ...) from dataset items."""
         raise NotImplementedError
 
-    def stack_batches(self, batches: list[Batch]) -> Batch:
+    def stack_batches(self, batches: list[Batch], length: int | None = None) -> Batch:
         """K members' batches as one stacked Batch (base.stack_batches); override if the layout needs it."""
-        return stack_batches(batches)
+        return stack_batches(batches, length)
 
     def broadcast_batch(self, batch: Batch, K: int) -> Batch:
         """One batch shared by K members (base.broadcast_batch); override if the layout needs it."""
