@@ -51,6 +51,11 @@ def whole_split(task: PolyphonicTask, split: str) -> dict[str, torch.Tensor]:
     return task.collate([data[i] for i in range(len(data))])
 
 
+def one_member(task: PolyphonicTask, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A member's collated batch in the stacked layout the losses take (a population of one)."""
+    return task.broadcast_batch(batch, 1)
+
+
 # --- no data needed -------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(CHUNG_SIZES))
 def test_registered_with_sizes_and_options(name: str) -> None:
@@ -116,11 +121,12 @@ def test_jsb_first_frame_conventions_count_steps(data_dir: Path) -> None:
         batch = whole_split(task, "test")
         assert batch["x"].shape[0] == n_seq
         assert int(batch["mask"].sum()) == int(batch["lengths"].sum()) == expected
-        out = torch.zeros(*batch["y"].shape)
-        _, count = task.metric_sums(out, batch)["nll"]
-        assert int(count) == expected
+        out = torch.zeros(1, *batch["y"].shape)
+        _, count = task.metric_sums(out, one_member(task, batch))["nll"]
+        assert count.tolist() == [expected]
         # With all logits 0 every key costs ln 2, whatever the roll.
-        assert task.loss(out, batch).item() == pytest.approx(88 * math.log(2))
+        assert task.loss(out, one_member(task, batch)).item() == pytest.approx(88 * math.log(2))
+        assert task.time_steps(one_member(task, batch)).tolist() == [n_seq * batch["x"].shape[1]]
 
 
 def test_jsb_batch_shapes_and_shift(data_dir: Path) -> None:
@@ -168,13 +174,13 @@ def test_jsb_batched_nll_equals_per_sequence_and_ignores_padding(data_dir: Path,
     rnn = torch.nn.GRU(88, 16, batch_first=True)
     head = torch.nn.Linear(16, task.output_size)
 
-    def model(x: torch.Tensor) -> torch.Tensor:
-        return head(rnn(x)[0])
+    def model(batch: dict[str, torch.Tensor]) -> torch.Tensor:  # a population of one: (1, B, T, D)
+        return head(rnn(batch["x"][0])[0])[None]
 
-    batch = task.collate(items)
-    out = model(batch["x"])
+    batch = one_member(task, task.collate(items))
+    out = model(batch)
     total, count = task.metric_sums(out, batch)["nll"]
-    sums = [task.metric_sums(model(b["x"]), b)["nll"] for b in (task.collate([r]) for r in items)]
+    sums = [task.metric_sums(model(b), b)["nll"] for b in (one_member(task, task.collate([r])) for r in items)]
     torch.testing.assert_close(total, sum(s for s, _ in sums))
     assert int(count) == sum(int(n) for _, n in sums)
     loss = task.loss(out, batch)
@@ -190,7 +196,7 @@ def test_jsb_batched_nll_equals_per_sequence_and_ignores_padding(data_dir: Path,
     noisy = {k: v.clone() for k, v in batch.items()}
     noisy["x"][pad] = 5.0 * torch.randn(int(pad.sum()), 88)
     noisy["y"][pad] = torch.rand(int(pad.sum()), 88)
-    out2 = model(noisy["x"])
+    out2 = model(noisy)
     torch.testing.assert_close(task.metric_sums(out2, noisy)["nll"][0], total)
     grads2 = torch.autograd.grad(task.loss(out2, noisy), list(rnn.parameters()) + list(head.parameters()))
     for g1, g2 in zip(grads, grads2):

@@ -172,15 +172,15 @@ def test_batched_nll_equals_per_sequence_and_ignores_padding() -> None:
     rnn = torch.nn.GRU(20, 8, batch_first=True)
     head = torch.nn.Linear(8, task.output_size)
 
-    def model(x: torch.Tensor) -> torch.Tensor:
-        return head(rnn(x)[0])
+    def model(batch: dict[str, torch.Tensor]) -> torch.Tensor:  # a population of one: (1, B, T, O)
+        return head(rnn(batch["x"][0])[0])[None]
 
-    batch = task.collate(items)
+    batch = task.broadcast_batch(task.collate(items), 1)
     assert int(batch["mask"].sum()) == sum(len(x) for x, _ in items)
-    out = model(batch["x"])
+    out = model(batch)
     sums = task.metric_sums(out, batch)
     total, count = sums["nll"]
-    singles = [task.metric_sums(model(b["x"]), b)["nll"] for b in (task.collate([i]) for i in items)]
+    singles = [task.metric_sums(model(b), b)["nll"] for b in (task.broadcast_batch(task.collate([i]), 1) for i in items)]
     torch.testing.assert_close(total, sum(s for s, _ in singles), rtol=1e-5, atol=1e-3)
     assert int(count) == sum(int(n) for _, n in singles)
     s, n = sums["nll_per_sample"]
@@ -194,7 +194,7 @@ def test_batched_nll_equals_per_sequence_and_ignores_padding() -> None:
     noisy = {k: v.clone() for k, v in batch.items()}
     noisy["x"][pad] = 100 * torch.randn(int(pad.sum()), 20)
     noisy["y"][pad] = 100 * torch.randn(int(pad.sum()), 10)
-    torch.testing.assert_close(task.metric_sums(model(noisy["x"]), noisy)["nll"][0], total)
+    torch.testing.assert_close(task.metric_sums(model(noisy), noisy)["nll"][0], total)
 
 
 def test_baselines_finite_and_ordered(official: SpeechTask) -> None:

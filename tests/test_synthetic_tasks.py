@@ -76,8 +76,61 @@ def test_copy_metric_sums_and_collate() -> None:
     ds = t.datasets()["train"]
     batch = t.collate([ds[i] for i in range(8)])
     assert batch["x"].shape == (8, 25, 10) and batch["x"].sum(-1).eq(1).all()
-    perfect = F.one_hot(batch["y"], 10).float() * 50
-    sums = t.metric_sums(perfect, batch)
+    perfect = F.one_hot(batch["y"], 10).float()[None] * 50  # a population of one: (1, B, T, 10)
+    sums = t.metric_sums(perfect, t.broadcast_batch(batch, 1))
     assert sums["recall_acc"][0] / sums["recall_acc"][1] == 1.0
     assert (sums["ce"][0] / sums["ce"][1]).item() < 1e-6
     assert math.isclose(t.baselines("val")["ce_baseline"], copy_baseline(5))
+
+
+def members_of_unequal_length(name: str, seq_lens: tuple[int, ...], B: int = 3) -> list[tuple[object, dict]]:
+    """(task, its own float64 batch) per member; the seq_lens differ, so stacking pads."""
+    out = []
+    for seed, seq_len in enumerate(seq_lens):
+        t = task(name, seed=seed, seq_len=seq_len, n_train=B, n_val=1, n_test=1)
+        ds = t.datasets()["train"]
+        batch = t.collate([ds[i] for i in range(B)])
+        out.append((t, {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}))
+    return out
+
+
+def padded_outputs(batches: list[dict], size: int) -> tuple[torch.Tensor, list[int]]:
+    """Random (K, B, T_max, size) float64 outputs, garbage beyond each member's own length."""
+    steps = [b["x"].shape[1] for b in batches]
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(len(batches), batches[0]["x"].shape[0], max(steps), size, generator=g, dtype=torch.float64)
+    for k, n in enumerate(steps):
+        out[k, :, n:] = 1e3
+    return out, steps
+
+
+def test_copy_stacked_members_of_unequal_length_give_the_per_batch_cross_entropy() -> None:
+    """Each member's numbers are the original per-batch formulas on its own batch: mean CE over all
+    T + 20 steps, recall accuracy on its own last 10 steps, whatever the longer members pad."""
+    members = members_of_unequal_length("copy", (5, 12, 8))
+    t = members[0][0]
+    stacked = t.stack_batches([b for _, b in members])
+    out, steps = padded_outputs([b for _, b in members], 10)
+    loss, sums = t.loss_and_sums(out, stacked)
+    for k, (_, b) in enumerate(members):
+        own = out[k, :, : steps[k]]
+        ce = F.cross_entropy(own.reshape(-1, 10), b["y"].reshape(-1))
+        torch.testing.assert_close(loss[k], ce, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sums["ce"][0][k] / sums["ce"][1][k], ce, rtol=1e-12, atol=1e-12)
+        assert sums["ce"][1][k] == b["y"].numel()
+        hits = (own[:, -10:].argmax(-1) == b["y"][:, -10:]).sum()
+        assert sums["recall_acc"][0][k] == hits and sums["recall_acc"][1][k] == b["y"].shape[0] * 10
+    assert t.time_steps(stacked).tolist() == [3 * n for n in steps]
+
+
+def test_adding_stacked_members_of_unequal_length_read_their_own_last_step() -> None:
+    members = members_of_unequal_length("adding", (6, 11, 9))
+    t = members[0][0]
+    stacked = t.stack_batches([b for _, b in members])
+    out, steps = padded_outputs([b for _, b in members], 1)
+    loss, sums = t.loss_and_sums(out, stacked)
+    for k, (_, b) in enumerate(members):
+        mse = F.mse_loss(out[k, :, steps[k] - 1, 0], b["y"])
+        torch.testing.assert_close(loss[k], mse, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sums["mse"][0][k], mse * 3, rtol=1e-12, atol=1e-12)
+        assert sums["mse"][1][k] == 3

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rnnbench.errors import RnnbenchError
-from rnnbench.tasks.base import Batch, Task, TaskOptions
+from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions, broadcast_batch, stack_batches
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -25,4 +25,6 @@ def get_task(name: str) -> type[Task]:
 # Registration: importing each module runs its @register_task.
 from rnnbench.tasks import adding, copy, polyphonic, speech  # noqa: E402,F401
 
-__all__ = ["TASKS", "Batch", "Task", "TaskOptions", "get_task", "register_task"]
+__all__ = [
+    "TASKS", "Batch", "MetricSums", "Task", "TaskOptions", "broadcast_batch", "get_task", "register_task", "stack_batches",
+]

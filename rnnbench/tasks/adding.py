@@ -8,12 +8,11 @@ step; loss is the mean squared error. Always predicting 1 scores Var(a + b) = 1/
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch.utils.data import TensorDataset
 
 from rnnbench.tasks import register_task
-from rnnbench.tasks.base import Batch, Task, TaskOptions
+from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions, batch_steps
 
 
 class AddingOptions(TaskOptions):
@@ -57,12 +56,21 @@ class AddingTask(Task):
     def collate(self, items: list) -> Batch:
         return {"x": torch.stack([i[0] for i in items]), "y": torch.stack([i[1] for i in items])}
 
-    def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return F.mse_loss(out[:, -1, 0], batch["y"])
+    def last_step_se(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """(K, B) squared error of the output at each member's own last step (steps[k] - 1)."""
+        K = out.shape[0]
+        last = batch_steps(batch) - 1
+        prediction = out[torch.arange(K, device=out.device), :, last, 0]  # (K, B)
+        return (prediction - batch["y"].to(out.dtype)) ** 2
 
-    def metric_sums(self, out: torch.Tensor, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        se = F.mse_loss(out[:, -1, 0], batch["y"], reduction="sum")
-        return {"mse": (se, torch.tensor(float(batch["y"].numel())))}
+    def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """(K,) mean squared error of each member's batch, read at the last step."""
+        return self.last_step_se(out, batch).mean(1)
+
+    def metric_sums(self, out: torch.Tensor, batch: Batch) -> MetricSums:
+        se = self.last_step_se(out, batch)
+        K, B = se.shape
+        return {"mse": (se.sum(1), torch.full((K,), float(B), dtype=se.dtype, device=se.device))}
 
     def baselines(self, split: str) -> dict[str, float]:
         return {"mse_baseline": ADDING_BASELINE}

@@ -2,6 +2,11 @@
 
 A task owns its data and its output layer's meaning; the model is always
 cell -> Linear(hidden, task.output_size) applied at every time step.
+
+The losses and metrics work on a *population* of K >= 1 members at once (the stacked layout):
+each member's batch is collated on its own (B, T, ...) by `collate`, then the K batches of one
+step are stacked by `stack_batches` (training: each member its own data, padded along time to the
+longest member) or one shared batch is broadcast by `broadcast_batch` (evaluation).
 """
 
 from __future__ import annotations
@@ -12,7 +17,80 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch.utils.data import Dataset
 
-Batch = dict[str, torch.Tensor]  # at least "x": (B, T, input_size) float; tasks add targets and masks
+# One member's batch from `collate`: at least "x": (B, T, input_size) float; tasks add targets,
+# masks and lengths. Stacked (see Task): every tensor gains a leading K, and "steps" (K,) int64.
+Batch = dict[str, torch.Tensor]
+MetricSums = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (sum (K,), count (K,))
+
+
+def time_keys(batches: list[Batch]) -> list[str]:
+    """Names of the per-step tensors of these member batches: dim 1 is each member's own T (x's)."""
+    keys = []
+    for key in batches[0]:
+        if all(b[key].dim() >= 2 and b[key].shape[1] == b["x"].shape[1] for b in batches):
+            keys.append(key)
+    return keys
+
+
+def stack_batches(batches: list[Batch], length: int | None = None) -> Batch:
+    """K members' own batches (each from `collate`, same keys and B) as one stacked Batch.
+
+    Every per-step tensor (dim 1 is the member's T) is padded along time to the longest member,
+    or to `length` if given (e.g. a padded-length bucket; at least the longest), with zeros (False
+    for masks), then stacked: x (K, B, T_max, D). Other tensors are stacked as they are (e.g.
+    lengths (K, B)). Adds "steps": (K,) int64, each member's own unpadded T.
+    """
+    if not batches:
+        raise ValueError("stack_batches needs at least one member batch")
+    keys = set(batches[0])
+    for k, b in enumerate(batches):
+        if set(b) != keys:
+            raise ValueError(f"member {k}'s batch has keys {sorted(b)}, member 0's {sorted(keys)}")
+        if b["x"].shape[0] != batches[0]["x"].shape[0]:
+            raise ValueError(f"member {k}'s batch has {b['x'].shape[0]} items, member 0's {batches[0]['x'].shape[0]}")
+    steps = [int(b["x"].shape[1]) for b in batches]
+    longest = max(steps)
+    if length is not None:
+        if length < longest:
+            raise ValueError(f"stack_batches: length {length} is shorter than the longest member ({longest} steps)")
+        longest = length
+    padded = set(time_keys(batches)) if min(steps) < longest else set()
+    out: Batch = {}
+    for key in batches[0]:
+        values = [b[key] for b in batches]
+        if key in padded:
+            first = values[0]
+            stacked = first.new_zeros(len(values), first.shape[0], longest, *first.shape[2:])  # zeros / False
+            for k, v in enumerate(values):
+                stacked[k, :, : v.shape[1]] = v
+            out[key] = stacked
+        else:
+            out[key] = torch.stack(values)
+    out["steps"] = torch.tensor(steps, dtype=torch.int64, device=batches[0]["x"].device)
+    return out
+
+
+def broadcast_batch(batch: Batch, K: int) -> Batch:
+    """One batch shared by K members (evaluation): each tensor as a (K, ...) view (`expand`, no copy),
+    and "steps" = T for every member."""
+    out = {key: v.unsqueeze(0).expand(K, *v.shape) for key, v in batch.items() if key != "steps"}
+    x = batch["x"]
+    out["steps"] = torch.full((K,), x.shape[1], dtype=torch.int64, device=x.device)
+    return out
+
+
+def batch_steps(batch: Batch) -> torch.Tensor:
+    """The stacked batch's (K,) steps, each member's own T; a clear error for an unstacked batch."""
+    if "steps" not in batch:
+        raise ValueError("batch has no 'steps': make it with stack_batches or broadcast_batch (stacked layout)")
+    return batch["steps"]
+
+
+def valid_steps(batch: Batch) -> torch.Tensor:
+    """(K, T) bool: step t is within member k's own length (t < steps[k]), for tasks without a mask."""
+    steps = batch_steps(batch)
+    T = batch["x"].shape[2]
+    return torch.arange(T, device=steps.device) < steps[:, None]
 
 
 class TaskOptions(BaseModel):
@@ -24,6 +102,15 @@ class TaskOptions(BaseModel):
 
 class Task:
     """Base class. Subclasses set `name`, `Options`, `primary_metric` and implement the methods.
+
+    Layout. `datasets` and `collate` are per member: a Batch of (B, T, ...) tensors. Every method
+    that takes `out` or `batch` works on the stacked layout of K >= 1 members: `out` is the head's
+    output (K, B, T, output_size) and every batch tensor has a leading K (from `stack_batches` or
+    `broadcast_batch`), with batch["steps"] (K,) int64 each member's own T; steps at t >= steps[k]
+    are padding and count for nothing. They return per-member tensors: loss (K,), metric sums
+    {name: (sum (K,), count (K,))}, time_steps (K,) int64, all computed without a loop over members,
+    and member k's numbers are those of its own batch alone (K = 1): neither K nor the batch-mates
+    nor the padding change them.
 
     Metrics are returned as (sum, count) pairs so a split's value is sum over batches / count over
     batches: every counted element weighs the same however the split is batched (the BL 2012
@@ -51,18 +138,27 @@ class Task:
         raise NotImplementedError
 
     def collate(self, items: list) -> Batch:
+        """One member's batch (B, T, ...) from dataset items."""
         raise NotImplementedError
+
+    def stack_batches(self, batches: list[Batch], length: int | None = None) -> Batch:
+        """K members' batches as one stacked Batch (base.stack_batches); override if the layout needs it."""
+        return stack_batches(batches, length)
+
+    def broadcast_batch(self, batch: Batch, K: int) -> Batch:
+        """One batch shared by K members (base.broadcast_batch); override if the layout needs it."""
+        return broadcast_batch(batch, K)
 
     def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Scalar training loss from the head's output (B, T, output_size)."""
+        """(K,) training loss of each member from the head's output (K, B, T, output_size)."""
         raise NotImplementedError
 
-    def metric_sums(self, out: torch.Tensor, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """name -> (sum, count) over the valid elements of this batch; must include primary_metric."""
+    def metric_sums(self, out: torch.Tensor, batch: Batch) -> MetricSums:
+        """name -> (sum (K,), count (K,)) over each member's valid elements; must include primary_metric."""
         raise NotImplementedError
 
-    def loss_and_sums(self, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """The training loss and the (detached) metric sums of one training batch, as `loss` and
+    def loss_and_sums(self, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, MetricSums]:
+        """The (K,) training loss and the (detached) metric sums of one training batch, as `loss` and
         `metric_sums` give them. Tasks whose loss is one of their metrics override it to compute that
         once (the music and speech NLLs are most of a Chung-size model's output-side cost)."""
         return self.loss(out, batch), self.metric_sums(out.detach(), batch)
@@ -78,7 +174,6 @@ class Task:
         """Facts that qualify every result of this task (e.g. frame layout), logged as params."""
         return {}
 
-    def time_steps(self, batch: Batch) -> int:
-        """Number of recurrent time steps processed for this batch (for steps-per-second figures)."""
-        x = batch["x"]
-        return int(x.shape[0] * x.shape[1])
+    def time_steps(self, batch: Batch) -> torch.Tensor:
+        """(K,) int64: recurrent time steps processed per member, B * steps[k] (for steps-per-second)."""
+        return batch["x"].shape[1] * batch_steps(batch)

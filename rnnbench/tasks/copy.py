@@ -16,7 +16,7 @@ from pydantic import Field
 from torch.utils.data import TensorDataset
 
 from rnnbench.tasks import register_task
-from rnnbench.tasks.base import Batch, Task, TaskOptions
+from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions, batch_steps, valid_steps
 
 N_DATA, BLANK, DELIM, N_SYMBOLS, N_RECALL = 8, 8, 9, 10, 10
 
@@ -64,16 +64,44 @@ class CopyTask(Task):
         # One-hot at batch time: storing one-hot data for T = 1000 would cost gigabytes.
         return {"x": F.one_hot(x, N_SYMBOLS).float(), "y": y}
 
-    def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(out.reshape(-1, N_SYMBOLS), batch["y"].reshape(-1))
+    def member_ce(self, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K,) cross-entropy summed over each member's T + 20 steps of all B sequences, and (K,) B * steps[k].
 
-    def metric_sums(self, out: torch.Tensor, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        Steps past a member's own length (padding of stacking; none when all members share seq_len)
+        are selected away.
+        """
         y = batch["y"]
-        ce = F.cross_entropy(out.reshape(-1, N_SYMBOLS), y.reshape(-1), reduction="sum")
-        hits = (out[:, -N_RECALL:].argmax(-1) == y[:, -N_RECALL:]).sum()
-        n_steps = torch.tensor(float(y.numel()))
-        n_recall = torch.tensor(float(y.shape[0] * N_RECALL))
-        return {"ce": (ce, n_steps), "recall_acc": (hits.float(), n_recall)}
+        K, B, T = y.shape
+        ce = F.cross_entropy(out.reshape(-1, N_SYMBOLS), y.reshape(-1), reduction="none").reshape(K, B, T)
+        valid = valid_steps(batch)[:, None, :]
+        total = torch.where(valid, ce, torch.zeros((), dtype=ce.dtype, device=ce.device)).sum((1, 2))
+        return total, (B * batch_steps(batch)).to(ce.dtype)
+
+    def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """(K,) mean cross-entropy over all T + 20 steps of each member's batch."""
+        total, n_steps = self.member_ce(out, batch)
+        return total / n_steps
+
+    def metric_sums(self, out: torch.Tensor, batch: Batch) -> MetricSums:
+        ce, n_steps = self.member_ce(out, batch)
+        return self.sums_from_ce(out.detach(), batch, ce, n_steps)
+
+    def loss_and_sums(self, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, MetricSums]:
+        """`loss` and `metric_sums` from one cross-entropy computation (the same numbers as calling both)."""
+        ce, n_steps = self.member_ce(out, batch)
+        return ce / n_steps, self.sums_from_ce(out.detach(), batch, ce.detach(), n_steps)
+
+    def sums_from_ce(self, out: torch.Tensor, batch: Batch, ce: torch.Tensor, n_steps: torch.Tensor) -> MetricSums:
+        """The metric sums, given member_ce's (K,) sums and counts."""
+        y = batch["y"]
+        K, B, T = y.shape
+        # The recall steps are the last N_RECALL of each member's own sequence.
+        t = torch.arange(T, device=y.device)
+        steps = batch_steps(batch)[:, None]
+        recall = ((t >= steps - N_RECALL) & (t < steps))[:, None, :]  # (K, 1, T)
+        hits = ((out.argmax(-1) == y) & recall).sum((1, 2)).to(ce.dtype)
+        n_recall = torch.full((K,), float(B * N_RECALL), dtype=ce.dtype, device=ce.device)
+        return {"ce": (ce, n_steps), "recall_acc": (hits, n_recall)}
 
     def baselines(self, split: str) -> dict[str, float]:
         return {"ce_baseline": copy_baseline(self.options.seq_len), "recall_acc_baseline": 1 / N_DATA}

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from rnnbench.errors import RnnbenchError
 from rnnbench.tasks import register_task
-from rnnbench.tasks.base import Batch, Task, TaskOptions
+from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions
 
 FirstFrame = Literal["zero", "skip"]
 KEY88_LOWEST_MIDI = 21  # column 0 of a key88 roll
@@ -145,8 +145,10 @@ class RollDataset(Dataset):
 class PolyphonicTask(Task):
     """Next-frame prediction of a piano roll with D independent Bernoullis (Chung et al. 2014 §4.1).
 
-    Batch: x (B, T, D) float, the previous frame (zeros before frame 1 when first_frame='zero');
-    y (B, T, D) float, the frame to predict; mask (B, T) bool; lengths (B,) predicted steps.
+    A member's batch (`collate`): x (B, T, D) float, the previous frame (zeros before frame 1 when
+    first_frame='zero'); y (B, T, D) float, the frame to predict; mask (B, T) bool; lengths (B,)
+    predicted steps. Losses and sums take the stacked layout (leading K, see Task); the mask
+    carries both the within-batch padding and the padding of stacking.
     Subclasses set only `name`, `corpus`, `chung_size` and `Options`.
     """
 
@@ -205,18 +207,23 @@ class PolyphonicTask(Task):
         mask = torch.arange(T)[None, :] < lengths[:, None]
         return {"x": x, "y": y, "mask": mask, "lengths": lengths}
 
+    def member_nll(self, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K,) NLL summed over each member's valid steps and (K,) the number of those steps."""
+        mask = batch["mask"]
+        return bernoulli_step_nll(out, batch["y"], mask).sum((1, 2)), mask.sum((1, 2))
+
     def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Mean NLL per valid step of the batch (the metric, per batch)."""
-        return bernoulli_step_nll(out, batch["y"], batch["mask"]).sum() / batch["mask"].sum()
+        """(K,) mean NLL per valid step of each member's batch (the metric, per batch)."""
+        nll, n = self.member_nll(out, batch)
+        return nll / n
 
-    def metric_sums(self, out: torch.Tensor, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        nll = bernoulli_step_nll(out, batch["y"], batch["mask"]).sum()
-        return {"nll": (nll, batch["mask"].sum().to(nll.dtype))}
+    def metric_sums(self, out: torch.Tensor, batch: Batch) -> MetricSums:
+        nll, n = self.member_nll(out, batch)
+        return {"nll": (nll, n.to(nll.dtype))}
 
-    def loss_and_sums(self, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    def loss_and_sums(self, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, MetricSums]:
         """`loss` and `metric_sums` from one NLL computation (the same numbers as calling both)."""
-        nll = bernoulli_step_nll(out, batch["y"], batch["mask"]).sum()
-        n = batch["mask"].sum()
+        nll, n = self.member_nll(out, batch)
         return nll / n, {"nll": (nll.detach(), n.to(nll.dtype))}
 
     def baselines(self, split: str) -> dict[str, float]:

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from rnnbench.errors import RnnbenchError
 from rnnbench.tasks import register_task
-from rnnbench.tasks.base import Batch, Task, TaskOptions
+from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions
 
 if TYPE_CHECKING:
     from rnnbench.datasets import Recording
@@ -169,8 +169,8 @@ def split_recordings(
 class SpeechTask(Task):
     """FSDD raw-waveform modelling: read 20 samples, predict the next 10 with a 20-component MoG.
 
-    Batch: x (B, T, frame_in), y (B, T, frame_out) on the z-scored scale, mask (B, T) bool,
-    lengths (B,). Attributes `norm_mean`, `norm_std` hold the train statistics (on the /32768 scale).
+    A member's batch (`collate`): x (B, T, frame_in), y (B, T, frame_out) on the z-scored scale,
+    mask (B, T) bool, lengths (B,). Losses and sums take the stacked layout (leading K, see Task). Attributes `norm_mean`, `norm_std` hold the train statistics (on the /32768 scale).
     """
 
     name = "fsdd"
@@ -242,22 +242,26 @@ class SpeechTask(Task):
         return {"x": x, "y": y, "mask": mask, "lengths": lengths}
 
     def step_nll(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """(B, T) negative log-density per output frame, 0 at padding."""
+        """(K, B, T) negative log-density per output frame, 0 at padding."""
         return mog_step_nll(out, batch["y"], batch["mask"], self.options.n_components)
 
+    def member_nll(self, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K,) NLL summed over each member's valid frames and (K,) the number of those frames."""
+        return self.step_nll(out, batch).sum((1, 2)), batch["mask"].sum((1, 2))
+
     def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Mean NLL per valid output frame of the batch."""
-        return self.step_nll(out, batch).sum() / batch["mask"].sum()
+        """(K,) mean NLL per valid output frame of each member's batch."""
+        nll, frames = self.member_nll(out, batch)
+        return nll / frames
 
-    def metric_sums(self, out: torch.Tensor, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        nll = self.step_nll(out, batch).sum()
-        frames = batch["mask"].sum().to(nll.dtype)
-        return {"nll": (nll, frames), "nll_per_sample": (nll, frames * self.options.frame_out)}
+    def metric_sums(self, out: torch.Tensor, batch: Batch) -> MetricSums:
+        nll, frames = self.member_nll(out, batch)
+        f = frames.to(nll.dtype)
+        return {"nll": (nll, f), "nll_per_sample": (nll, f * self.options.frame_out)}
 
-    def loss_and_sums(self, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    def loss_and_sums(self, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, MetricSums]:
         """`loss` and `metric_sums` from one mixture-NLL computation (the same numbers as calling both)."""
-        nll = self.step_nll(out, batch).sum()
-        frames = batch["mask"].sum()
+        nll, frames = self.member_nll(out, batch)
         f, d = frames.to(nll.dtype), nll.detach()
         return nll / frames, {"nll": (d, f), "nll_per_sample": (d, f * self.options.frame_out)}
 
