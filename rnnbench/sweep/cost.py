@@ -103,48 +103,36 @@ def estimate(configs: list[Config]) -> Estimate:
 
 def _measure(config: Config) -> tuple[float, float, int, str]:
     """(seconds per epoch, seconds of the final evaluation, training batches per epoch, label) from a
-    few timed training steps."""
+    few timed steps of the real training step (a population of one, rnnbench/training)."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from rnnbench.model import SequenceModel
-    from rnnbench.tasks import get_task
-    from rnnbench.train import resolve_hidden_size, use_threads
+    from rnnbench.training.population import TrainBatches, build
+    from rnnbench.training.threads import use_threads
 
     t = config.train
-    task = get_task(config.task.name)(config.task, seed=t.seed)
-    hidden = resolve_hidden_size(config, task.input_size, task.output_size)
-    config = config.model_copy(deep=True)
-    config.model.hidden_size = hidden
-    label = f"{config.task.name} {config.model.cell} hidden {hidden} batch {t.batch_size}"
+    use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    dtype = torch.float64 if t.precision == "64" else torch.float32
     before = torch.get_num_threads()
     try:
-        use_threads(config, task.input_size, hidden)
-        data = task.datasets()
-        loader = DataLoader(data["train"], batch_size=t.batch_size, shuffle=True, collate_fn=task.collate,
-                            generator=torch.Generator().manual_seed(t.seed))
-        train_batches = len(loader) if t.limit_train_batches is None else min(len(loader), t.limit_train_batches)
-        val_batches = math.ceil(len(data["val"]) / t.batch_size)
+        pop = build([config], device, dtype)
+        hidden = pop.sizes[1]
+        label = f"{config.task.name} {config.model.cell} hidden {hidden} batch {t.batch_size}"
+        use_threads(pop.configs[0], pop.sizes[0], hidden)
+        data = pop.data
+        train_batches = len(data.train[0]) if t.limit_train_batches is None else min(len(data.train[0]), t.limit_train_batches)
+        val_batches = math.ceil(len(data.dataset(0, "val")) / t.batch_size)
         if t.limit_eval_batches is not None:
             val_batches = min(val_batches, t.limit_eval_batches)
-        # the best checkpoint scored on test, val and train once at the end (train.py)
-        final_batches = math.ceil(len(data["test"]) / t.batch_size) + val_batches + math.ceil(len(data["train"]) / t.batch_size)
-        use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-        device = torch.device("cuda" if use_cuda else "cpu")
-        dtype = torch.float64 if t.precision == "64" else torch.float32
-        model = SequenceModel(config, task, hidden).to(device=device, dtype=dtype)
-        optimizer = model.configure_optimizers()
-        if isinstance(optimizer, (list, tuple)):
-            optimizer = optimizer[0]
+        # the best weights scored on test, val and train once at the end (rnnbench/training/loop.py)
+        final_batches = (math.ceil(len(data.dataset(0, "test")) / t.batch_size) + val_batches
+                         + math.ceil(len(data.dataset(0, "train")) / t.batch_size))
         steps = min(TIMED_STEPS + 1, train_batches)
         seconds: list[float] = []
-        for i, batch in zip(range(steps), loader):
+        for i, batch in zip(range(steps), TrainBatches(pop)):
             batch = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
             start = time.perf_counter()
-            loss = task.loss(model(batch["x"]), batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            pop.train_step(batch)
             if use_cuda:
                 torch.cuda.synchronize()
             if i > 0 or steps == 1:

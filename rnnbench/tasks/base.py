@@ -120,6 +120,7 @@ class Task:
     name: ClassVar[str]
     Options: ClassVar[type[TaskOptions]]
     primary_metric: ClassVar[str]  # minimised; early stopping watches val_<primary_metric>
+    seeded_data: ClassVar[bool] = False  # True: the data are drawn from the run's seed (members' data differ)
 
     input_size: int
     output_size: int

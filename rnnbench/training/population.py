@@ -102,7 +102,7 @@ class MemberData:
         self.data_key: list[Any] = []
         for c in configs:
             task = task_cls(c.task, seed=c.train.seed)
-            key = c.train.seed if getattr(task_cls, "seeded_data", False) else None
+            key = c.train.seed if task_cls.seeded_data else None
             if key not in datasets:
                 datasets[key] = task.datasets()
             self.tasks.append(task)
