@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rnnbench.budget import PRESETS, count_params, hidden_size_for_budget, param_counts
-from rnnbench.cells import CELLS, get_cell
+from rnnbench.cells import CELLS, init_weights
 from rnnbench.errors import RnnbenchError
 
 # Table 1, speech row (input 20 samples per step): units and recurrent-layer parameters.
@@ -45,10 +45,12 @@ def test_nearest_with_ties_to_the_smaller() -> None:
 
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("cell", sorted(CELLS))
-def test_count_formula_equals_real_module(cell: str, num_layers: int) -> None:
+def test_count_formula_equals_real_weights(cell: str, num_layers: int) -> None:
+    import torch
+
     for d, h in [(20, 7), (3, 1), (93, 12)]:
-        layer = get_cell(cell)(d, h, num_layers=num_layers)
-        real = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        layers = init_weights(cell, d, h, num_layers, [torch.Generator().manual_seed(0)], None, 0.0, torch.float32)
+        real = sum(v.numel() for w in layers for v in w.values())  # every weight of a cell is trainable
         assert count_params(cell, d, h, num_layers) == real, (d, h)
 
 

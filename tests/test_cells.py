@@ -1,64 +1,58 @@
-"""Every cell against its equations (../shared/docs/cells.md) written out step by step in plain torch.
+"""Every registered cell against the contract, and the known cells against their equations written out.
 
-The references below are independent code: they read the weights out of the module, split them
-into the per-gate matrices of the equations and loop over layers and time one step at a time.
-Outputs, final states, input gradients and every weight gradient are compared in float64.
+The equation references below are independent code: they take one member's weights, split them into
+the per-gate matrices of the equations and loop over layers and time one step at a time. The rest
+is parametrised from the registry, so a new cell is checked with no edit here.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import pytest
 import torch
 
-from rnnbench.cells import CELLS, get_cell
+from rnnbench.cells import CELLS, get_cell, implementation, init_weights, run, run_steps
 from rnnbench.errors import RnnbenchError
 
-NAMES = ["tanh", "lstm", "gru", "lstm_peephole", "gru_reset_before"]
-LSTMS = ["lstm", "lstm_peephole"]
+ALL = sorted(CELLS)
 B, T, D, H = 3, 7, 4, 5
-
 sig, tanh = torch.sigmoid, torch.tanh
-
-
-# --- reference steps, one equation per line ------------------------------------------------------
-# Each takes the layer's weights P (a dict of the module's tensors), x_t (B, D) and the previous
-# state, and returns the new state. `lin(W, v)` is W v for a batch of row vectors.
 
 
 def lin(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return v @ W.T
 
 
-def step_tanh(P: dict, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    W_x, W_h, b = P["weight_ih"], P["weight_hh"], P["bias_ih"]
-    return tanh(lin(W_x, x) + lin(W_h, h) + b)
+# --- the equations, one per line; P: one member's weights of one layer, x (B, D), s the state ---------
+def step_tanh(P: dict, x: torch.Tensor, s: tuple) -> tuple:
+    return (tanh(lin(P["weight_ih"], x) + lin(P["weight_hh"], s[0]) + P["bias"]),)
 
 
 def step_lstm(P: dict, x: torch.Tensor, s: tuple) -> tuple:
     h, c = s
     W_xi, W_xf, W_xg, W_xo = P["weight_ih"].chunk(4)
     W_hi, W_hf, W_hg, W_ho = P["weight_hh"].chunk(4)
-    b_i, b_f, b_g, b_o = P["bias_ih"].chunk(4)
+    b_i, b_f, b_g, b_o = P["bias"].chunk(4)
     i = sig(lin(W_xi, x) + lin(W_hi, h) + b_i)
     f = sig(lin(W_xf, x) + lin(W_hf, h) + b_f)
     g = tanh(lin(W_xg, x) + lin(W_hg, h) + b_g)
     o = sig(lin(W_xo, x) + lin(W_ho, h) + b_o)
     c = f * c + i * g
-    h = o * tanh(c)
-    return h, c
+    return o * tanh(c), c
 
 
-def step_gru_reset_after(P: dict, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def step_gru_reset_after(P: dict, x: torch.Tensor, s: tuple) -> tuple:
+    (h,) = s
     W_ir, W_iz, W_in = P["weight_ih"].chunk(3)
     W_hr, W_hz, W_hn = P["weight_hh"].chunk(3)
-    b_ir, b_iz, b_in = P["bias_ih"].chunk(3)
+    b_ir, b_iz, b_in = P["bias"].chunk(3)
     b_hr, b_hz, b_hn = P["bias_hh"].chunk(3)
     r = sig(lin(W_ir, x) + b_ir + lin(W_hr, h) + b_hr)
     z = sig(lin(W_iz, x) + b_iz + lin(W_hz, h) + b_hz)
     n = tanh(lin(W_in, x) + b_in + r * (lin(W_hn, h) + b_hn))
-    return (1 - z) * n + z * h
+    return ((1 - z) * n + z * h,)
 
 
 def step_lstm_peephole(P: dict, x: torch.Tensor, s: tuple) -> tuple:
@@ -70,205 +64,246 @@ def step_lstm_peephole(P: dict, x: torch.Tensor, s: tuple) -> tuple:
     f = sig(lin(W_xf, x) + lin(W_hf, h) + P["w_cf"] * c_prev + b_f)
     c = f * c_prev + i * tanh(lin(W_xg, x) + lin(W_hg, h) + b_g)
     o = sig(lin(W_xo, x) + lin(W_ho, h) + P["w_co"] * c + b_o)
-    h = o * tanh(c)
-    return h, c
+    return o * tanh(c), c
 
 
-def step_gru_reset_before(P: dict, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def step_gru_reset_before(P: dict, x: torch.Tensor, s: tuple) -> tuple:
+    (h,) = s
     W_xr, W_xz, W_xh = P["weight_ih"].chunk(3)
     W_hr, W_hz, W_hh = P["weight_hh"].chunk(3)
     b_r, b_z, b_h = P["bias"].chunk(3)
     r = sig(lin(W_xr, x) + lin(W_hr, h) + b_r)
     z = sig(lin(W_xz, x) + lin(W_hz, h) + b_z)
     h_tilde = tanh(lin(W_xh, x) + lin(W_hh, r * h) + b_h)
-    return (1 - z) * h + z * h_tilde
+    return ((1 - z) * h + z * h_tilde,)
 
 
-STEPS: dict[str, Callable] = {
-    "tanh": step_tanh,
-    "lstm": step_lstm,
-    "gru": step_gru_reset_after,
-    "lstm_peephole": step_lstm_peephole,
-    "gru_reset_before": step_gru_reset_before,
+def step_cifg(P: dict, x: torch.Tensor, s: tuple) -> tuple:
+    h, c = s
+    W_xf, W_xg, W_xo = P["weight_ih"].chunk(3)
+    W_hf, W_hg, W_ho = P["weight_hh"].chunk(3)
+    b_f, b_g, b_o = P["bias"].chunk(3)
+    f = sig(lin(W_xf, x) + lin(W_hf, h) + b_f)
+    g = tanh(lin(W_xg, x) + lin(W_hg, h) + b_g)
+    o = sig(lin(W_xo, x) + lin(W_ho, h) + b_o)
+    c = f * c + (1 - f) * g  # i = 1 - f
+    return o * tanh(c), c
+
+
+EQUATIONS: dict[str, Callable] = {"tanh": step_tanh, "lstm": step_lstm, "gru": step_gru_reset_after,
+                                  "lstm_peephole": step_lstm_peephole, "gru_reset_before": step_gru_reset_before,
+                                  "cifg": step_cifg}
+# Parameter counts per layer (Chung et al. 2014 Table 1 for tanh, gru_reset_before, lstm_peephole).
+FORMULAS: dict[str, Callable[[int, int], int]] = {
+    "tanh": lambda d, h: d * h + h * h + h,
+    "lstm": lambda d, h: 4 * (d * h + h * h + h),
+    "gru": lambda d, h: 3 * (d * h + h * h + 2 * h),
+    "lstm_peephole": lambda d, h: 4 * (d * h + h * h + h) + 3 * h,
+    "gru_reset_before": lambda d, h: 3 * (d * h + h * h + h),
+    "cifg": lambda d, h: 3 * (d * h + h * h + h),
 }
+# Where init_ puts the forget-gate bias, for the cells that have one.
+FORGET_BIAS = {"lstm": slice(H, 2 * H), "lstm_peephole": slice(H, 2 * H), "cifg": slice(0, H)}
 
 
-def layer_params(cell: str, P: dict[str, torch.Tensor], l: int) -> dict[str, torch.Tensor]:
-    """Layer l's tensors under short names, from the module's parameter names."""
-    if cell in ("tanh", "lstm", "gru"):  # torch.nn.RNN/LSTM/GRU names: rnn.weight_ih_l0, ...
-        return {k: P[f"rnn.{k}_l{l}"] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
-    prefix = f"layers.{l}."
-    return {k[len(prefix) :]: v for k, v in P.items() if k.startswith(prefix)}
+def weights(cell: str, num_layers: int = 1, K: int = 1, seed: int = 0, scale: float | None = 0.5,
+            forget_bias: float = 0.7, hidden: int = H) -> list[dict[str, torch.Tensor]]:
+    gens = [torch.Generator().manual_seed(seed + k) for k in range(K)]
+    return init_weights(cell, D, hidden, num_layers, gens, scale, forget_bias, torch.float64)
 
 
-def reference(cell: str, P: dict, x: torch.Tensor, state=None, num_layers: int = 1):
-    """Loop over layers, then time, one reference step at a time. Returns (out, final state)."""
-    lstm = cell in LSTMS
-    if state is None:
-        zeros = x.new_zeros(num_layers, x.shape[0], H)
-        state = (zeros, zeros) if lstm else zeros
+def equations(cell: str, layers: list[dict], x: torch.Tensor, state: list[tuple]) -> tuple[torch.Tensor, list[tuple]]:
+    """Member 0 by the written-out equations: x (B, T, D), state per layer of (B, H) -> (out (B, T, H), finals)."""
     finals = []
-    for l in range(num_layers):
-        s = (state[0][l], state[1][l]) if lstm else state[l]
-        outs = []
+    for l, w in enumerate(layers):
+        P = {k: v[0] for k, v in w.items()}
+        s, outs = state[l], []
         for t in range(x.shape[1]):
-            s = STEPS[cell](layer_params(cell, P, l), x[:, t], s)
-            outs.append(s[0] if lstm else s)
+            s = EQUATIONS[cell](P, x[:, t], s)
+            outs.append(s[0])
         x = torch.stack(outs, dim=1)  # layer l's h_t is layer l+1's x_t
         finals.append(s)
-    if lstm:
-        return x, (torch.stack([s[0] for s in finals]), torch.stack([s[1] for s in finals]))
-    return x, torch.stack(finals)
+    return x, finals
 
 
-def flat(state) -> list[torch.Tensor]:
-    return list(state) if isinstance(state, tuple) else [state]
+def leaves(layers: list[dict]) -> list[dict]:
+    return [{k: v.clone().requires_grad_() for k, v in w.items()} for w in layers]
 
 
-def make(cell: str, num_layers: int = 1, forget_bias: float = 0.0, seed: int = 0):
-    torch.manual_seed(seed)
-    layer = get_cell(cell)(D, H, num_layers=num_layers, forget_bias=forget_bias).double()
-    layer.init_uniform_(0.5)  # random weights large enough that every nonlinearity matters
-    return layer
+# --- the registry ---------------------------------------------------------------------------------
 
 
-# --- the tests ------------------------------------------------------------------------------------
-
-
-def test_registry_has_all_cells() -> None:
-    assert set(NAMES) <= set(CELLS)
-    assert {n for n in NAMES if CELLS[n].fused} == {"tanh", "lstm", "gru"}
+def test_registry_has_the_known_cells() -> None:
+    assert set(EQUATIONS) <= set(CELLS)
+    for name, cls in CELLS.items():
+        assert cls.name == name and cls.state_size in (1, 2) and isinstance(cls.gates, tuple)
 
 
 def test_unknown_cell_lists_valid_names() -> None:
     with pytest.raises(RnnbenchError) as e:
         get_cell("lstn")
     msg = str(e.value)
-    assert "\n" not in msg and "lstn" in msg
-    assert all(n in msg for n in NAMES)
+    assert "\n" not in msg and "lstn" in msg and all(n in msg for n in CELLS)
+
+
+# --- the equations --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])
-@pytest.mark.parametrize("cell", NAMES)
-def test_matches_equations_forward_and_backward(cell: str, num_layers: int) -> None:
-    layer = make(cell, num_layers, forget_bias=0.7)
-    torch.manual_seed(1)
-    x = torch.randn(B, T, D, dtype=torch.float64)
-    state = tuple(torch.randn(num_layers, B, H, dtype=torch.float64) for _ in range(2 if cell in LSTMS else 1))
-    state = state if cell in LSTMS else state[0]
-    # the gradients are taken of a random linear function of out and the final state
-    g_out = torch.randn(B, T, H, dtype=torch.float64)
-    g_state = [torch.randn(num_layers, B, H, dtype=torch.float64) for _ in flat(state)]
+@pytest.mark.parametrize("cell", sorted(EQUATIONS))
+def test_reference_matches_equations_forward_and_backward(cell: str, num_layers: int) -> None:
+    n_state = get_cell(cell).state_size
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    state = [tuple(torch.randn(B, H, generator=g, dtype=torch.float64) for _ in range(n_state)) for _ in range(num_layers)]
+    g_out = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    g_fin = [[torch.randn(B, H, generator=g, dtype=torch.float64) for _ in range(n_state)] for _ in range(num_layers)]
 
-    def loss(out, final):
-        return (out * g_out).sum() + sum((s * g).sum() for s, g in zip(flat(final), g_state))
+    def loss(out, finals):
+        return (out * g_out).sum() + sum((s * gs).sum() for f, gf in zip(finals, g_fin) for s, gs in zip(f, gf))
 
-    x1 = x.clone().requires_grad_()
-    out, final = layer(x1, state)
-    loss(out, final).backward()
+    base = weights(cell, num_layers)
+    got_w, ref_w = leaves(base), leaves(base)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, finals = run(cell, got_w, x1.unsqueeze(0), impl="reference", state=[tuple(s.unsqueeze(0) for s in st) for st in state])
+    loss(out[0], [tuple(s[0] for s in f) for f in finals]).backward()
+    ref_out, ref_finals = equations(cell, ref_w, x2, state)
+    loss(ref_out, ref_finals).backward()
 
-    trainable = {k: p for k, p in layer.named_parameters() if p.requires_grad}
-    P = {k: p.detach().clone().requires_grad_(k in trainable) for k, p in layer.named_parameters()}
-    x2 = x.clone().requires_grad_()
-    ref_out, ref_final = reference(cell, P, x2, state, num_layers)
-    loss(ref_out, ref_final).backward()
-
-    assert out.shape == (B, T, H)
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
-    for s, r in zip(flat(final), flat(ref_final), strict=True):
-        assert s.shape == (num_layers, B, H)
-        torch.testing.assert_close(s, r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out[0], ref_out, rtol=1e-10, atol=1e-12)
+    for f, r in zip(finals, ref_finals, strict=True):
+        for a, b in zip(f, r, strict=True):
+            torch.testing.assert_close(a[0], b, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-9, atol=1e-11)
-    for k, p in trainable.items():
-        torch.testing.assert_close(p.grad, P[k].grad, rtol=1e-9, atol=1e-11, msg=f"grad of {k}")
+    for l in range(num_layers):
+        for k in got_w[l]:
+            torch.testing.assert_close(got_w[l][k].grad, ref_w[l][k].grad, rtol=1e-9, atol=1e-11, msg=f"grad of {k}")
 
 
-@pytest.mark.parametrize("cell", NAMES)
-def test_zero_state_is_the_default(cell: str) -> None:
-    layer = make(cell, num_layers=2)
-    x = torch.randn(B, T, D, dtype=torch.float64)
-    zeros = torch.zeros(2, B, H, dtype=torch.float64)
-    out, final = layer(x)
-    out0, final0 = layer(x, (zeros, zeros) if cell in LSTMS else zeros)
-    torch.testing.assert_close(out, out0)
-    for a, b in zip(flat(final), flat(final0), strict=True):
-        torch.testing.assert_close(a, b)
+@pytest.mark.parametrize("cell", sorted(FORMULAS))
+def test_count_formula(cell: str) -> None:
+    for num_layers in (1, 2, 3):
+        expected = FORMULAS[cell](D, H) + (num_layers - 1) * FORMULAS[cell](H, H)
+        assert get_cell(cell).count_params(D, H, num_layers) == expected
 
 
-@pytest.mark.parametrize("cell", NAMES)
-def test_chunked_equals_whole_sequence(cell: str) -> None:
-    layer = make(cell, num_layers=2)
-    x = torch.randn(B, T, D, dtype=torch.float64)
-    whole, final = layer(x)
+# --- the contract, for every registered cell --------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", ALL)
+def test_count_params_is_the_numel_of_the_weights(cell: str) -> None:
+    for num_layers in (1, 2, 3):
+        layers = weights(cell, num_layers, K=2)
+        assert get_cell(cell).count_params(D, H, num_layers) == sum(v[0].numel() for w in layers for v in w.values())
+        for l, w in enumerate(layers):
+            shapes = get_cell(cell).weight_shapes(D if l == 0 else H, H)
+            assert list(w) == list(shapes) and all(w[k].shape == (2, *s) for k, s in shapes.items())
+
+
+@pytest.mark.parametrize("cell", ALL)
+def test_member_init_depends_only_on_its_generator(cell: str) -> None:
+    alone = weights(cell, 2, K=1, seed=11)
+    together = weights(cell, 2, K=3, seed=10)  # generators seeded 10, 11, 12: member 1 is seed 11
+    for a, b in zip(alone, together, strict=True):
+        for k in a:
+            assert torch.equal(a[k][0], b[k][1]), k
+    other = weights(cell, 2, K=1, seed=12)
+    assert not all(torch.equal(a[k], o[k]) for a, o in zip(alone, other) for k in a)
+
+
+@pytest.mark.parametrize("cell", ALL)
+def test_init_bounds_and_forget_bias(cell: str) -> None:
+    hidden = 16
+    for scale, bound in ((0.1, 0.1), (None, 1 / math.sqrt(hidden))):
+        layers = weights(cell, 2, K=2, scale=scale, forget_bias=1.0, hidden=hidden)
+        for w in layers:
+            for k, v in w.items():
+                values = v.clone()
+                if k == "bias" and cell in FORGET_BIAS:
+                    fb = slice(FORGET_BIAS[cell].start * hidden // H, FORGET_BIAS[cell].stop * hidden // H)
+                    assert torch.equal(values[:, fb], torch.ones_like(values[:, fb]))
+                    values[:, fb] = 0
+                assert values.abs().max() <= bound, k
+                if values.numel() >= 96:  # drawn from the whole interval, not a constant
+                    assert values.max() > bound / 2 and values.min() < -bound / 2, k
+
+
+@pytest.mark.parametrize("cell", sorted(FORGET_BIAS))
+def test_forget_bias_acts(cell: str) -> None:
+    """With every other weight at zero, f_t = σ(1) and c_1 = σ(1) c_0."""
+    layers = weights(cell, 1, forget_bias=1.0)
+    w = {k: torch.zeros_like(v) for k, v in layers[0].items()}
+    w["bias"][:, FORGET_BIAS[cell]] = 1.0
+    c0 = torch.randn(1, 2, H, dtype=torch.float64)
+    _, finals = run(cell, [w], torch.zeros(1, 2, 1, D, dtype=torch.float64), impl="reference",
+                    state=[(torch.zeros_like(c0), c0)])
+    torch.testing.assert_close(finals[0][1], torch.sigmoid(torch.tensor(1.0, dtype=torch.float64)) * c0)
+
+
+@pytest.mark.parametrize("cell", ALL)
+def test_zero_state_is_the_default_and_chunks_equal_the_whole(cell: str) -> None:
+    layers = weights(cell, 2, K=2)
+    x = torch.randn(2, B, T, D, dtype=torch.float64)
+    whole, final = run(cell, layers, x, impl="reference")
+    zeros = [tuple(torch.zeros(2, B, H, dtype=torch.float64) for _ in range(get_cell(cell).state_size))] * 2
+    out0, final0 = run(cell, layers, x, impl="reference", state=zeros)
+    torch.testing.assert_close(out0, whole)
     parts, state = [], None
-    for chunk in (x[:, :3], x[:, 3:4], x[:, 4:]):  # 3 steps, 1 step, the rest
-        out, state = layer(chunk, state)
+    for lo, hi in ((0, 3), (3, 4), (4, T)):
+        out, state = run(cell, layers, x[:, :, lo:hi], impl="reference", state=state)
         parts.append(out)
-    torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-12, atol=1e-12)
-    for a, b in zip(flat(state), flat(final), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat(parts, dim=2), whole, rtol=1e-12, atol=1e-12)
+    for fs in (final0, state):
+        for a, b in zip(fs, final, strict=True):
+            for u, v in zip(a, b, strict=True):
+                torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
 
 
-def forget_bias_of(layer, cell: str, l: int) -> torch.Tensor:
-    """The total bias the forget gate sees in layer l (both torch bias vectors for the fused LSTM)."""
-    P = dict(layer.named_parameters())
-    if cell == "lstm":
-        return (P[f"rnn.bias_ih_l{l}"] + P[f"rnn.bias_hh_l{l}"])[H : 2 * H]
-    return P[f"layers.{l}.bias"][H : 2 * H]
-
-
-@pytest.mark.parametrize("cell", LSTMS)
-def test_forget_bias_is_set(cell: str) -> None:
-    layer = get_cell(cell)(D, H, num_layers=2, forget_bias=1.0)
-    for l in range(2):
-        assert torch.equal(forget_bias_of(layer, cell, l), torch.ones(H))
-    layer.init_uniform_(0.1)
-    for l in range(2):
-        assert torch.equal(forget_bias_of(layer, cell, l), torch.ones(H))
-    # and it acts: with every other weight at zero, f_t = σ(1) and c_1 = σ(1) c_0
-    with torch.no_grad():
-        for k, p in layer.named_parameters():
-            f_bias = p[H : 2 * H].clone()
-            p.zero_()
-            if "bias" in k:
-                p[H : 2 * H] = f_bias
-    c0 = torch.randn(2, 1, H)
-    _, (_, c1) = layer(torch.zeros(1, 1, D), (torch.zeros(2, 1, H), c0))
-    torch.testing.assert_close(c1, torch.sigmoid(torch.tensor(1.0)) * c0)
-
-
-@pytest.mark.parametrize("cell", ["tanh", "lstm"])
-def test_redundant_torch_bias_is_frozen_at_zero(cell: str) -> None:
-    layer = get_cell(cell)(D, H, num_layers=2, forget_bias=1.0)
-    layer.init_uniform_(0.3)
-    for l in range(2):
-        b = getattr(layer.rnn, f"bias_hh_l{l}")
-        assert not b.requires_grad and torch.equal(b, torch.zeros_like(b))
-    gru = get_cell("gru")(D, H, num_layers=2)  # reset after: b_hn is not redundant, so it trains
-    assert all(getattr(gru.rnn, f"bias_hh_l{l}").requires_grad for l in range(2))
-
-
-@pytest.mark.parametrize("num_layers", [1, 2, 3])
-@pytest.mark.parametrize("cell", NAMES)
-def test_count_formula_equals_module(cell: str, num_layers: int) -> None:
+@pytest.mark.parametrize("cell", ALL)
+def test_run_steps_equals_run_and_names_the_gates(cell: str) -> None:
     cls = get_cell(cell)
-    layer = cls(D, H, num_layers=num_layers)
-    assert cls.count_params(D, H, num_layers) == sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    layers = weights(cell, 2, K=2)
+    x = torch.randn(2, B, T, D, dtype=torch.float64)
+    out, finals = run(cell, layers, x)  # auto: the fast loop where the cell has one
+    trace = run_steps(cell, layers, x)
+    torch.testing.assert_close(trace.out, out, rtol=1e-10, atol=1e-12)
+    assert len(trace.hs) == T and all(len(row) == 2 for row in trace.hs)
+    torch.testing.assert_close(trace.hs[-1][0], finals[0][0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(trace.final, finals, strict=True):
+        for u, v in zip(a, b, strict=True):
+            torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+    assert set(trace.gates) == {(l, g) for l in range(2) for g in cls.gates}
+    for v in trace.gates.values():
+        assert v.shape == (2, B, T, H) and bool(((v > 0) & (v < 1)).all())
 
 
-@pytest.mark.parametrize("cell", NAMES)
-def test_init_uniform_bounds(cell: str) -> None:
-    torch.manual_seed(0)
-    layer = get_cell(cell)(D, 16, num_layers=2, forget_bias=1.0)
-    layer.init_uniform_(0.1)
-    for k, p in layer.named_parameters():
-        values = p.detach().clone()
-        if cell in LSTMS and "bias" in k and ("ih" in k or cell == "lstm_peephole"):
-            assert torch.equal(values[16:32], torch.ones(16))  # forget-gate bias re-applied
-            values = torch.cat([values[:16], values[32:]])
-        if not p.requires_grad:
-            assert torch.equal(values, torch.zeros_like(values)), k
-            continue
-        assert values.abs().max() <= 0.1, k
-        if values.numel() >= 48:  # drawn from the whole interval, not a constant
-            assert values.max() > 0.05 and values.min() < -0.05, k
+@pytest.mark.parametrize("cell", ALL)
+def test_padded_member_equals_its_unpadded_sequence(cell: str) -> None:
+    """Reference loop: member k with steps[k] < T, zero-padded, gives its own short sequence's numbers."""
+    layers = weights(cell, 2, K=3)
+    steps = torch.tensor([T, 2, 5])
+    x = torch.randn(3, B, T, D, dtype=torch.float64)
+    for k, s in enumerate(steps.tolist()):
+        x[k, :, s:] = 0
+    out, finals = run(cell, layers, x, steps, impl="reference")
+    for k, s in enumerate(steps.tolist()):
+        member = [{n: v[k : k + 1] for n, v in w.items()} for w in layers]
+        alone, alone_finals = run(cell, member, x[k : k + 1, :, :s], impl="reference")
+        torch.testing.assert_close(out[k : k + 1, :, :s], alone, rtol=1e-12, atol=1e-13)
+        assert torch.count_nonzero(out[k, :, s:]) == 0
+        for a, b in zip(finals, alone_finals, strict=True):
+            for u, v in zip(a, b, strict=True):
+                torch.testing.assert_close(u[k : k + 1], v, rtol=1e-12, atol=1e-13)
+
+
+def test_implementation_names_and_errors() -> None:
+    assert implementation("cifg", "cpu", torch.float64, "reference") == "reference"
+    with pytest.raises(RnnbenchError, match="impl must be one of"):
+        implementation("lstm", "cpu", torch.float64, "fortran")
+    no_cpp = [c for c in ALL if "cpp" not in CELLS[c].loops]
+    for cell in no_cpp:
+        assert implementation(cell, "cpu", torch.float64) == "reference"
+        with pytest.raises(RnnbenchError, match="has no cpp loop"):
+            implementation(cell, "cpu", torch.float64, "cpp")
+    with pytest.raises(ValueError, match="steps must lie in"):
+        run("tanh", weights("tanh"), torch.zeros(1, B, T, D, dtype=torch.float64), torch.tensor([T + 1]))

@@ -1,32 +1,18 @@
-"""Registry of recurrent cells. A new cell is one new module plus one import line below.
+"""The recurrent cells: one module per cell, the registry, and the public API over stacked weights.
 
-Names: tanh, lstm, gru (fused cuDNN/ATen kernels), lstm_peephole, gru_reset_before (Chung et al. 2014
-forms that no fused kernel offers). Equations: ../shared/docs/cells.md and each class's docstring.
+A new cell is one new module (a Cell subclass with @register_cell; rnnbench/cells/base.py gives the
+contract) plus one name in the import line below; tests, bench and probes take cells from CELLS.
+Equations: each class's docstring and ../shared/docs/cells.md.
 """
 
 from __future__ import annotations
 
-from rnnbench.cells.base import RecurrentLayer, State
-from rnnbench.errors import RnnbenchError
-
-CELLS: dict[str, type[RecurrentLayer]] = {}
-
-
-def register_cell(cls: type[RecurrentLayer]) -> type[RecurrentLayer]:
-    """Class decorator: make `cls` available under `cls.name`."""
-    CELLS[cls.name] = cls
-    return cls
-
-
-def get_cell(name: str) -> type[RecurrentLayer]:
-    """The cell class registered as `name`, or a one-line error listing the valid names."""
-    try:
-        return CELLS[name]
-    except KeyError:
-        raise RnnbenchError(f"unknown cell {name!r}; valid cells: {', '.join(sorted(CELLS))}") from None
-
+from rnnbench.cells.base import Cell, State, Weights
+from rnnbench.cells.loops import IMPLS, StepTrace, implementation, init_weights, run, run_steps
+from rnnbench.cells.registry import CELLS, get_cell, register_cell
 
 # Registration: importing each module runs its @register_cell.
-from rnnbench.cells import fused, gru_reset_before, lstm_peephole  # noqa: E402,F401
+from rnnbench.cells import cifg, gru, gru_reset_before, lstm, lstm_peephole, tanh  # noqa: E402,F401,I001
 
-__all__ = ["CELLS", "RecurrentLayer", "State", "get_cell", "register_cell"]
+__all__ = ["CELLS", "IMPLS", "Cell", "State", "StepTrace", "Weights", "get_cell", "implementation", "init_weights",
+           "register_cell", "run", "run_steps"]

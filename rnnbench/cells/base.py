@@ -1,52 +1,77 @@
-"""The uniform interface every recurrent cell implementation follows (one registry, as in fastrnns/haste)."""
+"""The contract every recurrent cell follows: one class per cell, over weights stacked for K models.
+
+A cell is a set of classmethods on stacked tensors, never an nn.Module: the population trainer owns
+the parameters (K, ...) and their optimizer state, the cell only knows its equations.
+
+  Weights  dict[str, Tensor] of one layer, each (K, *shape) for the shapes of `weight_shapes`
+           (every weight trainable: no frozen biases).
+  State    tuple of (K, B, H) tensors, (h,) or (h, c): `state_size` of them, state[0] is h.
+
+`step` is the definition (the readable, autograd-recorded reference); the optional fast loops in
+`loops` ("cpp", "triton") must give its numbers (float64: to rounding; tests/test_fast_cells.py).
+The dispatch that picks one is rnnbench/cells/loops.py.
+"""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import math
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
-from torch import nn
 
-# A cell's state is whatever it carries between steps: h for tanh/GRU, (h, c) for LSTMs,
-# each shaped (num_layers, batch, hidden) like torch.nn.RNN/LSTM/GRU.
-State = Any
+Weights = dict[str, torch.Tensor]
+State = tuple[torch.Tensor, ...]
+# A fast time loop of one layer over stacked weights:
+#   loop(w, xw (T, K, B, G), state, steps (K,) int64 or None) -> (hs (T, K, B, H), final state)
+# member k runs steps[k] steps (all T when None); hs is zero after member k's end and its final
+# state is the state after its own last step.
+Loop = Callable[[Weights, torch.Tensor, State, "torch.Tensor | None"], tuple[torch.Tensor, State]]
 
 
-class RecurrentLayer(nn.Module):
-    """A stack of `num_layers` recurrent layers over a batch-first sequence.
-
-    forward(x: (B, T, D), state=None) -> (out: (B, T, H) of the top layer, final state).
-    A state of None means zeros. Passing the returned state back continues the sequence, so
-    running T steps one at a time gives the same numbers as one call over T steps (the
-    gradient-flow probe relies on it).
-    """
+class Cell:
+    """One recurrent cell. Subclasses set the class attributes and `weight_shapes`, `step`
+    (and `init_` / `project` where the defaults do not fit), then register with @register_cell."""
 
     name: ClassVar[str]
-    fused: ClassVar[bool] = False  # True where a cuDNN/ATen kernel runs the whole time loop
+    gates: ClassVar[tuple[str, ...]] = ()  # names `step` reports, for gate-saturation statistics
+    state_size: ClassVar[int] = 1  # 1: (h,); 2: (h, c)
+    loops: ClassVar[dict[str, Loop]] = {}  # fast implementations of the time loop, by name
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, forget_bias: float = 0.0) -> None:
-        super().__init__()
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.forget_bias = forget_bias
-
-    def forward(self, x: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:  # pragma: no cover
+    @classmethod
+    def weight_shapes(cls, input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:  # pragma: no cover
+        """Shapes of one layer's weights (without the leading K), in the order they are drawn."""
         raise NotImplementedError
 
     @classmethod
-    def count_params(cls, input_size: int, hidden_size: int, num_layers: int = 1) -> int:  # pragma: no cover
-        """Exact number of trainable scalars of this layer, from the formula (no module built)."""
+    def init_(cls, w: Weights, hidden_size: int, forget_bias: float) -> None:
+        """Fix-ups after the uniform draw, in place (e.g. the forget-gate bias). Default: none."""
+
+    @classmethod
+    def project(cls, w: Weights, x: torch.Tensor) -> torch.Tensor:
+        """x (T, K, B, D) time major -> xw (T, K, B, G) = x W_ih^T + bias for every step at once.
+
+        One batched product over the K models; the result is a time-major view of a (K, T, B, G)
+        tensor, so member k's first steps, xw[:s, k], are contiguous (what the compiled loops take).
+        """
+        T, K, B, D = x.shape
+        w_ih = w["weight_ih"]
+        xk = x.permute(1, 0, 2, 3).reshape(K, T * B, D)
+        xw = torch.baddbmm(w["bias"].unsqueeze(1), xk, w_ih.transpose(1, 2))
+        return xw.view(K, T, B, -1).transpose(0, 1)
+
+    @classmethod
+    def step(cls, w: Weights, xw_t: torch.Tensor, state: State) -> tuple[State, dict[str, torch.Tensor]]:  # pragma: no cover
+        """One step of all K models: xw_t (K, B, G) -> (new state, {gate name: activation (K, B, H)})."""
         raise NotImplementedError
 
-    def recurrence(self, device: torch.device | str, dtype: torch.dtype) -> str:
-        """The time loop forward runs for inputs on `device` of `dtype` ('cpp', 'triton', 'python',
-        'torch', 'reference'), recorded with every run: implementations agree only to float rounding."""
-        from rnnbench.cells import _fast
+    @classmethod
+    def count_params(cls, input_size: int, hidden_size: int, num_layers: int = 1) -> int:
+        """Trainable scalars of one model's `num_layers` layers (layer l > 0 sees input_size = hidden_size)."""
+        sizes = [input_size] + [hidden_size] * (num_layers - 1)
+        return sum(math.prod(s) for d in sizes for s in cls.weight_shapes(d, hidden_size).values())
 
-        impl = getattr(self, "impl", "auto")
-        return impl if impl == "reference" else _fast.resolve(impl, torch.zeros(1, 1, 1, device=device, dtype=dtype))
 
-    def hidden_states(self, state: State) -> torch.Tensor:
-        """The h part of a state, (num_layers, B, H)."""
-        return state[0] if isinstance(state, tuple) else state
+def recurrent_product(h: torch.Tensor, w_hh: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    """add + h W_hh^T for K models at once: h (K, B, H), w_hh (K, G, H), add (K, B, G) or (K, 1, G)."""
+    return torch.baddbmm(add, h, w_hh.transpose(1, 2))

@@ -1,22 +1,20 @@
-"""The Chung-form time loops on CUDA with each step's gate arithmetic fused into one Triton kernel.
+"""The Chung-form time loops (peephole LSTM, reset-before GRU) with each step's gates in Triton kernels.
 
-Same algorithm and same buffers as the "python" loops of rnnbench/cells/_fast.py (whose docstring
-gives the layout), with the ~8-12 elementwise kernels of a step replaced by one or two:
+Over weights stacked for K models: xw (T, K, B, G), states (K, B, H), weights (K, ...). A step's
+recurrent products are one batched matmul over the K models and its gate arithmetic one or two
+kernels over all K·B rows (the peephole kernels find row b's model as b // B), so the kernel count
+per step does not depend on K:
 
-  peephole LSTM  forward  per step: addmm (xw_t + W_hh h_{t-1}), one kernel for i, f, g, c, o, tanh c, h
-                 backward per step: one kernel for dA_{i,f,g,o} and dc_{t-1}, one mm for dh_{t-1}
-  GRU reset-before forward  per step: addmm, kernel (r, z, r h), addmm, kernel (h~, h)
-                   backward per step: kernel (dA_z, dA_h), mm, kernel (dA_r, dh part), addmm
+  peephole LSTM  forward  per step: baddbmm (xw_t + W_hh h_{t-1}), one kernel for i, f, g, c, o, tanh c, h
+                 backward per step: one kernel for dA_{i,f,g,o} and dc_{t-1}, one bmm for dh_{t-1}
+  GRU reset-before forward  per step: baddbmm, kernel (r, z, r h), baddbmm, kernel (h~, h)
+                   backward per step: kernel (dA_z, dA_h), bmm, kernel (dA_r, dh part), baddbmm
 
-A Chung-size step is launch-bound (36-100 hidden units, batch 32), so kernel count is what sets the
-speed; the loops are meant to be captured in a CUDA graph (bench impl "triton-graphed").
-
-K models at once (rnnbench/many_models.py on CUDA): the same Functions take xw (T, K, B, G), states
-(K, B, H) and per-model weights (K, ...); a step's products become one batched matmul over the K
-models and the gate kernels run over all K·B rows (the peephole kernels find row b's model as
-b // B). The kernel count per step is the one-model count, whatever K. Checked
-against the "python" loop in float32 and float64 (tests/test_fast_cells.py; on the CPU through
-Triton's interpreter, TRITON_INTERPRET=1, when triton is installed).
+A Chung-size step is launch-bound, so kernel count is what sets the speed; the loops are meant to be
+captured in a CUDA graph. The loops run all T steps for every member; `peephole_lstm_loop` and
+`gru_reset_before_loop` then zero member k's outputs after steps[k] and take its final state at its
+own last step (the recurrence is causal, so the earlier steps are exact). CUDA, or Triton's CPU
+interpreter (TRITON_INTERPRET=1) in the tests, against the reference step loop in float64.
 """
 
 from __future__ import annotations
@@ -25,6 +23,8 @@ from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from rnnbench.cells.base import State, Weights
 
 try:
     import triton
@@ -165,22 +165,47 @@ if triton is not None:
         tl.store(base_ptr + n, dht * (1.0 - z) + drh * r, mask=m)
 
 
+def _per_model_product(da: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """sum over steps and rows of da^T h for each model: da (T, K, B, G), h (T, K, B, H) -> (K, G, H)."""
+    T, K, B, G = da.shape
+    return torch.bmm(da.permute(1, 3, 0, 2).reshape(K, G, T * B), h.transpose(0, 1).reshape(K, T * B, h.shape[-1]))
+
+
+def peephole_weight_grads(da: torch.Tensor, hbuf: torch.Tensor, cbuf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """d W_hh, d w_ci, d w_cf, d w_co per model from all steps' dA (T, K, B, 4H) and the state buffers
+    (T+1, K, B, H)."""
+    H = da.shape[-1] // 4
+    cprev = cbuf[:-1]
+    dwhh = _per_model_product(da, hbuf[:-1])
+    dwci = (da[..., :H] * cprev).sum((0, 2))
+    dwcf = (da[..., H : 2 * H] * cprev).sum((0, 2))
+    dwco = (da[..., 3 * H :] * cbuf[1:]).sum((0, 2))
+    return dwhh, dwci, dwcf, dwco
+
+
+def gru_before_weight_grad(da: torch.Tensor, hbuf: torch.Tensor, rh: torch.Tensor) -> torch.Tensor:
+    """d [U_r; U_z; U_h] per model from all steps' dA (T, K, B, 3H): U_r, U_z see h_{t-1}, U_h sees r_t h_{t-1}."""
+    H = da.shape[-1] // 3
+    return torch.cat([_per_model_product(da[..., : 2 * H], hbuf[:-1]), _per_model_product(da[..., 2 * H :], rh)], dim=-2)
+
+
 def _grid(n: int) -> tuple[int]:
     return ((n + BLOCK - 1) // BLOCK,)
 
 
 def _addmm(bias: torch.Tensor, h: torch.Tensor, w_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = bias + h w_t: one model (2-D) or K models (3-D, one batched product)."""
-    return (torch.addmm if h.dim() == 2 else torch.baddbmm)(bias, h, w_t, out=out)
+    """out = bias + h w_t for K models (one batched product)."""
+    return torch.baddbmm(bias, h, w_t, out=out)
 
 
 def _mm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    return (torch.mm if a.dim() == 2 else torch.bmm)(a, w, out=out)
+    return torch.bmm(a, w, out=out)
 
 
 class PeepholeTriton(torch.autograd.Function):
-    """(hs, h_T, c_T) of one peephole LSTM layer; arguments as _fast.peephole_lstm. K models: xw (T, K, B, 4H),
-    h0, c0 (K, B, H), whh (K, 4H, H), wci, wcf, wco (K, H)."""
+    """(hs, cs): all steps' h_t and c_t (T, K, B, H) of one peephole LSTM layer of K models; xw (T, K, B, 4H),
+    h0, c0 (K, B, H), whh (K, 4H, H), wci, wcf, wco (K, H). cs is returned so that a member's final
+    c can be read at its own last step; its gradient is added only where something used it."""
 
     @staticmethod
     def forward(ctx: Any, xw, h0, c0, whh, wci, wcf, wco):  # type: ignore[override]
@@ -196,30 +221,31 @@ class PeepholeTriton(torch.autograd.Function):
             _peephole_fwd_step[_grid(N)](a, cbuf[t], wci, wcf, wco, gates[t], cbuf[t + 1], tcs[t], hbuf[t + 1],
                                          H, N, RB, BLOCK=BLOCK)
         ctx.save_for_backward(whh, wci, wcf, wco, hbuf, cbuf, gates, tcs)
-        return hbuf[1:], hbuf[-1].clone(), cbuf[-1].clone()
+        ctx.set_materialize_grads(False)  # an unused cs gets no gradient pass
+        return hbuf[1:], cbuf[1:]
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, dhs, dhT, dcT):  # type: ignore[override]
+    def backward(ctx: Any, dhs, dcs):  # type: ignore[override]
         whh, wci, wcf, wco, hbuf, cbuf, gates, tcs = ctx.saved_tensors
         T, *rows, H = tcs.shape
-        dhs = dhs.contiguous()
+        dhs = torch.zeros_like(tcs) if dhs is None else dhs.contiguous()
         da = gates.new_empty(T, *rows, 4 * H)
-        dh, dc, dc_next = dhT.contiguous().clone(), dcT.contiguous().clone(), gates.new_empty(*rows, H)
+        dh, dc, dc_next = gates.new_zeros(*rows, H), gates.new_zeros(*rows, H), gates.new_empty(*rows, H)
         N, RB = dh.numel(), rows[-1]
         for t in range(T - 1, -1, -1):
+            if dcs is not None:
+                dc.add_(dcs[t])
             _peephole_bwd_step[_grid(N)](dh, dhs[t], dc, gates[t], cbuf[t], cbuf[t + 1], tcs[t], wci, wcf, wco,
                                          da[t], dc_next, H, N, RB, BLOCK=BLOCK)
             dc, dc_next = dc_next, dc
             _mm(da[t], whh, out=dh)
-        from rnnbench.cells._fast import peephole_weight_grads
-
         return da, dh, dc, *peephole_weight_grads(da, hbuf, cbuf)
 
 
 class GRUBeforeTriton(torch.autograd.Function):
-    """(hs, h_T) of one reset-before GRU layer; arguments as _fast.gru_reset_before. K models: xw (T, K, B, 3H),
-    h0 (K, B, H), whh (K, 3H, H)."""
+    """(hs (T, K, B, H), h_T) of one reset-before GRU layer of K models; xw (T, K, B, 3H), h0 (K, B, H),
+    whh (K, 3H, H)."""
 
     @staticmethod
     def forward(ctx: Any, xw, h0, whh):  # type: ignore[override]
@@ -255,6 +281,31 @@ class GRUBeforeTriton(torch.autograd.Function):
             _mm(da[t, ..., 2 * H :], u_h, out=drh)
             _grub_bwd_r[_grid(N)](drh, dht, gates[t], hbuf[t], da[t], base, H, N, BLOCK=BLOCK)
             _addmm(base, da[t, ..., : 2 * H], u_rz, out=dh)
-        from rnnbench.cells._fast import gru_before_weight_grad
-
         return da, dh, gru_before_weight_grad(da, hbuf, rh)
+
+
+def _at_own_end(seq: torch.Tensor, steps: torch.Tensor | None) -> torch.Tensor:
+    """seq (T, K, B, H) -> (K, B, H): member k's entry at its last step, steps[k] - 1."""
+    if steps is None:
+        return seq[-1]
+    return seq[steps.to(seq.device) - 1, torch.arange(seq.shape[1], device=seq.device)]
+
+
+def _zero_after_end(hs: torch.Tensor, steps: torch.Tensor | None) -> torch.Tensor:
+    if steps is None:
+        return hs
+    valid = torch.arange(hs.shape[0], device=hs.device).unsqueeze(1) < steps.to(hs.device).unsqueeze(0)
+    return hs * valid[:, :, None, None].to(hs.dtype)
+
+
+def peephole_lstm_loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+    """The triton Loop of the peephole LSTM (rnnbench/cells/base.py: Loop)."""
+    h0, c0 = state
+    hs, cs = PeepholeTriton.apply(xw, h0, c0, w["weight_hh"], w["w_ci"], w["w_cf"], w["w_co"])
+    return _zero_after_end(hs, steps), (_at_own_end(hs, steps), _at_own_end(cs, steps))
+
+
+def gru_reset_before_loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+    """The triton Loop of the reset-before GRU (rnnbench/cells/base.py: Loop)."""
+    hs, _ = GRUBeforeTriton.apply(xw, state[0], w["weight_hh"])
+    return _zero_after_end(hs, steps), (_at_own_end(hs, steps),)

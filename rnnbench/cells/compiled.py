@@ -1,0 +1,226 @@
+"""The compiled CPU time loops (csrc/fast_rnn.cpp) over weights stacked for K models.
+
+Each loop takes the input projection of every step, xw = x W_ih^T + b (computed by the cell's
+`project`, one autograd-tracked batched product), and runs the recurrence with a hand-written
+backward through time, so autograd records one node per layer instead of ~15 per step.
+
+The C++ source is compiled on first use with torch.utils.cpp_extension.load_inline and cached in
+torch's extension directory (TORCH_EXTENSIONS_DIR); only per-operator ATen headers are included, so
+the build is short and loading a cached build is immediate; concurrent processes share one build
+through torch's file lock. CPU, float32 and float64. Per step: one small BLAS product (two for the
+reset-before GRU), single-threaded (BLAS threads cost more than these products), and one vectorised
+pass over the gates (-march=native). Where a step's product is large (gates*H*H >= 16384) the forward
+loop runs the batch's rows in chunks of 16 in parallel over torch's intra-op threads.
+
+The ops *_many take lists of K models' tensors (lengths may differ) and run the K loops in parallel
+over those threads: `member_loop(op, ...)` hands them member k's first steps[k] steps, xw[:steps[k], k],
+and views w[k] of the stacked weights (autograd then gives each row of a stacked weight its own
+gradient), and pads the outputs back to T with zeros. Without a compiler (or RNNBENCH_FAST_EXT=0) the
+extension does not load, after one RuntimeWarning, and the dispatch (loops.py) runs the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from rnnbench.cells.base import Loop, State, Weights
+
+SOURCE = Path(__file__).with_name("csrc") / "fast_rnn.cpp"
+_ext: dict[str, Any] = {"state": None, "reason": "", "seconds": 0.0, "name": "", "flags": [], "cached": False}
+
+
+def _cpu_signature() -> tuple[str, set[str]]:
+    """(model name, ISA flags) of this machine, from /proc/cpuinfo ('' and {} where unreadable)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "", set()
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+    flags = set(next((ln.split(":", 1)[1] for ln in lines if ln.startswith("flags")), "").split())
+    return model, flags
+
+
+def _cflags() -> tuple[list[str], str]:
+    """Compiler flags, and a key naming the machine type they target (part of the cache name)."""
+    # No -ffast-math: only the two flags that let the compiler turn the activations' selects into
+    # vector blends; arithmetic is evaluated as written.
+    # -march=native: the widest vectors of the machine that builds and runs it (AVX-512 here; measured
+    # 1.1-1.5x faster gate passes than AVX2); the machine's CPU model and ISA flags are part of the cache
+    # name, so a shared cache never hands a library built for one CPU to another.
+    flags = ["-O3", "-DNDEBUG", "-fno-trapping-math", "-fno-math-errno"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags.append("-march=native")
+    if os.environ.get("RNNBENCH_FAST_NO_BLAS") == "1":  # tests: the path for a BLAS without sgemm_ symbols
+        flags.append("-DRNNBENCH_NO_BLAS")
+    model, isa = _cpu_signature()
+    return flags, model + " " + " ".join(sorted(isa))
+
+
+STALE_LOCK_S = 300.0  # a build takes ~7-15 s on 2 cores; a lock this old belongs to a dead process
+
+
+def _load_built(library: Path) -> bool:
+    """Load an earlier build of this exact source, flags and machine (the name says so) directly.
+
+    load_inline would first take torch's build lock (a file `lock` in the build directory) and run
+    ninja; a process killed while holding it (a SIGKILL'd sweep worker) leaves the file behind, and
+    every later load_inline of the extension then waits for it forever. False: not built yet, or not
+    loadable (e.g. another process is still linking it), so load_inline must run.
+    """
+    if not library.is_file():
+        return False
+    try:
+        torch.ops.load_library(str(library))
+    except (OSError, RuntimeError):
+        return False
+    return True
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    """Remove torch's build lock when it is older than any real build (its holder died), with a warning."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+        warnings.warn(f"rnnbench: removed a build lock left {age:.0f} s ago by a process that died while building ({lock})",
+                      RuntimeWarning, stacklevel=3)
+
+
+def load_extension() -> bool:
+    """Build (first time) and load the C++ loops; False, with one warning, where that is impossible."""
+    if _ext["state"] is not None:
+        return bool(_ext["state"])
+    if os.environ.get("RNNBENCH_FAST_EXT", "1") == "0":
+        _ext.update(state=False, reason="disabled by RNNBENCH_FAST_EXT=0")
+        return False
+    t0 = time.perf_counter()
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        src = SOURCE.read_text()
+        flags, machine = _cflags()
+        digest = hashlib.sha256("\n".join([src, *flags, machine, torch.__version__]).encode()).hexdigest()[:12]
+        name = f"rnnbench_fast_{digest}"
+        from torch.utils.cpp_extension import _get_build_directory
+
+        build_dir = Path(_get_build_directory(name, verbose=False))
+        cached = _load_built(build_dir / f"{name}.so")
+        if not cached:
+            _clear_stale_lock(build_dir)
+            load_inline(name=name, cpp_sources=[src], extra_cflags=flags, is_python_module=False,
+                        no_implicit_headers=True, with_cuda=False, verbose=False)
+        torch.ops.rnnbench_fast.peephole_lstm_fwd  # noqa: B018 - raises if the library did not register
+        _ext.update(state=True, seconds=time.perf_counter() - t0, name=name, flags=flags, cached=cached)
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, headers missing: all mean "fall back"
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        _ext.update(state=False, reason=reason, seconds=time.perf_counter() - t0)
+        warnings.warn(f"rnnbench: compiled recurrent loops unavailable ({reason}); using the reference step loop",
+                      RuntimeWarning, stacklevel=2)
+    return bool(_ext["state"])
+
+
+def extension_info() -> dict[str, Any]:
+    """{'state': True/False/None (not tried yet), 'reason', 'seconds' (build or load), 'name', 'flags',
+    'cached' (True: an earlier build was loaded)}."""
+    return dict(_ext)
+
+
+def cpp_eligible(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether the compiled loops can take tensors of this device and dtype (CPU float32/float64)."""
+    return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64)
+
+
+def _c(*ts: torch.Tensor) -> list[torch.Tensor]:
+    return [t.contiguous() for t in ts]
+
+
+def _outputs(hbuf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hs (slots 1..T) and the final state (a copy) of a (T+1, B, H) state buffer."""
+    return hbuf[1:], hbuf[-1].clone()
+
+
+class ManyCppLoops(torch.autograd.Function):
+    """K independent one-model compiled loops (`op`_fwd / `op`_bwd), run in parallel over the CPU threads
+    by the ops `op`_fwd_many / `op`_bwd_many: the same numbers as K calls of the one-model Function.
+
+    apply(op, K, *args): args are the one-model Function's arguments, each as K consecutive tensors (all
+    K xw, then all K h0, ...); models may differ in length. Returns, for model after model, what the
+    one-model Function returns: hs, h_T (and c_T for the LSTM).
+    """
+
+    # per op: (inputs per model, final states besides hs, indices of the inputs the backward needs)
+    SPEC: dict[str, tuple[int, int, tuple[int, ...]]] = {
+        "peephole_lstm": (7, 2, (3, 4, 5, 6)),  # xw, h0, c0, whh, wci, wcf, wco
+        "gru_reset_before": (3, 1, (2,)),  # xw, h0, whh
+        "gru_reset_after": (4, 1, (2,)),  # gi, h0, whh, bhh
+        "lstm": (4, 2, (3,)),  # xw, h0, c0, whh
+        "tanh_rnn": (3, 1, (2,)),  # xw, h0, whh
+    }
+
+    @staticmethod
+    def forward(ctx: Any, op: str, K: int, *flat):  # type: ignore[override]
+        n_in, n_states, needed = ManyCppLoops.SPEC[op]
+        args = [_c(*flat[i * K : (i + 1) * K]) for i in range(n_in)]
+        results = getattr(torch.ops.rnnbench_fast, op + "_fwd_many")(*args)
+        n_res = len(results) // K
+        outs, saved = [], []
+        for k in range(K):
+            res = results[k * n_res : (k + 1) * n_res]
+            outs += [*_outputs(res[0])] + ([res[1][-1].clone()] if n_states == 2 else [])
+            saved += [args[i][k] for i in needed] + list(res)
+        ctx.save_for_backward(*saved)
+        ctx.op, ctx.K, ctx.per_model = op, K, len(needed) + n_res
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads):  # type: ignore[override]
+        op, K, m = ctx.op, ctx.K, ctx.per_model
+        n_in, n_states, _ = ManyCppLoops.SPEC[op]
+        per = 1 + n_states  # outputs per model
+        saved = ctx.saved_tensors
+        lists = [_c(*grads[j::per]) for j in range(per)] + [list(saved[j::m]) for j in range(m)]
+        results = getattr(torch.ops.rnnbench_fast, op + "_bwd_many")(*lists)
+        # results: model after model, n_in gradients each; autograd wants all K of input 0, then input 1, ...
+        return None, None, *(results[k * n_in + i] for i in range(n_in) for k in range(K))
+
+
+def member_loop(op: str, *weight_names: str) -> Loop:
+    """The cpp Loop of a cell whose one-model op `op` takes (xw, *state, *weights named weight_names).
+
+    Member k runs its own steps[k] steps on views of the stacked tensors; all K in one *_many call.
+    """
+    n_in, n_states, _ = ManyCppLoops.SPEC[op]
+    if n_in != 1 + n_states + len(weight_names):
+        raise ValueError(f"{op} takes {n_in} inputs, got xw, {n_states} state(s) and {len(weight_names)} weights")
+
+    def loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+        T, K = xw.shape[:2]
+        lengths = [T] * K if steps is None else [int(s) for s in steps.tolist()]
+        args = [xw[:n, k] for k, n in enumerate(lengths)]
+        args += [s[k] for s in state for k in range(K)]
+        args += [w[name][k] for name in weight_names for k in range(K)]
+        outs = ManyCppLoops.apply(op, K, *args)
+        per = 1 + n_states  # hs, then the final state(s), model after model
+        hs = [outs[k * per] for k in range(K)]
+        if K == 1 and lengths[0] == T:
+            hs_all = hs[0].unsqueeze(1)
+        else:
+            hs_all = torch.stack([F.pad(h, (0, 0, 0, 0, 0, T - h.shape[0])) for h in hs], dim=1)
+        finals = tuple(torch.stack([outs[k * per + 1 + j] for k in range(K)]) for j in range(n_states))
+        return hs_all, finals
+
+    return loop

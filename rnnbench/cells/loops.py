@@ -1,0 +1,215 @@
+"""The public API over every cell: draw stacked weights, run layers of K models, trace them step by step.
+
+    init_weights(cell, input_size, hidden_size, num_layers, generators, scale, forget_bias, dtype)
+    run(cell, layers, x, steps=None, impl="auto", state=None) -> (out (K, B, T, H), final states per layer)
+    run_steps(cell, layers, x, state=None) -> StepTrace (per-step h tensors and gates; the probes)
+    implementation(cell, device, dtype, impl="auto") -> "cpp" | "triton" | "reference"
+
+impl "auto": on the CPU in float32/float64 the cell's "cpp" loop when it has one and the extension
+loads; on CUDA (or with TRITON_INTERPRET=1) its "triton" loop when triton imports; else the reference
+step loop (the cell's `step` over time, batched matmuls over the K models, autograd throughout). All
+implementations compute the same function; they agree to float rounding only, so the name is
+recorded with every run. A Triton failure under "auto" (no compiler for this GPU, ...) warns once
+and the reference runs from then on.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from rnnbench.cells import compiled, triton_steps
+from rnnbench.cells.base import Cell, State, Weights
+from rnnbench.cells.registry import get_cell
+from rnnbench.errors import RnnbenchError
+
+IMPLS = ("auto", "reference", "cpp", "triton")
+TRITON_FAILURES: list[str] = []  # reasons, once a Triton loop failed under impl="auto"
+
+
+def init_weights(
+    cell: str | type[Cell],
+    input_size: int,
+    hidden_size: int,
+    num_layers: int,
+    generators: list[torch.Generator],
+    scale: float | None,
+    forget_bias: float,
+    dtype: torch.dtype,
+) -> list[Weights]:
+    """Weights of `num_layers` layers for K = len(generators) models, each (K, *shape), on the CPU.
+
+    Member k's weights come from generators[k] alone, drawn in a fixed order (layer, then the order
+    of `weight_shapes`) from U(-s, s), s = scale or 1/sqrt(hidden_size) when scale is None (torch's
+    default for its RNNs); then the cell's `init_` (forget-gate bias, ...). So member k gets the same
+    numbers whatever K and its batch-mates. Plain tensors: the caller moves them and sets requires_grad.
+    """
+    cls = get_cell(cell)
+    if not generators:
+        raise ValueError("init_weights needs one generator per member, got none")
+    s = 1.0 / hidden_size**0.5 if scale is None else float(scale)
+    per_member: list[list[Weights]] = []
+    for g in generators:
+        layers = []
+        for l in range(num_layers):
+            shapes = cls.weight_shapes(input_size if l == 0 else hidden_size, hidden_size)
+            layers.append({n: torch.empty(shape, dtype=dtype).uniform_(-s, s, generator=g) for n, shape in shapes.items()})
+        per_member.append(layers)
+    stacked = [{n: torch.stack([m[l][n] for m in per_member]) for n in per_member[0][l]} for l in range(num_layers)]
+    with torch.no_grad():
+        for w in stacked:
+            cls.init_(w, hidden_size, forget_bias)
+    return stacked
+
+
+def _triton_usable(device: torch.device) -> bool:
+    return triton_steps.available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def implementation(cell: str | type[Cell], device: torch.device | str, dtype: torch.dtype, impl: str = "auto") -> str:
+    """The time loop `run` uses for this cell on tensors of `device` and `dtype`: cpp, triton or reference.
+
+    An explicit impl the cell or machine cannot serve is a one-line RnnbenchError naming why.
+    """
+    cls = get_cell(cell)
+    device = torch.device(device)
+    if impl not in IMPLS:
+        raise RnnbenchError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl in ("cpp", "triton") and impl not in cls.loops:
+        have = ", ".join(["reference", *cls.loops])
+        raise RnnbenchError(f"cell {cls.name!r} has no {impl} loop; its implementations: {have}")
+    if impl == "cpp":
+        if not compiled.cpp_eligible(device, dtype):
+            raise RnnbenchError(f"impl 'cpp' needs CPU float32/float64 tensors, got {device} {dtype}")
+        if not compiled.load_extension():
+            raise RnnbenchError(f"impl 'cpp' unavailable: {compiled.extension_info()['reason']}")
+        return "cpp"
+    if impl == "triton":
+        if not triton_steps.available():
+            raise RnnbenchError("impl 'triton' needs the triton package (it comes with torch's CUDA wheels)")
+        if not _triton_usable(device):
+            raise RnnbenchError(f"impl 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+        return "triton"
+    if impl == "auto":
+        if device.type == "cpu" and "cpp" in cls.loops and compiled.cpp_eligible(device, dtype) and compiled.load_extension():
+            return "cpp"
+        if "triton" in cls.loops and _triton_usable(device) and not TRITON_FAILURES:
+            return "triton"
+    return "reference"
+
+
+def _zero_state(cls: type[Cell], x: torch.Tensor, hidden_size: int) -> State:
+    K, B = x.shape[1], x.shape[2]
+    return tuple(x.new_zeros(K, B, hidden_size) for _ in range(cls.state_size))
+
+
+def _check_steps(steps: torch.Tensor | None, K: int, T: int) -> torch.Tensor | None:
+    if steps is None:
+        return None
+    steps = torch.as_tensor(steps).to(torch.int64)
+    if steps.shape != (K,):
+        raise ValueError(f"steps must have shape ({K},), got {tuple(steps.shape)}")
+    if K and (int(steps.min()) < 1 or int(steps.max()) > T):
+        raise ValueError(f"steps must lie in 1..{T}, got {steps.tolist()}")
+    return None if bool((steps == T).all()) else steps
+
+
+def reference_loop(cls: type[Cell], w: Weights, xw: torch.Tensor, state: State,
+                   steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+    """The cell's `step` over time for K models (a Loop): member k's state stops at its steps[k]-th
+    step and its outputs after that are zeros."""
+    T = xw.shape[0]
+    all_run, any_run = (T, T) if steps is None else (int(steps.min()), int(steps.max()))
+    running = None if steps is None else steps.to(xw.device)
+    outs = []
+    for t in range(any_run):
+        new, _ = cls.step(w, xw[t], state)
+        if t < all_run:
+            state = new
+            outs.append(new[0])
+        else:  # some members have ended: they keep their state and output zeros
+            keep = (t < running).view(-1, 1, 1)
+            state = tuple(torch.where(keep, n, o) for n, o in zip(new, state))
+            outs.append(new[0] * keep.to(new[0].dtype))
+    outs += [torch.zeros_like(state[0])] * (T - any_run)
+    return torch.stack(outs), state
+
+
+def _layer(cls: type[Cell], which: str, w: Weights, xw: torch.Tensor, state: State,
+           steps: torch.Tensor | None, impl: str) -> tuple[torch.Tensor, State]:
+    if which == "reference":
+        return reference_loop(cls, w, xw, state, steps)
+    if which == "triton" and impl == "auto":
+        try:
+            return cls.loops["triton"](w, xw, state, steps)
+        except Exception as e:  # noqa: BLE001 - any build or launch error means "fall back"
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            TRITON_FAILURES.append(reason)
+            warnings.warn(f"rnnbench: Triton loop unavailable ({reason}); using the reference step loop",
+                          RuntimeWarning, stacklevel=3)
+            return reference_loop(cls, w, xw, state, steps)
+    return cls.loops[which](w, xw, state, steps)
+
+
+def run(
+    cell: str | type[Cell],
+    layers: list[Weights],
+    x: torch.Tensor,
+    steps: torch.Tensor | None = None,
+    impl: str = "auto",
+    state: list[State] | None = None,
+) -> tuple[torch.Tensor, list[State]]:
+    """K models' stacked layers over x (K, B, T, D) -> (top layer's h_t (K, B, T, H), final state per layer).
+
+    steps (K,) int64: member k's own length (1..T); its outputs after that are zeros and its final
+    state is the one after its own last step, so with zero padding member k's numbers (and gradients)
+    equal those of its unpadded sequence. state: per layer a tuple of (K, B, H) tensors (zeros when
+    None). Layer l's h_t is layer l+1's x_t.
+    """
+    cls = get_cell(cell)
+    K, B, T, _ = x.shape
+    which = implementation(cls, x.device, x.dtype, impl)
+    steps = _check_steps(steps, K, T)
+    h = x.permute(2, 0, 1, 3)  # (T, K, B, D): time major inside
+    finals = []
+    for l, w in enumerate(layers):
+        s0 = _zero_state(cls, h, w["weight_hh"].shape[-1]) if state is None else tuple(state[l])
+        h, final = _layer(cls, which, w, cls.project(w, h), s0, steps, impl)
+        finals.append(final)
+    return h.permute(1, 2, 0, 3), finals
+
+
+class StepTrace(NamedTuple):
+    """What `run_steps` records: out (K, B, T, H) top layer; hs[t][l] the (K, B, H) tensor h of layer l
+    after step t+1, the very tensor the later steps read (so gradients can be taken against it);
+    gates {(layer, gate name): (K, B, T, H)}; final state per layer."""
+
+    out: torch.Tensor
+    hs: list[list[torch.Tensor]]
+    gates: dict[tuple[int, str], torch.Tensor]
+    final: list[State]
+
+
+def run_steps(cell: str | type[Cell], layers: list[Weights], x: torch.Tensor,
+              state: list[State] | None = None) -> StepTrace:
+    """The reference step by step, all layers at each step before the next: x (K, B, T, D) -> StepTrace."""
+    cls = get_cell(cell)
+    T = x.shape[2]
+    states = [_zero_state(cls, x.permute(2, 0, 1, 3), w["weight_hh"].shape[-1]) if state is None else tuple(state[l])
+              for l, w in enumerate(layers)]
+    hs: list[list[torch.Tensor]] = []
+    gates: dict[tuple[int, str], list[torch.Tensor]] = {}
+    for t in range(T):
+        inp, row = x[:, :, t], []
+        for l, w in enumerate(layers):
+            states[l], g = cls.step(w, cls.project(w, inp.unsqueeze(0))[0], states[l])
+            for name, v in g.items():
+                gates.setdefault((l, name), []).append(v)
+            inp = states[l][0]
+            row.append(inp)
+        hs.append(row)
+    out = torch.stack([row[-1] for row in hs], dim=2)
+    return StepTrace(out, hs, {k: torch.stack(v, dim=2) for k, v in gates.items()}, states)
