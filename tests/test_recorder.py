@@ -164,9 +164,9 @@ def test_probe_metrics_and_artifacts_keep_their_names(store: str, tmp_path: Path
     rec = RunRecorder.create(store, experiment(store), tags={})
     curve = "t,distance,grad_norm,relative\n1,1,0.5,0.5\n2,0,1,1\n"
     gates = "layer,gate,frac_saturated\n0,i,0.25\n"
-    written = rec.log_probe("init", {"steps": 2, "vanish_distance": 1.0, "sat_i": 0.25}, {"curve": curve, "gates": gates})
-    rec.log_probe("trained", {"steps": 2}, {"curve": curve})  # a cell without gates: no gates file
-    assert written == {"gradflow_init_sat_i": 0.25, "gradflow_init_steps": 2.0, "gradflow_init_vanish_distance": 1.0}
+    written = {"gradflow_init_sat_i": 0.25, "gradflow_init_steps": 2.0, "gradflow_init_vanish_distance": 1.0}
+    rec.log_probe(written, {"gradient_flow/init.csv": curve, "gradient_flow/init_gates.csv": gates})
+    rec.log_probe({"gradflow_trained_steps": 2}, {"gradient_flow/trained.csv": curve})  # no gates: no gates file
     metrics = client(store).get_run(rec.run_id).data.metrics
     assert {k: v for k, v in metrics.items() if k.startswith("gradflow_")} == {**written, "gradflow_trained_steps": 2.0}
     assert steps_of(store, rec.run_id, "gradflow_init_steps") == [(0, 2.0)]

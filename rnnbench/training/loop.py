@@ -403,3 +403,37 @@ def _score(pop: Population, done: list[int], setup_seconds: float, counts: dict[
             n_params_recurrent=float(counts["recurrent"]), n_params_total=float(counts["total"]), hidden_size=float(hidden),
         )
     return final
+
+
+# --- the gradient-flow probe, at initialisation and with the best-validation weights ----------------
+def _probe_batches(pop: Population) -> dict[int, Any]:
+    """Each member's fixed probe batch from its test split (one per distinct dataset)."""
+    from rnnbench.analysis.gradient_flow import probe_batch
+
+    by_key: dict[Any, Any] = {}
+    for i, key in enumerate(pop.data.data_key):
+        if key not in by_key:
+            by_key[key] = probe_batch(pop.data.tasks[i], pop.data.dataset(i, "test"))
+    return {i: by_key[key] for i, key in enumerate(pop.data.data_key)}
+
+
+def _probe(pop: Population, recorders: dict[int, RunRecorder], batches: dict[int, Any], tag: str, only: list[int]) -> None:
+    from rnnbench.analysis.gradient_flow import probe
+
+    dtype = pop.head_weight.dtype
+    for i in only:
+        if i not in pop.ids or i not in recorders:
+            continue
+        layers, hw, hb = pop.member_weights(pop.ids.index(i))
+        batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batches[i].items()}
+        task = pop.data.tasks[i]
+
+        def head(h: torch.Tensor, hw: torch.Tensor = hw, hb: torch.Tensor = hb) -> torch.Tensor:
+            return torch.einsum("kbth,koh->kbto", h, hw) + hb[:, None, None, :]
+
+        def loss(y: torch.Tensor, b: dict[str, Any], task: Any = task) -> torch.Tensor:
+            return task.loss(y, task.broadcast_batch(b, 1))[0]
+
+        with torch.enable_grad():
+            metrics, artifacts = probe(pop.cell.name, layers, head, loss, batch, tag)
+        recorders[i].log_probe(metrics, artifacts)

@@ -29,7 +29,6 @@ EPOCH_MARKER = "epoch_seconds"
 """The metric whose presence at step e says that epoch e is recorded (every epoch record has it)."""
 REASON_MAX_CHARS = 500
 """A failure reason is kept to one line of at most this many characters (the sweep's summary too)."""
-PROBE_CURVE = "curve"
 """log_probe's text name for the gradient-norm curve, stored as gradient_flow/<tag>.csv; any other
 name N is stored as gradient_flow/<tag>_N.csv (the gate statistics: "gates")."""
 
@@ -168,21 +167,15 @@ class RunRecorder:
         now = _now_ms()
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
-    def log_probe(self, tag: str, metrics: Mapping[str, float], texts: Mapping[str, str]) -> dict[str, float]:
-        """A gradient-flow probe labelled `tag` ("init", "trained"): metrics at step 0 as
-        gradflow_<tag>_<name> (e.g. steps, norm_last, norm_first, log10_first_over_last,
-        vanish_distance, sat_<gate>), and each CSV text as an artifact: PROBE_CURVE as
-        gradient_flow/<tag>.csv, any other name N as gradient_flow/<tag>_N.csv. Returns the metrics
-        as written (prefixed names)."""
+    def log_probe(self, metrics: Mapping[str, float], artifacts: Mapping[str, str]) -> None:
+        """A gradient-flow probe as rnnbench.analysis.gradient_flow.probe returns it: its metrics
+        (gradflow_<tag>_*) at step 0, and each CSV text at its artifact path (gradient_flow/<tag>.csv, ...)."""
         from mlflow.entities import Metric
 
-        written = {f"gradflow_{tag}_{name}": float(value) for name, value in sorted(metrics.items())}
         now = _now_ms()
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in written.items()])
-        for name, text in texts.items():
-            stem = tag if name == PROBE_CURVE else f"{tag}_{name}"
-            self.client.log_text(self.run_id, text, f"gradient_flow/{stem}.csv")
-        return written
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())])
+        for path, text in artifacts.items():
+            self.client.log_text(self.run_id, text, path)
 
     # --- ending ---------------------------------------------------------------------------------------
     def finish(self) -> None:
