@@ -150,6 +150,10 @@ def test_select_then_steps_equal_a_population_that_never_had_the_dropped_members
     small = [torch.nn.Parameter(p.detach()[keep].clone()) for p in params]
     optimizer = StackedOptimizer(kind, params, stacked_hyper(kind))
     never = StackedOptimizer(kind, small, stacked_hyper(kind, keep))
+    # unequal step counts (as after a resume that joined members), so Adam's bias corrections show
+    # whether select() kept each member's own count
+    optimizer.steps.copy_(torch.tensor([5, 0, 2, 9]))
+    never.steps.copy_(torch.tensor([9, 5, 2]))
     for step in range(STEPS):
         grads = random_grads(K, step)
         if step == 7:
@@ -162,7 +166,7 @@ def test_select_then_steps_equal_a_population_that_never_had_the_dropped_members
         never.step()
     for p, q in zip(params, small):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
-    assert optimizer.members == 3 and optimizer.steps.tolist() == [STEPS] * 3
+    assert optimizer.members == 3 and optimizer.steps.tolist() == [STEPS + 9, STEPS + 5, STEPS + 2]
 
 
 @pytest.mark.parametrize("kind", ["adam", "rmsprop", "sgd"])

@@ -95,6 +95,7 @@ class StackedOptimizer:
             self.hyper[name] = self._member_values(name, value, device)
         self.steps = torch.zeros(self.members, dtype=torch.int64, device=device)
         self._refresh_switches()
+        self._scratch_tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.state: list[dict[str, torch.Tensor]] = [
             {name: torch.zeros_like(p, memory_format=torch.contiguous_format) for name in STATE_NAMES[kind]} for p in params
         ]
@@ -148,37 +149,48 @@ class StackedOptimizer:
             return [_rows(values, p) for p in params]
 
         h = self.hyper
-        # L2 weight decay: g + wd p, torch's grad.add(param, alpha=wd); skipped, as torch does, when
-        # no member decays (adding 0 p would be exact too for finite p: this saves two ops per tensor)
+        # Temporaries go into two persistent scratch tensors per parameter: on the CPU a fresh
+        # (K, ...) tensor is a fresh mmap whose pages fault in at every step, which costs more than
+        # the arithmetic at K = 32.
+        scratch = [self._scratch(i) for i in live]
+        first, second = [s[0] for s in scratch], [s[1] for s in scratch]
+        # L2 weight decay: g + p wd, torch's grad.add(param, alpha=wd), without touching p.grad;
+        # skipped, as torch does, when no member decays.
         if self._decays:
-            decay = torch._foreach_mul(params, rows(h["weight_decay"]))
-            grads = torch._foreach_add(decay, grads)
+            torch._foreach_copy_(first, grads)
+            torch._foreach_addcmul_(first, params, rows(h["weight_decay"]))
+            grads = first
 
         if self.kind == "adam":
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             torch._foreach_lerp_(exp_avg, grads, rows(1 - h["beta1"]))
-            # exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2): (value * g) * g, as addcmul
+            # exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2): addcmul's (value * g) * g
             torch._foreach_mul_(exp_avg_sq, rows(h["beta2"]))
-            squares = torch._foreach_mul(grads, rows(1 - h["beta2"]))
-            torch._foreach_mul_(squares, grads)
-            torch._foreach_add_(exp_avg_sq, squares)
+            torch._foreach_copy_(second, grads)
+            torch._foreach_mul_(second, rows(1 - h["beta2"]))
+            torch._foreach_addcmul_(exp_avg_sq, second, grads)
             # bias corrections per member, in float64 as torch's Python floats
             step = self.steps.to(torch.float64)
             step_size = h["lr"] / (1 - h["beta1"] ** step)
             correction2_sqrt = (1 - h["beta2"] ** step).sqrt()
-            denom = torch._foreach_sqrt(exp_avg_sq)
+            denom = second  # sqrt(exp_avg_sq) / correction2_sqrt + eps
+            torch._foreach_copy_(denom, exp_avg_sq)
+            torch._foreach_sqrt_(denom)
             torch._foreach_div_(denom, rows(correction2_sqrt))
             torch._foreach_add_(denom, rows(h["eps"]))
-            update = torch._foreach_div(exp_avg, denom)
-            torch._foreach_mul_(update, rows(-step_size))
-            torch._foreach_add_(params, update)
+            # param.addcdiv_(exp_avg, denom, value=-step_size): p + (exp_avg / denom) (-step_size)
+            torch._foreach_copy_(first, exp_avg)  # the decayed gradient is no longer needed
+            torch._foreach_div_(first, denom)
+            torch._foreach_addcmul_(params, first, rows(-step_size))
         elif self.kind == "rmsprop":
             square_avg, buf = state["square_avg"], state["momentum_buffer"]
             torch._foreach_mul_(square_avg, rows(h["alpha"]))
-            squares = torch._foreach_mul(grads, rows(1 - h["alpha"]))
-            torch._foreach_mul_(squares, grads)
-            torch._foreach_add_(square_avg, squares)
-            denom = torch._foreach_sqrt(square_avg)
+            torch._foreach_copy_(second, grads)
+            torch._foreach_mul_(second, rows(1 - h["alpha"]))
+            torch._foreach_addcmul_(square_avg, second, grads)
+            denom = second
+            torch._foreach_copy_(denom, square_avg)
+            torch._foreach_sqrt_(denom)
             if self._floors:  # torch's members: sqrt(v) + eps, max(., 0) a no-op; Chung's: max(sqrt(v), floor)
                 eps = torch.where(h["rms_floor"] > 0, torch.zeros_like(h["eps"]), h["eps"])
                 torch._foreach_add_(denom, rows(eps))
@@ -186,15 +198,22 @@ class StackedOptimizer:
             else:
                 torch._foreach_add_(denom, rows(h["eps"]))
             torch._foreach_mul_(buf, rows(h["momentum"]))
-            torch._foreach_add_(buf, torch._foreach_div(grads, denom))
-            update = torch._foreach_mul(buf, rows(-h["lr"]))
-            torch._foreach_add_(params, update)
+            torch._foreach_addcdiv_(buf, grads, denom)
+            torch._foreach_addcmul_(params, buf, rows(-h["lr"]))  # param.add_(buf, alpha=-lr)
         else:  # sgd
             buf = state["momentum_buffer"]
             torch._foreach_mul_(buf, rows(h["momentum"]))
             torch._foreach_add_(buf, grads)
-            update = torch._foreach_mul(buf, rows(-h["lr"]))
-            torch._foreach_add_(params, update)
+            torch._foreach_addcmul_(params, buf, rows(-h["lr"]))  # param.add_(buf, alpha=-lr)
+
+    def _scratch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two tensors shaped like parameter i, made once (again after select() or to())."""
+        p = self.params[i]
+        found = self._scratch_tensors.get(i)
+        if found is None or found[0].shape != p.shape or found[0].dtype != p.dtype or found[0].device != p.device:
+            found = (torch.empty_like(p, memory_format=torch.contiguous_format), torch.empty_like(p, memory_format=torch.contiguous_format))
+            self._scratch_tensors[i] = found
+        return found
 
     # -- checkpoints and membership --
     def state_dict(self) -> dict:
@@ -248,6 +267,7 @@ class StackedOptimizer:
         self.hyper = {name: t.index_select(0, index) for name, t in self.hyper.items()}
         self.state = [{name: t.index_select(0, index) for name, t in s.items()} for s in self.state]
         self._refresh_switches()
+        self._scratch_tensors.clear()
         for p, s in zip(self.params, self.state, strict=True):
             for name, t in s.items():
                 if t.shape != p.shape:
@@ -259,6 +279,7 @@ class StackedOptimizer:
         self.steps = self.steps.to(device)
         self.hyper = {name: t.to(device) for name, t in self.hyper.items()}
         self.state = [{name: t.to(device=device, dtype=dtype) for name, t in s.items()} for s in self.state]
+        self._scratch_tensors.clear()
         return self
 
     def zero_grad(self) -> None:
