@@ -335,16 +335,21 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical (unsigned) right shift of int64: torch's >> is arithmetic, so mask the sign copies."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
 def mix64(x: torch.Tensor) -> torch.Tensor:
     """splitmix64's finaliser on int64 tensors (bit-for-bit the unsigned 64-bit version)."""
-    x = (x ^ _shift_right(x, 30)) * _signed(_MIX1)
-    x = (x ^ _shift_right(x, 27)) * _signed(_MIX2)
-    return x ^ _shift_right(x, 31)
+    return _mix64_(x.clone(), torch.empty_like(x))
+
+
+def _mix64_(x: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
+    # In place on x with one spare tensor of its shape: on the CPU, fresh (K, elements) temporaries
+    # page-fault in at every call and cost more than the arithmetic.
+    for bits, multiplier in ((30, _MIX1), (27, _MIX2), (31, None)):
+        torch.bitwise_right_shift(x, bits, out=spare)
+        spare.bitwise_and_((1 << (64 - bits)) - 1)  # logical shift: drop the copies of the sign bit
+        x.bitwise_xor_(spare)
+        if multiplier is not None:
+            x.mul_(_signed(multiplier))
+    return x
 
 
 def _absorb(state: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -372,7 +377,8 @@ class WeightNoise:
         pairs = [(n + 1) // 2 for n in self.sizes]  # one Box-Muller pair gives elements 2j and 2j + 1
         # for every pair of every parameter: its parameter's index and its counter within that parameter
         self._parameter_of_pair = torch.repeat_interleave(torch.arange(len(pairs)), torch.tensor(pairs, dtype=torch.int64)).to(self.device)
-        self._pair_in_parameter = torch.cat([torch.arange(n, dtype=torch.int64) for n in pairs]).to(self.device)
+        pair_in_parameter = torch.cat([torch.arange(n, dtype=torch.int64) for n in pairs])
+        self._pair_offset = ((pair_in_parameter + 1) * _signed(_GAMMA)).to(self.device)
         self._parameter_index = torch.arange(len(pairs), dtype=torch.int64, device=self.device)
 
     def standard_normal(self, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -382,18 +388,24 @@ class WeightNoise:
         seeds = _absorb(mix64(keys), steps)  # (K,)
         streams = _absorb(seeds[:, None], self._parameter_index[None, :])  # (K, parameters)
         # splitmix64: output j of the stream seeded s is mix64(s + (j + 1) * gamma)
-        counters = streams[:, self._parameter_of_pair] + (self._pair_in_parameter + 1) * _signed(_GAMMA)
-        bits = mix64(counters)
-        high = _shift_right(bits, 32).to(torch.float64)
-        low = (bits & 0xFFFFFFFF).to(torch.float64)
-        u1 = (high + 1) * 2.0**-32  # in (0, 1]: log never sees 0
-        angle = low * (2 * math.pi * 2.0**-32)
-        radius = torch.sqrt(-2 * torch.log(u1))
-        return torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1).flatten(1)
+        bits = streams[:, self._parameter_of_pair]
+        bits.add_(self._pair_offset)
+        spare = torch.empty_like(bits)
+        _mix64_(bits, spare)
+        high = torch.bitwise_right_shift(bits, 32, out=spare).bitwise_and_(0xFFFFFFFF)
+        low = bits.bitwise_and_(0xFFFFFFFF)
+        # Box-Muller: radius sqrt(-2 log u1) with u1 = (high + 1) / 2^32 in (0, 1] (never log 0),
+        # angle 2 pi low / 2^32; elements 2j and 2j + 1 are radius cos(angle) and radius sin(angle)
+        radius = high.to(torch.float64).add_(1).mul_(2.0**-32).log_().mul_(-2).sqrt_()
+        angle = low.to(torch.float64).mul_(2 * math.pi * 2.0**-32)
+        normal = torch.empty(bits.shape + (2,), dtype=torch.float64, device=self.device)
+        torch.cos(angle, out=normal[..., 0]).mul_(radius)
+        torch.sin(angle, out=normal[..., 1]).mul_(radius)
+        return normal.view(bits.shape[0], -1)
 
     def __call__(self, keys: torch.Tensor, steps: torch.Tensor, stds: torch.Tensor) -> list[torch.Tensor]:
         normal = self.standard_normal(keys, steps)
-        scaled = (normal * stds.to(device=self.device, dtype=torch.float64)[:, None]).to(self.dtype)
+        scaled = normal.mul_(stds.to(device=self.device, dtype=torch.float64)[:, None]).to(self.dtype)
         members = scaled.shape[0]
         chunks = scaled.split([2 * ((n + 1) // 2) for n in self.sizes], dim=1)
         return [chunk[:, :n].reshape((members,) + shape) for chunk, n, shape in zip(chunks, self.sizes, self.shapes)]
