@@ -14,9 +14,10 @@ population.
   key, member step, parameter index, element index), so the same numbers come out whatever K, the
   batch-mates or the device.
 
-All three are free of host synchronisation (no .item(), no branch on a tensor's value), so a whole
-population step can be captured in a CUDA graph; hyperparameters changed between steps go through
-`StackedOptimizer.set_hyper`, which writes in place for that reason.
+The per-step calls (step(), clip_grad_norms_, WeightNoise) are free of host synchronisation (no
+.item(), no branch on a tensor's value), so a whole population step can be captured in a CUDA graph;
+hyperparameters changed between steps go through `StackedOptimizer.set_hyper`, which writes in
+place for that reason (it, select() and load_state_dict() may synchronise: call them outside).
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ class StackedOptimizer:
       gradients do not get huge steps. Members with rms_floor 0 keep torch's form.
     * sgd: torch.optim.SGD (dampening 0, nesterov False): buf = momentum buf + g, p -= lr buf; the
       first step's buf is g, as torch's (buffers start at zero).
-    A parameter whose .grad is None is skipped, as torch.optim does; the step counts (K,) advance
-    for every member at each step().
+    A parameter whose .grad is None is skipped, as torch.optim does; the step counts `steps` (K,)
+    advance for every member at each step(). (torch counts Adam's steps per tensor, so the two differ
+    only for a tensor that missed a gradient earlier: the population always has every gradient.)
     """
 
     def __init__(self, kind: str, params: Sequence[torch.Tensor], hyper: Mapping[str, torch.Tensor | float]) -> None:
