@@ -159,10 +159,15 @@ class EpochRecords(Callback):
     def on_train_epoch_end(self, trainer: Any, pl_module: Population) -> None:
         pop = pl_module
         for i in pop.ids:
-            m = pop.members[i]
-            self.recorders[i].log_epochs(m.history)
+            m, rec = pop.members[i], self.recorders.get(i)  # no recorder: a population trained without MLflow
+            if rec is not None:
+                rec.log_epochs(m.history)
             if m.status == "failed":
-                self.recorders[i].fail(m.reason or "diverged", checkpoint.member_path(m.config.tracking.checkpoint_dir, m.run_id).parent)
+                folder = checkpoint.member_path(m.config.tracking.checkpoint_dir, m.run_id).parent
+                if rec is not None:
+                    rec.fail(m.reason or "diverged", folder)
+                else:
+                    checkpoints.remove_folder(folder)
         rows = [r for r, i in enumerate(pop.ids) if pop.members[i].status == "training"]
         if len(rows) < len(pop.ids):
             pop.keep(rows)
@@ -346,6 +351,7 @@ def _trainer(pop: Population, callbacks: list[Any], max_epochs: int, max_steps: 
 
     t = pop.configs[0].train
     use_cuda = pop.device.type == "cuda"
+    quiet_lightning()
     trainer = L.Trainer(
         accelerator="gpu" if use_cuda else "cpu", devices=1, max_epochs=max_epochs, max_steps=max_steps,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_eval_batches,

@@ -257,6 +257,24 @@ class StackedOptimizer:
                     return f"parameter {i} {name}: shape {tuple(theirs[name].shape) if name in theirs else 'missing'}, expected {tuple(t.shape)}"
         return None
 
+    def member_state(self, row: int) -> dict:
+        """Row `row`'s share of state_dict() (one member's checkpoint)."""
+        return {"kind": self.kind, "steps": self.steps[row].clone(),
+                "hyper": {name: t[row].clone() for name, t in self.hyper.items()},
+                "state": [{name: t[row].clone() for name, t in s.items()} for s in self.state]}
+
+    def load_member_state(self, row: int, saved: Mapping) -> None:
+        """Put a member_state() into row `row` (a resumed member in a new population)."""
+        if saved.get("kind") != self.kind or len(saved.get("state", [])) != len(self.state):
+            raise RnnbenchError(f"optimizer state of a {saved.get('kind')!r} member does not fit this {self.kind!r} population")
+        self.steps[row] = saved["steps"]
+        for name, t in self.hyper.items():
+            t[row] = saved["hyper"][name]
+        for mine, theirs in zip(self.state, saved["state"]):
+            for name, t in mine.items():
+                t[row].copy_(theirs[name])
+        self._refresh_switches()
+
     def select(self, index: torch.Tensor, params: Sequence[torch.Tensor] | None = None) -> None:
         """Keep only the members `index` (a LongTensor of rows, in the new order) of all state and
         hyperparameters, e.g. to drop finished members. `params`: the caller's re-sliced parameter

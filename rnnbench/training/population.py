@@ -72,21 +72,15 @@ class Member:
         self.loader_generator.set_state(state["loader_generator"])
 
 
-# Per-member hyperparameters, as (K,) tensors, from each member's config.
 def hyperparameters(configs: list[Config]) -> dict[str, torch.Tensor]:
-    """The optimizer's (K,) hyperparameters: torch.optim's defaults where a config has no key."""
-    def col(fn: Any) -> torch.Tensor:
-        return torch.tensor([float(fn(c.train)) for c in configs], dtype=torch.float64)
+    """The optimizer's per-member hyperparameters, (K,) tensors from each member's config (the names
+    of its kind; torch.optim's defaults for the ones a config has no key for)."""
+    from rnnbench.training.optim import HYPER_DEFAULTS
 
-    return {
-        "lr": col(lambda t: t.lr),
-        "weight_decay": col(lambda t: t.weight_decay),
-        "momentum": col(lambda t: t.momentum),
-        "alpha": col(lambda t: t.rmsprop_alpha),
-        "eps": col(lambda t: 1e-8),
-        "beta1": col(lambda t: 0.9),
-        "beta2": col(lambda t: 0.999),
-    }
+    keys = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum", "alpha": "rmsprop_alpha"}
+    names = HYPER_DEFAULTS[configs[0].train.optimizer]
+    return {name: torch.tensor([float(getattr(c.train, keys[name])) for c in configs], dtype=torch.float64)
+            for name in names if name in keys}
 
 
 class MemberData:
