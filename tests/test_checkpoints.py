@@ -1,8 +1,8 @@
 """Checkpoints against real kills and real bad files (issue 12, items 4-6), through the public entry
 points: `rnnbench sweep` / `rnnbench train` subprocesses killed with a real SIGKILL at a chosen write,
-then resumed by the same command, `train(config, run_id=...)` and `train_many(..., run_ids=...)`.
+then resumed by the same command, `train(config, run_id=...)` and `train_population(..., run_ids=...)`.
 
-* a checkpoint replaced by a pickle that runs code (last.ckpt, best.ckpt, batched_last.pt) never
+* a checkpoint (member.pt, one per member of a population) replaced by a pickle that runs code never
   runs it, with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 set too (it turns torch.load's default unsafe);
 * an empty or truncated checkpoint makes the sweep start the point afresh (the old attempt retired
   with a reason naming the file, its folder removed) and `train` fail in one line naming the file;
@@ -145,14 +145,14 @@ def damage(path: Path, how: str, marker: Path) -> None:
 # --- states left by real kills, made once per module and copied into each test's folder ------------
 @pytest.fixture(scope="module")
 def killed_sweeps(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store with two sweeps killed with SIGKILL: 'one' (one point, Lightning) after its last epoch's
-    last.ckpt, before its test metrics; 'group' (four points trained together) after every model
-    wrote its epoch-0 batched_last.pt."""
+    """A store with two sweeps killed with SIGKILL: 'one' (one point) after its last epoch's member.pt,
+    before its test metrics; 'group' (four points trained as one population) after every member
+    wrote its epoch-0 member.pt."""
     folder = tmp_path_factory.mktemp("killed")
     killed(rnnbench(["sweep", str(write_spec(folder, "one", [0])), "--batch-models", "off", "--no-progress"], folder,
-                    KILL_AFTER_FILE="last.ckpt:2"))
+                    KILL_AFTER_FILE="member.pt:2"))
     killed(rnnbench(["sweep", str(write_spec(folder, "group", [0, 1, 2, 3])), "--batch-models", "on", "--no-progress"],
-                    folder, KILL_AFTER_FILE="batched_last.pt:4"))
+                    folder, KILL_AFTER_FILE="member.pt:4"))
     return folder
 
 
@@ -190,19 +190,19 @@ def rerun_and_check(folder: Path, sweep: str, batch_models: str, damaged: dict[s
 def test_sweep_restarts_the_models_of_a_group_whose_checkpoint_is_bad(
     killed_sweeps: Path, tmp_path: Path, batch_models: str
 ) -> None:
-    """batched_last.pt holding code, truncated, empty: those points start afresh, the sound one resumes
-    (in a group, with --batch-models off too)."""
+    """member.pt holding code, truncated, empty: those points start afresh, the sound one resumes
+    (alone with --batch-models off: a member's file resumes in any population)."""
     folder = copy_of(killed_sweeps, tmp_path)
     marker = tmp_path / "code-ran"
     runs = running_runs(folder, "group")
     damaged = {}
     for run, how in zip(runs, ("code", "truncated", "empty")):
-        damaged[run.info.run_id] = path = folder / "rnnbench_runs" / run.info.run_id / "batched_last.pt"
+        damaged[run.info.run_id] = path = folder / "rnnbench_runs" / run.info.run_id / "member.pt"
         damage(path, how, marker)
     rerun_and_check(folder, "group", batch_models, damaged, marker)
 
 
-@pytest.mark.parametrize("file, how", [("last.ckpt", "code"), ("best.ckpt", "code"), ("last.ckpt", "truncated")])
+@pytest.mark.parametrize("file, how", [("member.pt", "code"), ("member.pt", "truncated"), ("member.pt", "empty")])
 def test_sweep_restarts_a_point_whose_checkpoint_is_bad(killed_sweeps: Path, tmp_path: Path, file: str, how: str) -> None:
     folder = copy_of(killed_sweeps, tmp_path)
     marker = tmp_path / "code-ran"
@@ -214,17 +214,17 @@ def test_sweep_restarts_a_point_whose_checkpoint_is_bad(killed_sweeps: Path, tmp
 
 @pytest.fixture(scope="module")
 def killed_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A `rnnbench train` run killed after its last epoch's last.ckpt (best.ckpt written too)."""
+    """A `rnnbench train` run killed after its last epoch's member.pt."""
     folder = tmp_path_factory.mktemp("killed_train")
     (folder / "spec.yaml").write_text(yaml.safe_dump(BASE, sort_keys=False))
-    killed(rnnbench(["train", "spec.yaml"], folder, KILL_AFTER_FILE="last.ckpt:2"))
+    killed(rnnbench(["train", "spec.yaml"], folder, KILL_AFTER_FILE="member.pt:2"))
     return folder
 
 
 def test_a_kill_while_a_checkpoint_is_written_leaves_a_whole_one(tmp_path: Path) -> None:
-    """With the temp folder on another file system (a node's tmpfs, a shared checkpoint folder),
-    Lightning's own writer staged each checkpoint there and copied it over: a kill during that copy
-    left a truncated last.ckpt. Checkpoints are now written in their own folder and renamed."""
+    """With the temp folder on another file system (a node's tmpfs, a shared checkpoint folder), a
+    writer that stages each checkpoint there and copies it over leaves a truncated file when killed
+    during the copy. Checkpoints are written in their own folder and renamed."""
     import tempfile
 
     import torch
@@ -241,8 +241,8 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_a_whole_one(tmp_path: Path)
         pytest.skip("needs a temp folder on another file system than the checkpoints (/dev/shm)")
     try:
         (tmp_path / "spec.yaml").write_text(yaml.safe_dump(BASE, sort_keys=False))
-        out = rnnbench(["train", "spec.yaml"], tmp_path, TMPDIR=str(staging), KILL_DURING_COPY="last.ckpt:2")
-        files = list((tmp_path / "rnnbench_runs").glob("*/*.ckpt"))
+        out = rnnbench(["train", "spec.yaml"], tmp_path, TMPDIR=str(staging), KILL_DURING_COPY="member.pt:2")
+        files = list((tmp_path / "rnnbench_runs").glob("*/member.pt"))
         assert files, out.stderr[-2000:]
         assert [loads(f) for f in files] == [True] * len(files)  # whole, whatever happened
         assert not [p for p in staging.iterdir() if p.is_file()]  # and no half-copied file left in the temp folder
@@ -250,8 +250,7 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_a_whole_one(tmp_path: Path)
         shutil.rmtree(staging, ignore_errors=True)
 
 
-@pytest.mark.parametrize("file, how", [("last.ckpt", "code"), ("best.ckpt", "code"), ("last.ckpt", "truncated"),
-                                       ("last.ckpt", "empty")])
+@pytest.mark.parametrize("file, how", [("member.pt", "code"), ("member.pt", "truncated"), ("member.pt", "empty")])
 def test_train_resume_refuses_a_bad_checkpoint_in_one_line(
     killed_train: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, file: str, how: str
 ) -> None:
@@ -275,16 +274,16 @@ def test_train_resume_refuses_a_bad_checkpoint_in_one_line(
     assert not path.parent.exists()  # a FAILED run's checkpoints are removed: nothing resumes it
 
 
-def test_train_many_resume_never_runs_code_from_its_checkpoint(
+def test_population_resume_never_runs_code_from_its_checkpoint(
     killed_sweeps: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from rnnbench.config import Config
-    from rnnbench.many_models import train_many
+    from rnnbench.training.loop import train_population
 
     folder = copy_of(killed_sweeps, tmp_path)
     marker = tmp_path / "code-ran"
     runs = running_runs(folder, "group")
-    path = folder / "rnnbench_runs" / runs[1].info.run_id / "batched_last.pt"
+    path = folder / "rnnbench_runs" / runs[1].info.run_id / "member.pt"
     poison(path, marker)
     monkeypatch.chdir(folder)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
@@ -292,7 +291,7 @@ def test_train_many_resume_never_runs_code_from_its_checkpoint(
     configs = [Config.from_dict({**BASE, "train": {**BASE["train"], "seed": s},
                                  "tracking": {"tracking_uri": uri, "experiment": "group"}}) for s in (0, 1, 2, 3)]
     with pytest.raises(RnnbenchError) as e:
-        train_many(configs, run_ids=[r.info.run_id for r in runs])
+        train_population(configs, run_ids=[r.info.run_id for r in runs])
     assert not marker.exists(), "a checkpoint file ran code"
     assert str(path) in str(e.value) and "\n" not in str(e.value), str(e.value)
 
@@ -302,7 +301,7 @@ def per_epoch(client: Any, run_id: str, keys: list[str]) -> dict[str, list[tuple
     return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
 
 
-@pytest.mark.parametrize("batch_models, file", [("off", "last.ckpt"), ("on", "batched_last.pt")])
+@pytest.mark.parametrize("batch_models, file", [("off", "member.pt"), ("on", "member.pt")])
 def test_kills_around_an_epochs_metrics_log_every_epoch_once(
     tmp_path: Path, store: str, batch_models: str, file: str
 ) -> None:
@@ -318,7 +317,7 @@ def test_kills_around_an_epochs_metrics_log_every_epoch_once(
     whole = write_spec(tmp_path, "whole", seeds, max_epochs=epochs)
 
     killed(rnnbench(["sweep", str(cut), *args], tmp_path, KILL_AFTER_EPOCH_LOGGED="1"))
-    # the resumed process's first checkpoint write is epoch 2's (Lightning; the group's first model)
+    # the resumed process's first checkpoint write is epoch 2's (the population's first member)
     killed(rnnbench(["sweep", str(cut), *args], tmp_path, KILL_AFTER_FILE=f"{file}:1"))
     out = rnnbench(["sweep", str(cut), *args], tmp_path)
     assert out.returncode == 0 and "to resume" in out.stderr, out.stderr[-3000:]

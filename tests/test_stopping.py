@@ -102,7 +102,7 @@ def test_stopping_a_sweep_leaves_no_worker_and_loses_nothing(tmp_path: Path, sto
     spec = write_yaml(tmp_path / "s.yaml", {"name": f"stop_{mode}", "base": BASE, "grid": grid})
     n_points = len(grid["model.cell"]) * len(grid.get("train.seed", [0]))
     db, ckpts = tmp_path / "mlflow.db", tmp_path / "rnnbench_runs"
-    name = "last.ckpt" if mode == "points" else "batched_last.pt"
+    name = "member.pt"
     args = ["sweep", str(spec), "--workers", "2", "--no-progress", "--batch-models", "off" if mode == "points" else "on"]
 
     def all_mid_training() -> bool:  # every point has a checkpoint and none has finished
@@ -190,7 +190,7 @@ def test_workers_survive_the_end_of_the_thread_that_spawned_them() -> None:
 def test_stopping_train_marks_the_run_killed_in_one_line(tmp_path: Path, store: str, signum: int, status: int) -> None:
     config = write_yaml(tmp_path / "c.yaml", {**BASE, "train": {**BASE["train"], "max_epochs": 50}})
     ckpts = tmp_path / "rnnbench_runs"
-    proc = start_and_wait(["train", str(config)], tmp_path, lambda: bool(checkpoints(ckpts, "last.ckpt")))
+    proc = start_and_wait(["train", str(config)], tmp_path, lambda: bool(checkpoints(ckpts, "member.pt")))
     os.kill(proc.pid, signum)
     assert proc.wait(timeout=60) == status
     ((run_id, run_status, _),) = runs_in_store(tmp_path / "mlflow.db")
@@ -201,7 +201,7 @@ def test_stopping_train_marks_the_run_killed_in_one_line(tmp_path: Path, store: 
     assert line.startswith(f"rnnbench: interrupted: run {run_id} marked KILLED;")
     assert str(ckpts / run_id) in line
     assert line.endswith(f"to resume it, run: rnnbench train {config} --resume {run_id}")
-    assert (ckpts / run_id / "last.ckpt").is_file()
+    assert (ckpts / run_id / "member.pt").is_file()
     if signum == signal.SIGTERM:  # the printed command carries the run on to the end: still one run
         resumed = subprocess.run([*RNNBENCH, "train", str(config), "--resume", run_id],
                                  cwd=tmp_path, capture_output=True, text=True, timeout=300)

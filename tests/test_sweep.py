@@ -192,7 +192,7 @@ def test_decide_keeps_one_run_per_point(tmp_path: Path) -> None:
     import torch
 
     (tmp_path / "r2").mkdir()
-    torch.save({"epoch": 0}, tmp_path / "r2" / "last.ckpt")
+    torch.save({"epoch": 0}, tmp_path / "r2" / "member.pt")
     assert decide([], tmp_path).action == "new"
     d = decide([_run("FAILED", "r0"), _run("FINISHED", "r1"), _run("FINISHED", "r3")], tmp_path)
     assert (d.action, d.run_id, [r.info.run_id for r, _ in d.retire]) == ("done", "r1", ["r0", "r3"])
@@ -205,11 +205,11 @@ def test_decide_keeps_one_run_per_point(tmp_path: Path) -> None:
     d = decide([_run("RUNNING", "r2", params=False)], tmp_path)  # killed before its params were logged
     assert d.action == "retry"
     (tmp_path / "r5").mkdir()
-    data = (tmp_path / "r2" / "last.ckpt").read_bytes()
-    (tmp_path / "r5" / "last.ckpt").write_bytes(data[: len(data) // 2])  # truncated: start afresh, say why
+    data = (tmp_path / "r2" / "member.pt").read_bytes()
+    (tmp_path / "r5" / "member.pt").write_bytes(data[: len(data) // 2])  # truncated: start afresh, say why
     d = decide([_run("KILLED", "r2"), _run("RUNNING", "r5")], tmp_path)
     assert (d.action, d.run_id, [r.info.run_id for r, _ in d.retire]) == ("resume", "r2", ["r5"])
-    assert str(tmp_path / "r5" / "last.ckpt") in d.retire[0][1]
+    assert str(tmp_path / "r5" / "member.pt") in d.retire[0][1]
 
 
 # --- end to end ------------------------------------------------------------------------------------
@@ -374,7 +374,7 @@ def _store_state(db: Path, ckpt_root: Path) -> tuple[list[str], list[str]]:
         con.close()
     except sqlite3.Error:
         return [], []
-    return [s for s, _ in rows], [u for s, u in rows if s == "RUNNING" and (ckpt_root / u / "last.ckpt").is_file()]
+    return [s for s, _ in rows], [u for s, u in rows if s == "RUNNING" and (ckpt_root / u / "member.pt").is_file()]
 
 
 def _kill_sweep_when(tmp_path: Path, args: list[str], reached: Any) -> None:
@@ -410,13 +410,14 @@ def test_sigkill_mid_sweep_then_restart(tmp_path: Path, store: str) -> None:
         assert steps == sorted(set(steps)) and steps[-1] == 3  # every epoch once, up to the last
 
 
-def test_sigkill_mid_batched_sweep_then_restart(tmp_path: Path, store: str) -> None:
-    """A group killed mid-way (--batch-models on) continues from its batched_last.pt checkpoints on the
-    next invocation, even with --batch-models off: same runs, every epoch recorded once."""
-    from rnnbench.many_models import CHECKPOINT_NAME
-    from rnnbench.sweep.runs import BATCHED_CHECKPOINT
+def test_sigkill_mid_population_sweep_then_restart(tmp_path: Path, store: str) -> None:
+    """A population killed mid-way (--batch-models on) continues from its members' checkpoints on the
+    next invocation, even with --batch-models off (each member then alone): same runs, every epoch
+    recorded once."""
+    from rnnbench.sweep.runs import MEMBER_CHECKPOINT as CHECKPOINT_NAME
+    from rnnbench.training.checkpoint import FILE
 
-    assert CHECKPOINT_NAME == BATCHED_CHECKPOINT
+    assert CHECKPOINT_NAME == FILE
     spec = write_spec(tmp_path, {**SLOW_POINTS, "name": "killed_group", "grid": {"train.seed": [0, 1], "train.lr": [0.001, 0.003]}})
     db, ckpts = tmp_path / "mlflow.db", tmp_path / "rnnbench_runs"
 
@@ -431,7 +432,7 @@ def test_sigkill_mid_batched_sweep_then_restart(tmp_path: Path, store: str) -> N
 
     out = run_cli([str(spec), "--batch-models", "off", "--no-progress"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "4 to resume" in out.stderr and "training 4 points together" in out.stderr
+    assert "4 to resume" in out.stderr and "points together" not in out.stderr
     runs = assert_one_finished_per_point(store, "killed_group", 4)
     assert {r.info.run_id for r in runs} == set(interrupted)  # continued, not restarted
     from mlflow.tracking import MlflowClient
@@ -530,7 +531,7 @@ def test_ray_tasks_ask_for_a_gpu_share_where_the_cluster_has_gpus(tmp_path: Path
 
 
 def test_batch_models_trains_groups_together_one_run_per_point(tmp_path: Path) -> None:
-    """--batch-models on: points differing only in seed and lr train as one group (rnnbench.many_models),
+    """--batch-models on: points differing only in seed and lr train as one population (rnnbench.training),
     each still its own FINISHED child run; a re-run finds them all done."""
     import os
     import subprocess
@@ -556,7 +557,7 @@ def test_batch_models_trains_groups_together_one_run_per_point(tmp_path: Path) -
     runs = client.search_runs([exp.experiment_id], "tags.sweep_role = 'point'")
     assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags["point_id"] for r in runs}) == 8
-    assert {r.data.tags["batched"] for r in runs} == {"4"}
+    assert {r.data.tags["population"] for r in runs} == {"4"}
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "8 FINISHED (0 this time, 8 before)" in second.stdout
 
