@@ -59,7 +59,7 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["32", "64"] = "32"
     progress_bar: bool = True
-    # How many torch CPU threads train() uses; auto: rnnbench.train.auto_threads (by the model's size).
+    # How many torch CPU threads train() uses; auto: rnnbench.training.threads.auto_threads (by the model's size).
     # It cannot change a number (the compiled loops' results do not depend on it), so it is not part
     # of a run's identity.
     threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from rnnbench.config import Config, load_config, parse_overrides
+from rnnbench.cells import CELLS
 from rnnbench.errors import RnnbenchError
 
 
@@ -30,7 +31,7 @@ def test_spec_file_and_override_order(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.cell=lstmm"], "unknown cell 'lstmm'; valid cells: gru, gru_reset_before, lstm, lstm_peephole, tanh"),
+        (["model.cell=lstmm"], "unknown cell 'lstmm'; valid cells: " + ", ".join(sorted(CELLS))),
         (["task.name=nope"], "unknown task 'nope'; valid tasks:"),
         (["model.hiden_size=3"], "unknown config key 'model.hiden_size'; did you mean 'hidden_size'?"),
         (["task.seq_lenn=3"], "unknown config key 'task.seq_lenn'; did you mean 'seq_len'?"),
@@ -82,7 +83,7 @@ def test_hash_ignores_tracking_and_sees_everything_else() -> None:
 
 
 def test_budget_presets_choose_hidden_size() -> None:
-    from rnnbench.train import resolve_hidden_size
+    from rnnbench.budget import hidden_size_of as resolve_hidden_size
 
     cfg = Config.from_dict({"model": {"cell": "tanh", "budget": "speech"}, "task": {"name": "copy"}})
     assert resolve_hidden_size(cfg, input_size=20, output_size=1) == 400

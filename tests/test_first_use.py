@@ -183,7 +183,7 @@ def test_sweep_description_reaches_mlflow_and_a_finished_rerun_leaves_the_parent
 
 # --- item 17: threads ---------------------------------------------------------------------------
 def test_auto_threads_one_for_small_models_and_within_the_cap() -> None:
-    from rnnbench.train import auto_threads
+    from rnnbench.training.threads import auto_threads
 
     assert auto_threads("lstm_peephole", 96, 36, cap=2) == 1  # Chung's music size
     assert auto_threads("tanh", 96, 100, cap=8) == 1
