@@ -127,3 +127,49 @@ def test_a_pruner_stops_members_at_a_rung(tmp_path: Path) -> None:
     assert len(pruned) == 1 and pruned[0].epoch == 1
     assert [e for e, _ in calls] == [1, 2] and len(calls[1][1]) == 2  # epoch 3 ends every member (max_epochs)
     assert all(math.isfinite(v) for _, s in calls for v in s.values())
+
+
+def _graphed_fit(configs: list[Config], device: str, capture: Any) -> Any:
+    from rnnbench.training.graphs import StepGraphs
+
+    pop = build(configs, torch.device(device), torch.float64 if device == "cpu" else torch.float32,
+                run_ids=[f"g{k}" for k in range(len(configs))])
+    pop.graphs = StepGraphs(pop, capture=capture)
+    loop._fit(pop, {}, None)
+    return pop
+
+
+@requires_data
+@pytest.mark.parametrize("cell", ["lstm_peephole", "gru"])
+def test_the_graphed_step_gives_the_plain_steps_numbers(cell: str, tmp_path: Path) -> None:
+    """The CUDA-graph bookkeeping (padded-length buckets, static inputs, captured steps replayed,
+    graphs dropped when a member leaves), run on the CPU with eager replays: the numbers of the
+    plain step, for members that stop early, run out of epochs and diverge."""
+    from rnnbench.training.graphs import eager_capture
+
+    configs = member_configs(cell, tmp_path, [EIGHT[k] for k in (0, 2, 3, 5, 6)])
+    plain, _ = fit(configs)
+    graphed = _graphed_fit(configs, "cpu", eager_capture)
+    assert graphed.graphs.captures > 0  # steps were captured and replayed
+    for k in range(len(configs)):
+        assert_close(numbers(graphed, {}, k), numbers(plain, {}, k))
+
+
+@pytest.mark.gpu
+@requires_data
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_cuda_graphs_give_the_eager_numbers(cell: str, tmp_path: Path) -> None:
+    """On a GPU: the real CUDA graphs against the same bookkeeping replayed eagerly (float32 tolerance)."""
+    from rnnbench.training.graphs import cuda_capture, eager_capture
+
+    over = ["train.device=cuda", "train.precision='32'"]
+    configs = member_configs(cell, tmp_path, [EIGHT[k] + over for k in (0, 2, 6)])
+    a, b = _graphed_fit(configs, "cuda", cuda_capture), _graphed_fit(configs, "cuda", eager_capture)
+    assert a.graphs.captures > 0
+    for k in range(len(configs)):
+        ha, hb = numbers(a, {}, k), numbers(b, {}, k)
+        assert len(ha["history"]) == len(hb["history"])
+        for ra, rb in zip(ha["history"], hb["history"]):
+            for key in ra:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), key

@@ -104,10 +104,13 @@ def test_points_are_validated_before_anything_runs(spec: dict[str, Any], overrid
 
 
 def test_shipped_specs_are_valid() -> None:
+    from rnnbench.cells import CELLS
     from rnnbench.sweep.spec import load_spec
 
     root = Path(__file__).resolve().parents[1] / "experiments"
-    sizes = {"smoke": 5, "chung2014_music": 600, "chung2014_speech": 150, "copy": 125, "adding": 150}
+    smoke = expand(load_spec(root / "smoke.yaml"))  # `model.cell: all`: every registered cell
+    assert sorted(p.config.model.cell for p in smoke) == sorted(CELLS)
+    sizes = {"smoke": len(CELLS), "chung2014_music": 600, "chung2014_speech": 150, "copy": 125, "adding": 150}
     for name, n in sizes.items():
         spec = load_spec(root / f"{name}.yaml")
         assert spec.name == name
@@ -489,6 +492,12 @@ def test_process_pool_spreads_workers_over_gpus(monkeypatch: pytest.MonkeyPatch,
         ex.close()
     assert got == (seen if seen else ["-", "-"])
     assert ("over GPUs 5,7" in ex.description) == (len(gpus) > 1)
+    pool = executors.pinned_pool(2)  # the pool that runs populations side by side pins the same way
+    try:
+        futures = [pool.submit(_gpu_seen_after, 3.0) for _ in range(2)]
+        assert sorted(f.result(timeout=300) or "-" for f in futures) == (seen if seen else ["-", "-"])
+    finally:
+        pool.shutdown()
 
 
 @pytest.mark.ray

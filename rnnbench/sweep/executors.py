@@ -193,6 +193,18 @@ def stop_pool(pool: cf.ProcessPoolExecutor, grace_s: float = CANCEL_GRACE_S) -> 
             process.join(1.0)
 
 
+def pinned_pool(workers: int, gpus: tuple[str, ...] | None = None) -> cf.ProcessPoolExecutor:
+    """`workers` spawned processes with cpu_count // workers torch threads each and, on a host with
+    several GPUs, worker k pinned to GPU k mod their number (single points and populations alike)."""
+    gpus = tuple(visible_gpus()) if gpus is None else gpus
+    slots = None
+    if len(gpus) > 1:
+        slots = multiprocessing.get_context("spawn").Queue()
+        for k in range(workers):
+            slots.put(k)
+    return worker_pool(workers, max(1, (os.cpu_count() or 1) // workers), slots, gpus)
+
+
 class ProcessPoolExecutor(Executor):
     """N worker processes (spawn start method: no forked torch/MLflow state, same as on macOS/Windows).
 
@@ -210,12 +222,7 @@ class ProcessPoolExecutor(Executor):
         self._futures: dict[cf.Future, Job] = {}
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
-        slots = None
-        if len(self._gpus) > 1:
-            slots = multiprocessing.get_context("spawn").Queue()
-            for k in range(self.capacity):
-                slots.put(k)
-        return worker_pool(self.capacity, self._threads, slots, self._gpus)
+        return pinned_pool(self.capacity, self._gpus)
 
     def submit(self, job: Job) -> None:
         try:

@@ -392,12 +392,12 @@ def _run_groups_concurrently(groups: list[list[Job]], workers: int, summary: Swe
     processes time-slice the device and each runs 3-10x slower (results/bench/GRID_GPU.md)."""
     import concurrent.futures as cf
 
-    from rnnbench.sweep.executors import in_worker, lost, stop_pool, worker_pool
+    from rnnbench.sweep.executors import in_worker, lost, pinned_pool, stop_pool
     from rnnbench.sweep.jobs import run_group
 
     n = min(workers, len(groups))
     echo(f"training {len(groups)} groups of points together, {n} groups at a time in worker processes")
-    pool = worker_pool(n)
+    pool = pinned_pool(n)  # each population's worker on its own GPU where there are several
     try:
         futures = {pool.submit(in_worker, run_group, g): g for g in groups}
         for future in cf.as_completed(futures):

@@ -4,7 +4,7 @@
     description: ...                    # optional, free text
     base: {model: ..., task: ..., train: ..., tracking: ...}   # a run spec, as `rnnbench train` reads
     grid:                               # config path -> values; the cartesian product, in this order
-      model.cell: [tanh, gru, lstm]
+      model.cell: [tanh, gru, lstm]     # or `all`: every registered cell
       train.seed: [0, 1, 2, 3, 4]
     random:                             # random search, crossed with the grid
       samples: 10
@@ -157,6 +157,16 @@ class SweepSpec(_Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     random: RandomSearch | None = None
     solved: SolvedRule | None = None
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _every_cell(cls, grid: Any) -> Any:
+        # `model.cell: all`: every cell of the registry, so a new cell joins such sweeps by itself
+        if isinstance(grid, dict) and grid.get("model.cell") == "all":
+            from rnnbench.cells import CELLS
+
+            grid = {**grid, "model.cell": sorted(CELLS)}
+        return grid
 
     @field_validator("grid")
     @classmethod

@@ -339,6 +339,8 @@ def _resume(pop: Population, recorders: dict[int, RunRecorder], run_ids: list[st
             checkpoint.restore(pop, row, checkpoint.load(path))
         except checkpoints.CheckpointError as e:
             raise RnnbenchError(f"cannot resume run {m.run_id}: {e}") from None
+        if m.status == "stopped" and m.stopped_by in ("max_epochs", "max_steps") and m.epoch < m.config.train.max_epochs:
+            m.status, m.stopped_by = "training", ""  # continued with a longer budget than it had
         recorders[i].log_epochs(m.history)  # epochs checkpointed by the interrupted process, not yet logged
         m.wall_offset = m.history[-1]["wall_seconds"] if m.history else m.wall_offset
     rows = [r for r, i in enumerate(pop.ids) if pop.members[i].status == "training"]
@@ -369,8 +371,7 @@ def _fit(pop: Population, recorders: dict[int, RunRecorder], pruner: Pruner | No
     if not pop.ids:
         return
     t = pop.configs[0].train
-    start = pop.members[pop.ids[0]].epoch
-    max_epochs = max(pop.configs[i].train.max_epochs for i in pop.ids) - start
+    max_epochs = max(pop.configs[i].train.max_epochs - pop.members[i].epoch for i in pop.ids)
     done_steps = int(pop.steps.max())
     max_steps = -1 if t.max_steps < 0 else max(t.max_steps - done_steps, 0)
     if max_epochs <= 0 or max_steps == 0:

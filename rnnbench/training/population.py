@@ -21,6 +21,7 @@ member's best-validation weights are kept in `best` (rows of the whole populatio
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from torch import nn
 from rnnbench import cells
 from rnnbench.config import Config
 from rnnbench.tasks.base import Batch, Task, broadcast_batch, stack_batches
+from rnnbench.training.graphs import StepGraphs, bucket
 from rnnbench.training.optim import StackedOptimizer, clip_grad_norms_, weight_noise
 
 
@@ -125,7 +127,10 @@ class TrainBatches:
     def __iter__(self) -> Iterator[Batch]:
         loaders = [self.module.data.train[i] for i in self.module.ids]
         for batches in zip(*loaders):
-            yield stack_batches(list(batches))
+            if self.module.graphs is not None:  # one CUDA graph per padded length
+                yield stack_batches(list(batches), bucket(max(b["x"].shape[1] for b in batches)))
+            else:
+                yield stack_batches(list(batches))
 
 
 class EvalBatches:
@@ -193,6 +198,8 @@ class Population(L.LightningModule):
         self.optimizer: StackedOptimizer | None = None
         self.sums: dict[str, list[torch.Tensor]] = {}  # "<split>_<metric>" -> [sum (K,), count (K,)]
         self.scoring: str | None = None  # the split being scored after training, else None
+        self.noisy = bool((self.noise_std > 0).any())  # any member with weight noise
+        self.graphs: Any = None  # StepGraphs on CUDA (rnnbench/training/graphs.py)
 
     # --- the weights --------------------------------------------------------------------------------
     def weights(self) -> list[nn.Parameter]:
@@ -221,14 +228,22 @@ class Population(L.LightningModule):
 
     # --- training -----------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> None:
-        self.train_step(batch)
+        if self.graphs is not None:
+            self.graphs.step(batch)
+        else:
+            self.train_step(batch)
 
-    def train_step(self, batch: Batch) -> None:
+    def train_step(self, batch: Batch, graphed: bool = False) -> None:
         """One update of every member in training on its own batch (rows of `batch`): the step that
-        `rnnbench train`, a sweep and `rnnbench bench` all run."""
+        `rnnbench train`, a sweep and `rnnbench bench` all run. graphed: the form a CUDA graph can
+        hold (rnnbench/training/graphs.py): the recurrence over the whole padded length (no member
+        length read on the host) and the gradients left in place for the next replay to overwrite."""
         assert self.optimizer is not None
+        if graphed:
+            for p in self.weights():
+                p.grad = None
         noise = self._add_weight_noise()
-        out = self(batch["x"], batch.get("steps"))
+        out = self(batch["x"], None if graphed else batch.get("steps"))
         loss, sums = self.task.loss_and_sums(out, batch)
         # No host sync per step: the first step at which a member's loss is not finite is noted on the
         # device and read at the epoch's end (a diverged member's rows only ever touch its own rows).
@@ -245,14 +260,15 @@ class Population(L.LightningModule):
                 torch._foreach_sub_(self.recurrent_weights(), noise)
         clip_grad_norms_(self.weights(), self.clip)
         self.optimizer.step()
-        for p in self.weights():
-            p.grad = None
+        if not graphed:
+            for p in self.weights():
+                p.grad = None
         self.steps += 1
         self._add_sums("train", sums)
         self.train_steps += self.task.time_steps(batch).to(self.train_steps.device)
 
     def _add_weight_noise(self) -> list[torch.Tensor] | None:
-        if not bool((self.noise_std > 0).any()):
+        if not self.noisy:  # decided on the host when the members change, never read from the device here
             return None
         ws = self.recurrent_weights()
         noise = weight_noise(self.noise_key, self.steps, [tuple(w.shape[1:]) for w in ws], self.noise_std,
@@ -275,12 +291,16 @@ class Population(L.LightningModule):
 
     def split_values(self, split: str) -> list[dict[str, float]]:
         """Per member in training (row order): sum / count of each metric of `split`, then the task's
-        references; the split's sums are consumed."""
+        references; the split's sums start again from zero."""
         rows: list[dict[str, float]] = [{} for _ in self.ids]
         for key in [k for k in self.sums if k.startswith(split + "_")]:
-            s, n = self.sums.pop(key)
+            # the training sums are zeroed in place (a captured step adds into these very tensors);
+            # evaluation sums (made under Lightning's inference mode) are dropped
+            s, n = self.sums[key] if split == "train" else self.sums.pop(key)
             for r, v in zip(rows, torch.where(n > 0, s / n, torch.full_like(s, math.nan)).tolist()):
                 r[key] = v
+            if split == "train":
+                s.zero_(), n.zero_()
         task_split = {"final_train": "train", "final_val": "val"}.get(split, split)
         for r, i in zip(rows, self.ids):
             for name, value in self.data.tasks[i].baselines(task_split).items():
@@ -313,6 +333,9 @@ class Population(L.LightningModule):
         if self.optimizer is not None:
             self.optimizer.select(idx)
         self.ids = [self.ids[r] for r in rows]
+        self.noisy = bool((self.noise_std > 0).any())
+        if self.graphs is not None:
+            self.graphs.reset()  # new tensors: the captured steps point at the old ones
 
     def use_best(self, members: list[int]) -> None:
         """Make the population those members, with their best-validation weights (for scoring)."""
@@ -351,4 +374,6 @@ def build(configs: list[Config], device: torch.device, dtype: torch.dtype, impl:
     pop.to(device=device, dtype=dtype)
     pop.best = [p.detach().clone() for p in pop.weights()]
     pop.setup_optimizer()
+    if device.type == "cuda" and os.environ.get("RNNBENCH_CUDA_GRAPHS", "1") != "0":
+        pop.graphs = StepGraphs(pop)
     return pop
