@@ -212,40 +212,23 @@ def train_population(
     RnnbenchError is re-raised after that); Ctrl-C or SIGTERM closes the unfinished runs KILLED
     (resumable) and re-raises KeyboardInterrupt.
     """
-    from rnnbench.budget import hidden_size_of, param_counts
+    from rnnbench.budget import param_counts
     from rnnbench.cells import implementation
     from rnnbench.cpu_memory import keep_freed_memory
-    from rnnbench.tasks import get_task
     from rnnbench.training.threads import use_threads
 
+    if not configs:
+        return []
     K = len(configs)
     run_ids = list(run_ids) if run_ids is not None else [None] * K
     tags = list(tags) if tags is not None else [{} for _ in range(K)]
-    if not configs:
-        return []
-    if len(run_ids) != K or len(tags) != K:
-        raise RnnbenchError(f"train_population: {K} configs but {len(run_ids)} run ids and {len(tags)} tag sets")
-    key = population_key(configs[0])
-    for c in configs[1:]:
-        if population_key(c) != key:
-            differ = sorted(set(population_key(c)) ^ set(key))
-            raise RnnbenchError(f"train_population: configs differ in {differ[0][0]!r}, which members must share")
+    _check_members(configs, run_ids, tags)
     quiet_lightning()
     keep_freed_memory()
     t_setup = time.perf_counter()
     t = configs[0].train
-    if t.device == "cuda" and not torch.cuda.is_available():
-        raise RnnbenchError("train.device=cuda but no CUDA device is available")
-    use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    dtype = torch.float64 if t.precision == "64" else torch.float32
-
-    task = get_task(configs[0].task.name)(configs[0].task, seed=t.seed)
-    hidden = hidden_size_of(configs[0], task.input_size, task.output_size)
-    resolved = [c.model_copy(deep=True) for c in configs]
-    for c in resolved:
-        c.model.hidden_size = hidden  # the resolved config is what gets recorded
-    configs = resolved
+    device, dtype = _device_and_dtype(configs[0])
+    configs, task, hidden = _resolved(configs)
     threads = use_threads(configs[0], task.input_size, hidden) if K == 1 else torch.get_num_threads()
 
     recorders: dict[int, RunRecorder] = {}
@@ -276,19 +259,62 @@ def train_population(
                 r.kill()
         raise PopulationInterrupted([r.run_id for r in recorders.values()]) from None
     except Exception as e:  # noqa: BLE001 - recorded in every unfinished run, as one line
-        reason = str(e) if isinstance(e, RnnbenchError) else f"{type(e).__name__}: {e}".strip()
-        results = []
-        for k, r in recorders.items():
-            m = members[k] if k < len(members) else None
-            if m is not None and m.status == "failed":
-                results.append(RunResult(r.run_id, "FAILED", reason=m.reason))
-            else:
-                folder = checkpoint.member_path(configs[k].tracking.checkpoint_dir, r.run_id).parent
-                results.append(RunResult(r.run_id, "FAILED", reason=r.fail(reason, folder)))
+        results = _fail_unfinished(e, configs, recorders, members)
         if isinstance(e, RnnbenchError) or len(recorders) < K:
             raise
         return results
+    return _finish(members, recorders, final)
 
+
+def _check_members(configs: list[Config], run_ids: list[str | None], tags: list[dict[str, str]]) -> None:
+    K = len(configs)
+    if len(run_ids) != K or len(tags) != K:
+        raise RnnbenchError(f"train_population: {K} configs but {len(run_ids)} run ids and {len(tags)} tag sets")
+    key = population_key(configs[0])
+    for c in configs[1:]:
+        if population_key(c) != key:
+            differ = sorted(set(population_key(c)) ^ set(key))
+            raise RnnbenchError(f"train_population: configs differ in {differ[0][0]!r}, which members must share")
+
+
+def _device_and_dtype(config: Config) -> tuple[torch.device, torch.dtype]:
+    t = config.train
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise RnnbenchError("train.device=cuda but no CUDA device is available")
+    use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    return device, torch.float64 if t.precision == "64" else torch.float32
+
+
+def _resolved(configs: list[Config]) -> tuple[list[Config], Any, int]:
+    """The configs with their hidden size resolved (what gets recorded), a task instance, that size."""
+    from rnnbench.budget import hidden_size_of
+    from rnnbench.tasks import get_task
+
+    task = get_task(configs[0].task.name)(configs[0].task, seed=configs[0].train.seed)
+    hidden = hidden_size_of(configs[0], task.input_size, task.output_size)
+    resolved = [c.model_copy(deep=True) for c in configs]
+    for c in resolved:
+        c.model.hidden_size = hidden
+    return resolved, task, hidden
+
+
+def _fail_unfinished(error: Exception, configs: list[Config], recorders: dict[int, RunRecorder],
+                     members: list[Member]) -> list[RunResult]:
+    """Every run not already FAILED is closed FAILED with the population's error, in one line."""
+    reason = str(error) if isinstance(error, RnnbenchError) else f"{type(error).__name__}: {error}".strip()
+    results = []
+    for k, r in recorders.items():
+        m = members[k] if k < len(members) else None
+        if m is not None and m.status == "failed":
+            results.append(RunResult(r.run_id, "FAILED", reason=m.reason))
+        else:
+            folder = checkpoint.member_path(configs[k].tracking.checkpoint_dir, r.run_id).parent
+            results.append(RunResult(r.run_id, "FAILED", reason=r.fail(reason, folder)))
+    return results
+
+
+def _finish(members: list[Member], recorders: dict[int, RunRecorder], final: dict[int, dict[str, float]]) -> list[RunResult]:
     results = []
     for k, m in enumerate(members):
         if m.status == "failed":  # recorded when it diverged
