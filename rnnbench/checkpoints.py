@@ -1,10 +1,9 @@
 """Checkpoint files: written atomically, read back without running anything, checked before a resume.
 
-Every checkpoint the harness writes (Lightning's last.ckpt and best.ckpt through `SafeCheckpointIO`,
-train_many's batched_last.pt) goes through `save`: a temporary file in the same folder, fsync, then
-os.replace, so a kill or a node crash leaves either the previous checkpoint or the new one, never a
-truncated file. (Lightning's own writer stages the file in the system temp folder and moves it over:
-across file systems, e.g. onto a shared checkpoint folder, that move is a copy a kill can cut short.)
+Every checkpoint the harness writes (a population member's member.pt, rnnbench/training/checkpoint.py)
+goes through `save`: a temporary file in the same folder, fsync, then os.replace, so a kill or a node
+crash leaves either the previous checkpoint or the new one, never a truncated file (a temporary file
+in the system temp folder moved over would, across file systems, be a copy a kill can cut short).
 
 Every checkpoint read back goes through `load`: torch.load with weights_only=True, so a file that
 someone replaced with a pickle holding code (the README recommends a shared checkpoint folder) is

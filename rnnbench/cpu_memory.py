@@ -4,8 +4,7 @@ A CPU training step allocates the same large activation buffers every time (K mo
 hundreds of MB per step). glibc's malloc serves blocks above its mmap threshold (adaptive, at most
 32 MiB) with fresh pages from the OS and unmaps them on free, so each step pays a page fault for
 every 4 KiB it touches again. Raising the threshold (and the heap-trim threshold) makes malloc keep
-and reuse that memory, as tcmalloc or jemalloc would. Measured on the 2-core CPU, 32 models trained
-together: tanh 1.9x -> 2.6x the throughput of 32 sequential runs, peephole LSTM 1.0x -> 1.2x.
+and reuse that memory, as tcmalloc or jemalloc would (what it gained: results/bench/MEASURED_NOTES.md).
 
 The process's resident memory then stays near its peak until it exits: fine for a training process.
 `RNNBENCH_KEEP_FREED_MEMORY=0` turns it off; other C libraries (macOS, musl) are left alone.

@@ -15,12 +15,12 @@ def command(
     overrides: Optional[list[str]] = OVERRIDES,
     executor: str = typer.Option("local", "--executor", "-e", help="where points run: local or ray"),
     workers: Optional[int] = typer.Option(
-        None, "--workers", "-w", help="points at once (local: 1 runs in this process; ray: default all CPUs); batched groups at once with --batch-models"
+        None, "--workers", "-w", help="points at once (local: 1 runs in this process; ray: default all CPUs); populations at once with --batch-models"
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the points, what would be done and an upper bound of the cost (timed here); run nothing"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar"),
     batch_models: str = typer.Option(
-        "auto", "--batch-models", help="train points that differ only in seed and lr together: auto (where CUDA is), on, off"
+        "auto", "--batch-models", help="train points that differ only in per-member keys (seed, lr, ...) as one population: auto (where CUDA is), on, off"
     ),
 ) -> None:
     """Run a grid/random sweep; re-running it skips FINISHED points and resumes interrupted ones.

@@ -248,11 +248,11 @@ BATCH_MODES = ("auto", "on", "off")
 
 
 def _batching_on(mode: str, executor: str) -> bool:
-    """auto: only where CUDA is available, where one small model leaves the device idle. On the 2-core
-    CPU `on` gains too (32 models together: 1.0-1.2x the throughput of 32 sequential runs,
-    results/bench/bench_cpu.md; each model keeps its own sequence length there), but holds K models'
-    activations in memory at once and keeps a group until its slowest model stops, so there it is a
-    choice, not the default. Ray spreads points over nodes instead."""
+    """auto: only where CUDA is available, where one small model leaves the device idle. On the CPU
+    `on` can gain too (the population rows of results/bench/bench_cpu.md; each member keeps its own
+    sequence length there), but holds K members' activations in memory at once and keeps a
+    population until its slowest member stops, so there it is a choice, not the default. Ray spreads
+    points over nodes instead."""
     if mode == "off" or executor != "local":
         return False
     if mode == "on":
@@ -389,7 +389,7 @@ def _group_label(group: list[Job]) -> str:
 
 def _run_groups_concurrently(groups: list[list[Job]], workers: int, summary: SweepSummary, echo: Callable[[str], None]) -> None:
     """Groups in `workers` spawned processes at once: for hosts with many CPU cores. On one GPU the
-    processes time-slice the device and each runs 3-10x slower (results/bench/GRID_GPU.md)."""
+    processes time-slice the device and each runs several times slower (results/bench/GRID_GPU.md)."""
     import concurrent.futures as cf
 
     from rnnbench.sweep.executors import in_worker, lost, pinned_pool, stop_pool

@@ -9,12 +9,9 @@ from rnnbench.config import Config
 
 # One model's step products are tiny at Chung's sizes, and the compiled CPU loops split a forward
 # pass over threads only where gates x H x H >= 16384 (rnnbench/cells/csrc/fast_rnn.cpp, "threads").
-# Measured on this project's 2-core machine while it was busy (load ~2), seconds per JSB epoch,
-# 1 vs 2 torch threads: lstm_peephole H=37 0.41 vs 2.84 and 0.37 vs 1.00; gru_reset_before H=46
-# 0.33 vs 1.83 and 0.39 vs 0.89; tanh H=101 0.40 vs 0.33 and 0.41 vs 2.79 (two threads fight the
-# other processes for the cores and wait on each other). Bigger models gain from a free core and
-# lose when there is none: lstm H=256 1.41 vs 0.88 and 1.15 vs 1.04, gru_reset_before H=256 1.12 vs
-# 0.91 and 1.11 vs 2.62, lstm_peephole H=512 5.5 vs 7.1. Results do not depend on the thread count.
+# On a busy machine a second thread makes a small model's epoch several times slower (the threads
+# fight other processes for the cores and wait on each other); bigger models gain from a free core
+# and lose when there is none (results/bench/MEASURED_NOTES.md). Results do not depend on the count.
 PARALLEL_PRODUCT = 16384  # gates x H x H from which a second thread can pay
 
 
