@@ -26,6 +26,7 @@ Speed targets live in this output, never in unit tests.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -34,9 +35,10 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 
@@ -183,29 +185,22 @@ def run(opts: Options, echo: Callable[[str], Any] = print) -> dict[str, Any]:
     return {"rows": rows, "files": files, "run_id": run_id, "tracking_uri": uri}
 
 
-class _Flags:
+@contextlib.contextmanager
+def _flags(device: str) -> Iterator[None]:
     """Run under the global flags training sets (deterministic algorithms on the CPU, no NaN fill of
     new memory: rnnbench/training/loop.py); put the process's own back afterwards."""
+    import torch
 
-    def __init__(self, device: str) -> None:
-        self.device = device
-
-    def __enter__(self) -> None:
-        import torch
-
-        self.saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                      torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-                      torch.utils.deterministic.fill_uninitialized_memory)
-        torch.use_deterministic_algorithms(self.device == "cpu")
-        torch.utils.deterministic.fill_uninitialized_memory = False
-
-    def __exit__(self, *exc: Any) -> None:
-        import torch
-
-        det, warn_only, cudnn_benchmark, cublas, fill = self.saved
+    det, warn_only, fill = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                            torch.utils.deterministic.fill_uninitialized_memory)
+    cudnn_benchmark, cublas = torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    torch.use_deterministic_algorithms(device == "cpu")
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
         torch.use_deterministic_algorithms(det, warn_only=warn_only)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
-        torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch.utils.deterministic.fill_uninitialized_memory, torch.backends.cudnn.benchmark = fill, cudnn_benchmark
         if cublas is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         else:
@@ -213,14 +208,16 @@ class _Flags:
 
 
 def _bench_device(dev: str, opts: Options, uri: str, echo: Callable[[str], Any]) -> tuple[list[Row], dict[str, Any]]:
+    import torch
+
     from rnnbench.cells import CELLS, compiled
 
     if dev == "cpu":
         compiled.load_extension()
-    info: dict[str, Any] = {"device": _device_name(dev), "extension": compiled.extension_info() if dev == "cpu" else {},
-                            "skipped": _unavailable(dev)}
+    info: dict[str, Any] = {"device": _device_name(dev), "torch": torch.__version__, "extension": compiled.extension_info() if dev == "cpu" else {},
+                            "skipped": [s for cell in CELLS for s in _impls(cell, dev)[1]]}
     rows: list[Row] = []
-    with _Flags(dev):
+    with _flags(dev):
         for H in opts.hidden:
             echo(f"[{dev}] hidden {H}: checking the fast loops, then fused, loop and step rows round-robin")
             cands = _fused(dev, H, opts) + [c for cell in CELLS for c in _loops(cell, dev, H, opts)]
@@ -246,9 +243,9 @@ Cand = tuple[Row, Optional[Callable[[], Any]], int]
 
 
 def _sync(dev: str) -> None:
-    import torch
-
     if dev == "cuda":
+        import torch
+
         torch.cuda.synchronize()
 
 
@@ -303,35 +300,20 @@ def _fused(dev: str, H: int, opts: Options) -> list[Cand]:
     return out
 
 
-def _impls(cell: str, dev: str) -> list[str]:
-    """The cell's implementations this device runs: reference and each of its loops that loads here."""
+def _impls(cell: str, dev: str) -> tuple[list[str], list[str]]:
+    """The cell's implementations this device runs (reference and each of its loops that loads here),
+    and 'cell impl (why)' for each of its loops that does not."""
     import torch
 
     from rnnbench.cells import get_cell, implementation
 
-    usable = ["reference"]
+    usable, skipped = ["reference"], []
     for impl in get_cell(cell).loops:
         try:
             usable.append(implementation(cell, torch.device(dev), torch.float32, impl))
-        except RnnbenchError:
-            pass
-    return usable
-
-
-def _unavailable(dev: str) -> list[str]:
-    """'cell impl: why' for each registered loop this device cannot run (named in the md)."""
-    import torch
-
-    from rnnbench.cells import CELLS, implementation
-
-    out = []
-    for cell, cls in CELLS.items():
-        for impl in cls.loops:
-            try:
-                implementation(cell, torch.device(dev), torch.float32, impl)
-            except RnnbenchError as e:
-                out.append(f"{cell} {impl} ({e})")
-    return out
+        except RnnbenchError as e:
+            skipped.append(f"{cell} {impl} ({e})")
+    return usable, skipped
 
 
 def _loop_inputs(cell: str, dev: str, H: int, opts: Options, dtype: Any) -> tuple[list[dict[str, Any]], Any, Any]:
@@ -377,7 +359,7 @@ def _loops(cell: str, dev: str, H: int, opts: Options) -> list[Cand]:
     from rnnbench.cells import run
 
     out = []
-    for impl in _impls(cell, dev):
+    for impl in _impls(cell, dev)[0]:
         if impl == "reference" and not opts.reference:
             continue
         row = Row(dev, H, "loop", cell, impl)
@@ -486,7 +468,9 @@ def _trainer_row(cell: str, dev: str, H: int, opts: Options) -> Row:
     starts = Starts()
     try:
         pop = _build(cell, dev, H, opts, [0], sequences=n * opts.batch)
-        make_trainer(pop, [starts], max_epochs=1, max_steps=n).fit(pop, TrainBatches(pop))
+        with warnings.catch_warnings():  # no validation here: only the training batches are timed
+            warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+            make_trainer(pop, [starts], max_epochs=1, max_steps=n).fit(pop, TrainBatches(pop))
         _fill(row, [b - a for a, b in zip(starts.t, starts.t[1:])][opts.warmup :], opts.batch * opts.seq_len)
     except Exception as e:  # noqa: BLE001
         _failed(row, e)
@@ -531,25 +515,20 @@ def _populations(dev: str, H: int, opts: Options) -> list[Row]:
 
 def _population_and_singles(cell: str, dev: str, H: int, opts: Options, lengths: list[int], dtype: Any) -> tuple[Any, list[Any], Any, list[Any]]:
     """A population of K (seeds 0..K-1), its K populations of one, member k's batch stacked for both."""
-    K = len(lengths)
-    pop = _build(cell, dev, H, opts, list(range(K)), dtype)
-    singles = [_build(cell, dev, H, opts, [k], dtype) for k in range(K)]
+    pop = _build(cell, dev, H, opts, list(range(len(lengths))), dtype)
+    singles = [_build(cell, dev, H, opts, [k], dtype) for k in range(len(lengths))]
     batches = [_member_batch(pop, k, n, seed=k) for k, n in enumerate(lengths)]
-    stacked = _on(pop.task.stack_batches(batches), pop)
-    alone = [_on(p.task.stack_batches([b]), p) for p, b in zip(singles, batches)]
-    return pop, singles, stacked, alone
+    return pop, singles, _on(pop.task.stack_batches(batches), pop), [_on(p.task.stack_batches([b]), p) for p, b in zip(singles, batches)]
 
 
 def _member_diff(cell: str, dev: str, H: int, opts: Options, lengths: list[int], dtype: Any) -> float:
     """max |member k's weights after one step in the population - its own single's|, relative to max(1, |w|)."""
     pop, singles, stacked, alone = _population_and_singles(cell, dev, H, opts, lengths, dtype)
     pop.train_step(stacked)
-    worst = 0.0
-    for k, (p, b) in enumerate(zip(singles, alone)):
+    for p, b in zip(singles, alone):
         p.train_step(b)
-        for a, w in zip(pop.weights(), p.weights()):
-            worst = max(worst, float((a.detach()[k] - w.detach()[0]).abs().max()) / max(1.0, float(w.detach().abs().max())))
-    return worst
+    return max(float((a[k] - w[0]).abs().max()) / max(1.0, float(w.abs().max()))
+               for k, p in enumerate(singles) for a, w in zip(pop.weights(), p.weights()) for a, w in [(a.detach(), w.detach())])
 
 
 # ---- fixed cost per run -------------------------------------------------------------------------------
@@ -568,7 +547,7 @@ def _setup_rows(dev: str, uri: str) -> list[Row]:
                 "tracking": {"experiment": "bench_setup", "tracking_uri": uri, "checkpoint_dir": ckpt},
             })
             t0 = time.perf_counter()
-            with _Flags(dev):  # train()'s Trainer changes global flags; put them back
+            with _flags(dev):  # train()'s Trainer changes global flags; put them back
                 result = train(config, tags={"purpose": "bench fixed-cost probe"})
             row = Row(dev, 8, "setup", "lstm", label, repeats=1)
             if result.status == "FINISHED":
@@ -648,7 +627,7 @@ def _write(dev: str, rows: list[Row], info: dict[str, Any], opts: Options) -> Pa
     lines = [
         f"# rnnbench bench: {dev}", "",
         f"- device: {info['device']}",
-        f"- torch {_torch_version()}, Python {platform.python_version()}, {platform.system()} {platform.machine()}",
+        f"- torch {info['torch']}, Python {platform.python_version()}, {platform.system()} {platform.machine()}",
         f"- compiled CPU loops: {ext_line}; not timed here: {', '.join(info['skipped']) or 'none'}",
         f"- shape: seq {opts.seq_len}, batch {opts.batch}, input {opts.input_size} (random piano rolls), hidden"
         f" {', '.join(map(str, opts.hidden))}; float32; population rows K = {opts.population}",
@@ -694,15 +673,10 @@ def _write(dev: str, rows: list[Row], info: dict[str, Any], opts: Options) -> Pa
     return base
 
 
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
-
-
 def _command_line(opts: Options) -> str:
-    parts = ["rnnbench bench", f"--device {'all' if len(opts.devices) > 1 else opts.devices[0]}", f"--seq-len {opts.seq_len}",
-             f"--batch {opts.batch}", f"--input {opts.input_size}", f"--hidden {','.join(map(str, opts.hidden))}",
-             f"--repeats {opts.repeats}", f"--warmup {opts.warmup}", f"--population {opts.population}"]
-    parts += [f"--threads {opts.threads}"] * bool(opts.threads)
-    return " ".join(parts + [f"--no-{flag}" for flag in ("trainer", "setup", "reference") if not getattr(opts, flag)])
+    """The command that reproduces this bench (every option spelled out)."""
+    flags = {"seq_len": "seq-len", "batch": "batch", "input_size": "input", "repeats": "repeats", "warmup": "warmup",
+             "population": "population", "threads": "threads"}
+    parts = [f"--device {'all' if len(opts.devices) > 1 else opts.devices[0]}", f"--hidden {','.join(map(str, opts.hidden))}"]
+    parts += [f"--{flag} {getattr(opts, name)}" for name, flag in flags.items() if getattr(opts, name) is not None]
+    return " ".join(["rnnbench bench", *parts] + [f"--no-{f}" for f in ("trainer", "setup", "reference") if not getattr(opts, f)])
