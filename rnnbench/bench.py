@@ -527,8 +527,12 @@ def _member_diff(cell: str, dev: str, H: int, opts: Options, lengths: list[int],
     pop.train_step(stacked)
     for p, b in zip(singles, alone):
         p.train_step(b)
-    return max(float((a[k] - w[0]).abs().max()) / max(1.0, float(w.abs().max()))
-               for k, p in enumerate(singles) for a, w in zip(pop.weights(), p.weights()) for a, w in [(a.detach(), w.detach())])
+    worst = 0.0
+    for k, p in enumerate(singles):
+        for a, w in zip(pop.weights(), p.weights()):
+            w = w.detach()
+            worst = max(worst, float((a.detach()[k] - w[0]).abs().max()) / max(1.0, float(w.abs().max())))
+    return worst
 
 
 # ---- fixed cost per run -------------------------------------------------------------------------------
