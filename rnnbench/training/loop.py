@@ -374,7 +374,8 @@ def _resume(pop: Population, recorders: dict[int, RunRecorder], run_ids: list[st
         pop.keep(rows)
 
 
-def _trainer(pop: Population, callbacks: list[Any], max_epochs: int, max_steps: int) -> Any:
+def make_trainer(pop: Population, callbacks: list[Any], max_epochs: int, max_steps: int) -> Any:
+    """The Lightning Trainer a population trains and is scored in (`rnnbench bench` times its step in it)."""
     import lightning as L
 
     t = pop.configs[0].train
@@ -406,7 +407,7 @@ def _fit(pop: Population, recorders: dict[int, RunRecorder], pruner: Pruner | No
         return
     timer = EpochTimer()
     callbacks = [timer, MemberStopping(timer, pruner), MemberCheckpoint(), EpochRecords(recorders)]
-    trainer = _trainer(pop, callbacks, max_epochs, max_steps)
+    trainer = make_trainer(pop, callbacks, max_epochs, max_steps)
     trainer.fit(pop, TrainBatches(pop), EvalBatches(pop, "val"))
 
 
@@ -416,7 +417,7 @@ def _score(pop: Population, done: list[int], setup_seconds: float, counts: dict[
     if not done:
         return final
     pop.use_best(done)
-    trainer = _trainer(pop, [], 1, -1)
+    trainer = make_trainer(pop, [], 1, -1)
     for split in ("test", "final_val", "final_train"):
         pop.scoring = split
         trainer.validate(pop, EvalBatches(pop, split), verbose=False)

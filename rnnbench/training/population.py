@@ -353,13 +353,16 @@ class Population(L.LightningModule):
 
 
 def build(configs: list[Config], device: torch.device, dtype: torch.dtype, impl: str = "auto",
-          run_ids: list[str] | None = None) -> Population:
+          run_ids: list[str] | None = None, task_cls: type[Task] | None = None) -> Population:
     """A population ready to train: configs resolved to one hidden size, members' weights drawn from
-    their seeds, on `device` in `dtype`, with its optimizer (no run, no MLflow: the loop adds those)."""
+    their seeds, on `device` in `dtype`, with its optimizer (no run, no MLflow: the loop adds those).
+
+    task_cls: the task class (default: the one registered as configs[0].task.name); `rnnbench bench`
+    passes a subclass of a music task that draws random piano rolls instead of reading a corpus."""
     from rnnbench.budget import hidden_size_of
     from rnnbench.tasks import get_task
 
-    task_cls = get_task(configs[0].task.name)
+    task_cls = task_cls or get_task(configs[0].task.name)
     first = task_cls(configs[0].task, seed=configs[0].train.seed)
     hidden = hidden_size_of(configs[0], first.input_size, first.output_size)
     resolved = []
