@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from rnnbench.cells.base import Loop, State, Weights
@@ -153,12 +152,15 @@ def _outputs(hbuf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ManyCppLoops(torch.autograd.Function):
-    """K independent one-model compiled loops (`op`_fwd / `op`_bwd), run in parallel over the CPU threads
-    by the ops `op`_fwd_many / `op`_bwd_many: the same numbers as K calls of the one-model Function.
+    """K independent one-model compiled loops (`op`_fwd / `op`_bwd) over STACKED tensors, run in
+    parallel over the CPU threads by the ops `op`_fwd_many / `op`_bwd_many: the same numbers as K
+    calls of the one-model loop.
 
-    apply(op, K, *args): args are the one-model Function's arguments, each as K consecutive tensors (all
-    K xw, then all K h0, ...); models may differ in length. Returns, for model after model, what the
-    one-model Function returns: hs, h_T (and c_T for the LSTM).
+    apply(op, lengths, xw (T, K, B, G), *states (K, B, H), *weights (K, ...)): member k runs its own
+    lengths[k] steps. Returns hs (T, K, B, H) (zeros after each member's end) and the final states
+    (K, B, H), each member's after its own last step. The members are sliced inside forward and
+    backward, where autograd does not see them: gradients come back stacked, one tensor per input
+    (slicing under autograd would make every member's backward fill and add a whole stacked tensor).
     """
 
     # per op: (inputs per model, final states besides hs, indices of the inputs the backward needs)
@@ -171,37 +173,56 @@ class ManyCppLoops(torch.autograd.Function):
     }
 
     @staticmethod
-    def forward(ctx: Any, op: str, K: int, *flat):  # type: ignore[override]
+    def forward(ctx: Any, op: str, lengths: tuple[int, ...], xw: torch.Tensor, *rest: torch.Tensor):  # type: ignore[override]
         n_in, n_states, needed = ManyCppLoops.SPEC[op]
-        args = [_c(*flat[i * K : (i + 1) * K]) for i in range(n_in)]
+        K = len(lengths)
+        stacked = (xw, *rest)
+        args = [_c(*(xw[:n, k] for k, n in enumerate(lengths)))]
+        args += [_c(*(t[k] for k in range(K))) for t in rest]
         results = getattr(torch.ops.rnnbench_fast, op + "_fwd_many")(*args)
         n_res = len(results) // K
-        outs, saved = [], []
-        for k in range(K):
+        T, _, B, _ = xw.shape
+        H = rest[0].shape[-1]
+        hs = xw.new_zeros(T, K, B, H)
+        finals = [xw.new_empty(K, B, H) for _ in range(n_states)]
+        saved = []
+        for k, n in enumerate(lengths):
             res = results[k * n_res : (k + 1) * n_res]
-            outs += [*_outputs(res[0])] + ([res[1][-1].clone()] if n_states == 2 else [])
+            hs[:n, k] = res[0][1:]
+            finals[0][k] = res[0][-1]
+            if n_states == 2:
+                finals[1][k] = res[1][-1]
             saved += [args[i][k] for i in needed] + list(res)
         ctx.save_for_backward(*saved)
-        ctx.op, ctx.K, ctx.per_model = op, K, len(needed) + n_res
-        return tuple(outs)
+        ctx.op, ctx.lengths, ctx.per_model = op, lengths, len(needed) + n_res
+        ctx.shapes = [t.shape for t in stacked]
+        return (hs, *finals)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, *grads):  # type: ignore[override]
-        op, K, m = ctx.op, ctx.K, ctx.per_model
+    def backward(ctx: Any, dhs: torch.Tensor, *dfinals: torch.Tensor):  # type: ignore[override]
+        op, lengths, m = ctx.op, ctx.lengths, ctx.per_model
         n_in, n_states, _ = ManyCppLoops.SPEC[op]
-        per = 1 + n_states  # outputs per model
+        K = len(lengths)
         saved = ctx.saved_tensors
-        lists = [_c(*grads[j::per]) for j in range(per)] + [list(saved[j::m]) for j in range(m)]
+        lists = [_c(*(dhs[:n, k] for k, n in enumerate(lengths)))]
+        lists += [_c(*(d[k] for k in range(K))) for d in dfinals]
+        lists += [list(saved[j::m]) for j in range(m)]
         results = getattr(torch.ops.rnnbench_fast, op + "_bwd_many")(*lists)
-        # results: model after model, n_in gradients each; autograd wants all K of input 0, then input 1, ...
-        return None, None, *(results[k * n_in + i] for i in range(n_in) for k in range(K))
+        # results: member after member, n_in gradients each; stacked back into one tensor per input
+        grads = [dhs.new_zeros(shape) for shape in ctx.shapes]
+        for k, n in enumerate(lengths):
+            mine = results[k * n_in : (k + 1) * n_in]
+            grads[0][:n, k] = mine[0]
+            for g, r in zip(grads[1:], mine[1:]):
+                g[k] = r
+        return None, None, *grads
 
 
 def member_loop(op: str, *weight_names: str) -> Loop:
     """The cpp Loop of a cell whose one-model op `op` takes (xw, *state, *weights named weight_names).
 
-    Member k runs its own steps[k] steps on views of the stacked tensors; all K in one *_many call.
+    Member k runs its own steps[k] steps; all K in one *_many call on the stacked tensors.
     """
     n_in, n_states, _ = ManyCppLoops.SPEC[op]
     if n_in != 1 + n_states + len(weight_names):
@@ -209,18 +230,8 @@ def member_loop(op: str, *weight_names: str) -> Loop:
 
     def loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
         T, K = xw.shape[:2]
-        lengths = [T] * K if steps is None else [int(s) for s in steps.tolist()]
-        args = [xw[:n, k] for k, n in enumerate(lengths)]
-        args += [s[k] for s in state for k in range(K)]
-        args += [w[name][k] for name in weight_names for k in range(K)]
-        outs = ManyCppLoops.apply(op, K, *args)
-        per = 1 + n_states  # hs, then the final state(s), model after model
-        hs = [outs[k * per] for k in range(K)]
-        if K == 1 and lengths[0] == T:
-            hs_all = hs[0].unsqueeze(1)
-        else:
-            hs_all = torch.stack([F.pad(h, (0, 0, 0, 0, 0, T - h.shape[0])) for h in hs], dim=1)
-        finals = tuple(torch.stack([outs[k * per + 1 + j] for k in range(K)]) for j in range(n_states))
-        return hs_all, finals
+        lengths = (T,) * K if steps is None else tuple(int(s) for s in steps.tolist())
+        hs, *finals = ManyCppLoops.apply(op, lengths, xw, *state, *(w[name] for name in weight_names))
+        return hs, tuple(finals)
 
     return loop
