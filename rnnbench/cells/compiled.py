@@ -183,12 +183,14 @@ class ManyCppLoops(torch.autograd.Function):
         n_res = len(results) // K
         T, _, B, _ = xw.shape
         H = rest[0].shape[-1]
-        hs = xw.new_zeros(T, K, B, H)
+        # member-major storage (each member's block one contiguous copy), handed out time-major
+        hs = xw.new_empty(K, T, B, H)
         finals = [xw.new_empty(K, B, H) for _ in range(n_states)]
         saved = []
         for k, n in enumerate(lengths):
             res = results[k * n_res : (k + 1) * n_res]
-            hs[:n, k] = res[0][1:]
+            hs[k, :n] = res[0][1:]
+            hs[k, n:] = 0
             finals[0][k] = res[0][-1]
             if n_states == 2:
                 finals[1][k] = res[1][-1]
@@ -196,7 +198,7 @@ class ManyCppLoops(torch.autograd.Function):
         ctx.save_for_backward(*saved)
         ctx.op, ctx.lengths, ctx.per_model = op, lengths, len(needed) + n_res
         ctx.shapes = [t.shape for t in stacked]
-        return (hs, *finals)
+        return (hs.transpose(0, 1), *finals)
 
     @staticmethod
     @once_differentiable
@@ -210,13 +212,16 @@ class ManyCppLoops(torch.autograd.Function):
         lists += [list(saved[j::m]) for j in range(m)]
         results = getattr(torch.ops.rnnbench_fast, op + "_bwd_many")(*lists)
         # results: member after member, n_in gradients each; stacked back into one tensor per input
-        grads = [dhs.new_zeros(shape) for shape in ctx.shapes]
+        T, _, B, G = ctx.shapes[0]
+        dxw = dhs.new_empty(K, T, B, G)  # member-major, as the projection that made xw
+        grads = [dhs.new_empty(shape) for shape in ctx.shapes[1:]]
         for k, n in enumerate(lengths):
             mine = results[k * n_in : (k + 1) * n_in]
-            grads[0][:n, k] = mine[0]
-            for g, r in zip(grads[1:], mine[1:]):
+            dxw[k, :n] = mine[0]
+            dxw[k, n:] = 0
+            for g, r in zip(grads, mine[1:]):
                 g[k] = r
-        return None, None, *grads
+        return None, None, dxw.transpose(0, 1), *grads
 
 
 def member_loop(op: str, *weight_names: str) -> Loop:
