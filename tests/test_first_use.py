@@ -246,8 +246,8 @@ def test_bench_and_report_defaults_write_outside_results(tmp_path: Path, store: 
 
     assert run_sweep(spec_from_dict(TINY_SWEEP), progress=False, echo=lambda line: None).ok
     runner = CliRunner()
-    bench = runner.invoke(app, ["bench", "--seq-len", "3", "--batch", "2", "--input", "2", "--hidden", "3", "--repeats", "1",
-                                "--warmup", "0", "--many", "0", "--no-lightning", "--no-setup", "--no-reference"])
+    bench = runner.invoke(app, ["bench", "--seq-len", "4", "--batch", "2", "--input", "2", "--hidden", "3", "--repeats", "1",
+                                "--warmup", "0", "--population", "0", "--no-trainer", "--no-setup", "--no-reference"])
     assert bench.exit_code == 0, (bench.output, bench.exception)
     (tmp_path / "specs").mkdir()
     report = runner.invoke(app, ["report", "--sweep", "described", "--no-figures", "--specs", "specs"])
