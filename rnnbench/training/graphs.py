@@ -39,11 +39,7 @@ def bucket(steps: int) -> int:
     return BUCKET * math.ceil(steps / BUCKET)
 
 
-class Replay:
-    """A captured step: replay() runs it again on whatever its static inputs hold."""
-
-    def __init__(self, replay: Callable[[], None]) -> None:
-        self.replay = replay
+Replay = Callable[[], None]  # a captured step: calling it runs the step again on its static inputs
 
 
 def cuda_capture(step: Callable[[], None]) -> Replay:
@@ -52,12 +48,12 @@ def cuda_capture(step: Callable[[], None]) -> Replay:
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
         step()
-    return Replay(graph.replay)
+    return graph.replay
 
 
 def eager_capture(step: Callable[[], None]) -> Replay:
     """A stand-in for cuda_capture where there is no GPU: the same bookkeeping, eager steps."""
-    return Replay(step)
+    return step
 
 
 class StepGraphs:
@@ -91,7 +87,7 @@ class StepGraphs:
         replay, static = found
         for name, v in batch.items():
             static[name].copy_(v)
-        replay.replay()
+        replay()
 
     def _eager(self, batch: Batch) -> None:
         if self.pop.device.type != "cuda":

@@ -37,9 +37,11 @@ MEMBER_KEYS = ("train.seed", "train.lr", "train.momentum", "train.weight_decay",
 
 
 def population_key(config: Config) -> tuple[tuple[str, str], ...]:
-    """Configs with equal keys can train as one population: equal in everything but MEMBER_KEYS,
-    tracking.* and the settings that never change a number (train.progress_bar, train.threads)."""
-    free = set(MEMBER_KEYS) | {"train.progress_bar", "train.threads"}
+    """Configs with equal keys can train as one population: equal in everything but MEMBER_KEYS and
+    the settings that never change a number (config.NOT_IDENTITY: progress bar, threads, tracking)."""
+    from rnnbench.config import NOT_IDENTITY
+
+    free = set(MEMBER_KEYS) | set(NOT_IDENTITY)
     return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.flat().items()
                         if k not in free and not k.startswith("tracking.")))
 

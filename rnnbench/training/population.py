@@ -57,19 +57,19 @@ class Member:
     time_steps: int = 0  # recurrent time steps trained
     wall_offset: float = 0.0  # wall seconds of earlier sessions (a resumed run)
 
+    SAVED = ("status", "epoch", "history", "best_score", "best_epoch", "wait", "stopped_by", "train_seconds",
+             "time_steps", "wall_offset")  # what a checkpoint keeps, beside the data order's generator
+
     @property
     def patience(self) -> int | None:
         return self.config.train.early_stopping_patience
 
     def state(self) -> dict[str, Any]:
         """The bookkeeping a checkpoint keeps (plain data: loaded with weights_only=True)."""
-        return {k: getattr(self, k) for k in ("status", "epoch", "history", "best_score", "best_epoch", "wait",
-                                              "stopped_by", "train_seconds", "time_steps", "wall_offset")} | {
-            "loader_generator": self.loader_generator.get_state()}
+        return {k: getattr(self, k) for k in self.SAVED} | {"loader_generator": self.loader_generator.get_state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        for k in ("status", "epoch", "history", "best_score", "best_epoch", "wait", "stopped_by", "train_seconds",
-                  "time_steps", "wall_offset"):
+        for k in self.SAVED:
             setattr(self, k, state[k])
         self.loader_generator.set_state(state["loader_generator"])
 
@@ -93,16 +93,18 @@ class MemberData:
     def __init__(self, task_cls: type[Task], configs: list[Config], generators: list[torch.Generator]) -> None:
         from torch.utils.data import DataLoader
 
-        self.tasks: list[Task] = []
+        # One task (and one read of its data, one computation of its references) per distinct dataset;
+        # members that share their data share their task.
+        tasks: dict[Any, Task] = {}
         datasets: dict[Any, dict[str, Any]] = {}
         self.data_key: list[Any] = []
         for c in configs:
-            task = task_cls(c.task, seed=c.train.seed)
             key = c.train.seed if task_cls.seeded_data else None
-            if key not in datasets:
-                datasets[key] = task.datasets()
-            self.tasks.append(task)
+            if key not in tasks:
+                tasks[key] = task_cls(c.task, seed=c.train.seed)
+                datasets[key] = tasks[key].datasets()
             self.data_key.append(key)
+        self.tasks: list[Task] = [tasks[key] for key in self.data_key]
         self.datasets = datasets
         t = configs[0].train
         kw: dict[str, Any] = dict(batch_size=t.batch_size, collate_fn=self.tasks[0].collate)
