@@ -183,6 +183,13 @@ class ManyCppLoops(torch.autograd.Function):
         n_res = len(results) // K
         T, _, B, _ = xw.shape
         H = rest[0].shape[-1]
+        if K == 1 and lengths[0] == T:  # one member over the whole length: its own buffers, no copy
+            hbuf = results[0]
+            ctx.save_for_backward(*[args[i][0] for i in needed], *results)
+            ctx.op, ctx.lengths, ctx.per_model = op, lengths, len(needed) + n_res
+            ctx.shapes = [t.shape for t in stacked]
+            finals1 = [results[0][-1].unsqueeze(0)] + ([results[1][-1].unsqueeze(0)] if n_states == 2 else [])
+            return (hbuf[1:].unsqueeze(1), *[f.clone() for f in finals1])
         # member-major storage (each member's block one contiguous copy), handed out time-major
         hs = xw.new_empty(K, T, B, H)
         finals = [xw.new_empty(K, B, H) for _ in range(n_states)]
@@ -213,6 +220,8 @@ class ManyCppLoops(torch.autograd.Function):
         results = getattr(torch.ops.rnnbench_fast, op + "_bwd_many")(*lists)
         # results: member after member, n_in gradients each; stacked back into one tensor per input
         T, _, B, G = ctx.shapes[0]
+        if K == 1 and lengths[0] == T:  # the op's own gradients, viewed as stacked: no copy
+            return None, None, results[0].unsqueeze(1), *[r.unsqueeze(0) for r in results[1:n_in]]
         dxw = dhs.new_empty(K, T, B, G)  # member-major, as the projection that made xw
         grads = [dhs.new_empty(shape) for shape in ctx.shapes[1:]]
         for k, n in enumerate(lengths):
