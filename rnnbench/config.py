@@ -47,6 +47,8 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     rmsprop_alpha: float = Field(0.99, gt=0, lt=1)  # the squared-gradient averaging constant
+    rmsprop_floor: float = Field(
+        0.0, ge=0, description="RMSProp's denominator max(sqrt(v), floor) (Chung et al.'s code: 1e-2); 0: torch's sqrt(v) + eps")
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1)
     max_epochs: int = Field(100, ge=1)
@@ -148,10 +150,21 @@ ids and config hashes as they were (a plain `train` run, default true, now gets 
 the sweep point). The tracking section was never hashed and stays out."""
 
 
+ADDED_DEFAULTS: dict[str, Any] = {"train.rmsprop_floor": 0.0}
+"""Keys added after runs were recorded, left out of the identity while at this default (the value
+every earlier run had), so that existing config hashes and sweep point ids stay valid."""
+
+
 def identity_dict(config: dict[str, Any]) -> dict[str, Any]:
     """A nested config dict (`Config.to_dict()` form) reduced to its identity: NOT_IDENTITY keys
-    dropped, or set to their IDENTITY_PINNED value; a section left empty is dropped."""
+    dropped, or set to their IDENTITY_PINNED value; ADDED_DEFAULTS keys dropped at their default;
+    a section left empty is dropped."""
     out = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
+    for key, default in ADDED_DEFAULTS.items():
+        section, _, name = key.partition(".")
+        values = out.get(section)
+        if isinstance(values, dict) and name in values and values[name] == default:
+            values.pop(name)
     for key in NOT_IDENTITY:
         section, _, name = key.partition(".")
         values = out.get(section)

@@ -99,7 +99,7 @@ IDENTITY = {
     "task.layout", "task.first_frame", "task.max_sequences", "task.source",  # music
     "task.frame_in", "task.frame_out", "task.n_components", "task.max_samples", "task.max_seconds",  # speech
     "task.max_recordings", "task.split", "task.test_speaker", "task.val_speaker",
-    "train.seed", "train.optimizer", "train.lr", "train.momentum", "train.rmsprop_alpha", "train.weight_decay",
+    "train.seed", "train.optimizer", "train.lr", "train.momentum", "train.rmsprop_alpha", "train.rmsprop_floor", "train.weight_decay",
     "train.batch_size", "train.max_epochs", "train.max_steps", "train.limit_train_batches", "train.limit_eval_batches",
     "train.grad_clip", "train.weight_noise", "train.early_stopping_patience",
     "train.device", "train.precision",  # CPU vs CUDA kernels, float32 vs float64: different numbers
@@ -128,7 +128,8 @@ def _old_hash(config: Config) -> str:
     import json
 
     d = {k: v for k, v in config.to_dict().items() if k != "tracking"}
-    d["train"] = {k: v for k, v in d["train"].items() if k != "threads"}  # a field added since
+    # fields added since: threads (not identity), rmsprop_floor (left out at its default, 0)
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads", "rmsprop_floor")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -142,7 +143,7 @@ def test_display_and_tracking_settings_leave_the_hash_and_old_sweep_hashes_stay(
     # sweeps always ran with progress_bar=false: their hashes (and so their point ids) are unchanged
     assert sweep_like.config_hash() == _old_hash(sweep_like)
     assert by_hand.config_hash() != _old_hash(by_hand)  # the old hash counted a train run twice
-    for changed in ({"device": "cpu"}, {"precision": "64"}, {"gradient_flow": False}, {"seed": 4}):
+    for changed in ({"device": "cpu"}, {"precision": "64"}, {"gradient_flow": False}, {"seed": 4}, {"rmsprop_floor": 0.01}):
         other = Config.from_dict({**base, "train": {**base["train"], **changed}})
         assert other.config_hash() != sweep_like.config_hash(), changed
 

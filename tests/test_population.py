@@ -118,8 +118,9 @@ def test_a_pruner_stops_members_at_a_rung(tmp_path: Path) -> None:
     pop = build(configs, torch.device("cpu"), torch.float64, run_ids=["a", "b", "c"])
     calls: list[tuple[int, dict[int, float]]] = []
 
-    def keep_best_two_at_epoch_1(epoch: int, scores: dict[int, float]) -> list[int]:
-        calls.append((epoch, dict(scores)))
+    def keep_best_two_at_epoch_1(epoch: int, members: list[Any]) -> list[int]:
+        scores = {i: m.history[-1]["val_nll"] for i, m in enumerate(members) if m.status == "training"}
+        calls.append((epoch, scores))
         return sorted(scores, key=scores.__getitem__)[2:] if epoch == 1 else []
 
     loop._fit(pop, {}, keep_best_two_at_epoch_1)

@@ -19,6 +19,9 @@ def command(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the points, what would be done and an upper bound of the cost (timed here); run nothing"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar"),
+    only: Optional[list[str]] = typer.Option(
+        None, "--only", help="run one chunk: a grid key cut to a value, e.g. task.name=jsb (repeatable)"
+    ),
     batch_models: str = typer.Option(
         "auto", "--batch-models", help="train points that differ only in per-member keys (seed, lr, ...) as one population: auto (where CUDA is), on, off"
     ),
@@ -28,9 +31,11 @@ def command(
     Exit status 0 only when every point of the sweep is FINISHED in the store.
     """
     from rnnbench.sweep.runner import run_sweep
-    from rnnbench.sweep.spec import load_spec
+    from rnnbench.sweep.spec import load_spec, restrict
 
     sweep = load_spec(spec)
+    if only:
+        sweep = restrict(sweep, only)
     summary = run_sweep(sweep, overrides or [], executor=executor, workers=workers, progress=progress, dry_run=dry_run,
                         batch_models=batch_models)
     if dry_run:

@@ -29,6 +29,7 @@ class Job:
     experiment_id: str
     tags: dict[str, str] = field(default_factory=dict)
     resume_run_id: str | None = None  # a run left RUNNING/KILLED with a checkpoint: continue it
+    halving: tuple[tuple[int, ...], int] | None = None  # search stage: (rungs, reduction) of its population
 
 
 @dataclass(frozen=True)
@@ -179,13 +180,15 @@ def run_group(jobs: list[Job]) -> list[Outcome]:
     (rnnbench.training). Each point still gets its own run with the tags its job carries; a
     population error fails every point of it, and the sweep goes on."""
     from rnnbench.config import Config
+    from rnnbench.sweep.halving import SuccessiveHalving
     from rnnbench.training.loop import train_population
 
     start = time.perf_counter()
+    pruner = SuccessiveHalving(*jobs[0].halving) if jobs[0].halving else None
     try:
         with point_locks(jobs):
             results = train_population([Config.from_dict(j.config) for j in jobs], experiment_id=jobs[0].experiment_id,
-                                       tags=[j.tags for j in jobs], run_ids=[j.resume_run_id for j in jobs])
+                                       tags=[j.tags for j in jobs], run_ids=[j.resume_run_id for j in jobs], pruner=pruner)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - train_population already closed its runs as FAILED

@@ -78,14 +78,17 @@ class SweepSummary:
         return out
 
 
-def _job(point: Point, decision: Decision, experiment_id: str, tags: dict[str, str], shared: dict[str, Any]) -> Job:
+def _job(point: Point, decision: Decision, experiment_id: str, tags: dict[str, str], shared: dict[str, Any],
+         halving: tuple[tuple[int, ...], int] | None = None) -> Job:
     config = point.config.to_dict()
     config["tracking"] = {**config["tracking"], **shared, "run_name": point.label}
     point_tags = {**tags, "point_id": point.point_id}
     if point.sample is not None:
         point_tags["sample"] = str(point.sample)
+    if point.stage is not None:
+        point_tags["stage"] = point.stage
     resume = decision.run_id if decision.action == "resume" else None
-    return Job(point.index, point.point_id, point.label, config, experiment_id, point_tags, resume)
+    return Job(point.index, point.point_id, point.label, config, experiment_id, point_tags, resume, halving)
 
 
 def plan(spec: SweepSpec, overrides: list[str] | None = None) -> tuple[list[Point], dict[str, Any]]:
@@ -125,15 +128,66 @@ def run_sweep(
     points, shared = plan(spec, overrides)
     check_points(points)
     with nullcontext() if dry_run else _one_driver(shared["tracking_uri"], spec.name):
-        return _plan_and_run(spec, overrides, points, shared, executor, workers, progress, dry_run, echo,
-                             _batching_on(batch_models, executor))
+        if spec.halving is None:
+            return _plan_and_run(spec, overrides, points, shared, executor, workers, progress, dry_run, echo,
+                                 _batching_on(batch_models, executor))
+        return _search_then_seeds(spec, overrides, points, shared, executor, workers, progress, dry_run, echo)
+
+
+def _search_then_seeds(
+    spec: SweepSpec, overrides: list[str] | None, points: list[Point], shared: dict[str, Any], executor: str,
+    workers: int | None, progress: bool, dry_run: bool, echo: Callable[[str], None],
+) -> SweepSummary:
+    """A halving sweep (spec.py): the search stage's populations with successive halving, then each
+    grid point's seeds at the sample it chose. Both stages train as populations (halving ranks the
+    members of one); re-running carries on where either stage stopped."""
+    from rnnbench.sweep.halving import choose
+    from rnnbench.sweep.spec import final_points, grid_key
+
+    assert spec.halving is not None
+    rule = (tuple(spec.halving.rungs), spec.halving.reduction)
+    echo(f"sweep {spec.name}, search stage: {len(points)} points (successive halving at epochs "
+         f"{', '.join(map(str, rule[0]))}, keeping 1/{rule[1]})")
+    search = _plan_and_run(spec, overrides, points, shared, executor, workers, progress, dry_run, echo, True, rule)
+    _, _, existing = _open_store(shared, spec.name, create=False)
+    by_grid: dict[str, list[tuple[int, Any]]] = {}
+    for p in points:
+        runs = existing.get(p.point_id, [])
+        done = next((r for r in runs if r.info.status == "FINISHED"), None)
+        by_grid.setdefault(grid_key(spec, p), []).append((p.sample, done) if done is not None else (p.sample, None))
+    chosen: dict[str, int] = {}
+    for key, pairs in by_grid.items():
+        if any(run is None for _, run in pairs):
+            echo(f"  grid point {key}: search not finished; its seeds wait for the next run")
+            continue
+        pick = choose(pairs)
+        if pick is None:
+            echo(f"  grid point {key}: no sample finished unpruned; nothing to choose")
+        else:
+            chosen[key] = pick
+    final = final_points(spec, chosen, overrides)
+    echo(f"sweep {spec.name}, final stage: {len(final)} points ({len(chosen)} grid points chosen)")
+    if not final:
+        search.total += len(by_grid) * len(spec.halving.seeds)
+        return search
+    check_points(final)
+    seeds = _plan_and_run(spec, overrides, final, shared, executor, workers, progress, dry_run, echo, True,
+                          batched_stage=True)
+    missing = (len(by_grid) - len(chosen)) * len(spec.halving.seeds)
+    search.total += seeds.total + missing
+    search.already_done += seeds.already_done
+    search.outcomes.extend(seeds.outcomes)
+    search.foreign_points = seeds.foreign_points
+    return search
 
 
 def _plan_and_run(
     spec: SweepSpec, overrides: list[str] | None, points: list[Point], shared: dict[str, Any], executor: str,
     workers: int | None, progress: bool, dry_run: bool, echo: Callable[[str], None], batched: bool = False,
+    halving: tuple[tuple[int, ...], int] | None = None, batched_stage: bool = False,
 ) -> SweepSummary:
-    """Read the store, decide per point, and (unless a dry run) run what is left."""
+    """Read the store, decide per point, and (unless a dry run) run what is left. (The stages of a
+    halving sweep see each other's points in the store: `halving` or `batched_stage` mute that note.)"""
     client, experiment_id, existing = _open_store(shared, spec.name, create=not dry_run)
     planned = [PlannedPoint(p, decide(existing.get(p.point_id, []), shared["checkpoint_dir"])) for p in points]
     summary = SweepSummary(spec.name, shared["tracking_uri"], shared["experiment"], experiment_id, None, len(points), 0)
@@ -144,7 +198,7 @@ def _plan_and_run(
         f"sweep {spec.name}: {len(points)} points; {counts['done']} already FINISHED, {counts['resume']} to resume, "
         f"{counts['retry']} to retry, {counts['new']} new"
     )
-    if summary.foreign_points:
+    if summary.foreign_points and halving is None and not batched_stage:
         echo(f"note: {summary.foreign_points} earlier points of sweep {spec.name!r} are not in this spec (spec or overrides changed?)")
     to_do = [pp.point.config for pp in planned if pp.decision.action != "done"]
     if dry_run:
@@ -160,14 +214,14 @@ def _plan_and_run(
         _announce_cost(to_do, workers, echo)  # for sweeps large enough to be worth it
 
     _run_planned(spec, overrides, planned, summary, client, experiment_id, shared, executor, workers, progress, echo,
-                 batched)
+                 batched, halving)
     return summary
 
 
 def _run_planned(
     spec: SweepSpec, overrides: list[str] | None, planned: list[PlannedPoint], summary: SweepSummary, client: Any,
     experiment_id: str, shared: dict[str, Any], executor: str, workers: int | None, progress: bool,
-    echo: Callable[[str], None], batched: bool = False,
+    echo: Callable[[str], None], batched: bool = False, halving: tuple[tuple[int, ...], int] | None = None,
 ) -> None:
     """Parent run, retire stale attempts, run the rest (groups of new points together when batched)."""
     if _nothing_to_do(planned, summary, client, experiment_id, spec.name, shared["checkpoint_dir"]):
@@ -190,7 +244,7 @@ def _run_planned(
             raise RnnbenchError(f"sweep {spec.name}: cannot record the sweep ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
         raise
     tags = {"sweep": spec.name, "sweep_role": POINT_ROLE, "spec_hash": spec_hash, "mlflow.parentRunId": parent_id}
-    jobs = [_job(pp.point, pp.decision, experiment_id, tags, shared) for pp in planned if pp.decision.action != "done"]
+    jobs = [_job(pp.point, pp.decision, experiment_id, tags, shared, halving) for pp in planned if pp.decision.action != "done"]
     groups, jobs = _batchable(jobs, new_points=batched)
     _execute(jobs, summary, client, executor, workers, progress, echo, groups)
 

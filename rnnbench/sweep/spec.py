@@ -10,7 +10,21 @@
       samples: 10
       seed: 0
       params: {train.lr: {loguniform: [6.1442e-06, 2.4788e-03]}}
+    halving:                            # optional: successive halving over the random samples
+      rungs: [10, 30, 90, 270]          # epochs at which the samples still training are ranked
+      reduction: 3                      # each rung keeps the best 1/reduction (rounded up)
+      search_seed: 0                    # the seed every sample trains at during the search
+      seeds: [0, 1, 2, 3, 4]            # then these seeds at the chosen sample
     solved: {metric: ce, fraction_of_baseline: 0.1}   # optional, read by the report
+
+With `halving`, a grid point is tuned in two stages. Search: its random samples train together (one
+population, train.seed = search_seed) and at each rung the samples still training are ranked with
+those already done by their best validation score so far; all but the best 1/reduction of them stop
+(tag stopped_by=pruned). The chosen sample is the one with the best validation score among those
+never pruned (so its search run is a complete run, equal to training it alone). Final: the grid point
+trains at the chosen sample with every seed of `seeds` (the search run is the search seed's, when it
+is one of them). Points carry the tag `stage` (search, final). Every cell gets the same samples and
+the same rungs: equal tuning budgets.
 
 The random samples are drawn once from `random.seed` and are the same for every grid point, so
 "the best learning rate over seeds" is well defined; each point records its sample index as the
@@ -149,6 +163,23 @@ class SolvedRule(_Strict):
         return None if baseline is None else value < self.fraction_of_baseline * baseline  # type: ignore[operator]
 
 
+# --- successive halving ----------------------------------------------------------------------------
+class Halving(_Strict):
+    """Successive halving over the random samples, then seeds at the chosen one (module docstring)."""
+
+    rungs: list[int] = Field(..., min_length=1, description="epochs at which the samples are ranked, increasing")
+    reduction: int = Field(3, ge=2, description="keep the best 1/reduction at each rung (rounded up)")
+    search_seed: int = Field(0, ge=0)
+    seeds: list[int] = Field(..., min_length=1, description="seeds trained at the chosen sample")
+
+    @field_validator("rungs")
+    @classmethod
+    def _increasing(cls, rungs: list[int]) -> list[int]:
+        if rungs[0] < 1 or any(b <= a for a, b in zip(rungs, rungs[1:])):
+            raise ValueError("rungs must be increasing epochs >= 1")
+        return rungs
+
+
 # --- the spec --------------------------------------------------------------------------------------
 class SweepSpec(_Strict):
     name: str = Field(..., pattern=NAME_PATTERN)
@@ -156,6 +187,7 @@ class SweepSpec(_Strict):
     base: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     random: RandomSearch | None = None
+    halving: Halving | None = None
     solved: SolvedRule | None = None
 
     @field_validator("grid", mode="before")
@@ -183,6 +215,11 @@ class SweepSpec(_Strict):
             _check_path(path)
             if path in self.grid:
                 raise ValueError(f"{path!r} is both in grid and in random.params")
+        if self.halving is not None:
+            if self.random is None:
+                raise ValueError("halving needs random: the samples it chooses between")
+            if "train.seed" in self.grid:
+                raise ValueError("with halving the seeds are halving.search_seed and halving.seeds, not grid train.seed")
         return self
 
     def spec_hash(self, overrides: list[str] | None = None) -> str:
@@ -215,6 +252,24 @@ def spec_from_dict(raw: dict[str, Any], where: str = "spec") -> SweepSpec:
         raise RnnbenchError(f"{where}: {_one_line(e)}") from None
 
 
+def restrict(spec: SweepSpec, only: list[str]) -> SweepSpec:
+    """The spec with grid keys cut to the given values (`task.name=jsb`, repeatable): one chunk of a
+    sweep. Its points keep their ids (an id is the sweep name and the config), so chunks add up."""
+    import yaml
+
+    wanted: dict[str, list[Any]] = {}
+    for item in only:
+        key, sep, text = item.partition("=")
+        if not sep or key not in spec.grid:
+            raise RnnbenchError(f"--only {item!r}: give KEY=VALUE with KEY one of the grid's keys: {', '.join(spec.grid)}")
+        value = yaml.safe_load(text)
+        if value not in spec.grid[key]:
+            raise RnnbenchError(f"--only {item!r}: {key} takes {', '.join(map(str, spec.grid[key]))} in this spec")
+        wanted.setdefault(key, []).append(value)
+    grid = {k: [v for v in values if k not in wanted or v in wanted[k]] for k, values in spec.grid.items()}
+    return spec.model_copy(update={"grid": grid})
+
+
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep spec file."""
     return spec_from_dict(read_yaml(path), where=str(path))
@@ -227,6 +282,7 @@ def _one_line(e: ValidationError) -> str:
         known = {
             (): SweepSpec.model_fields,
             ("random",): RandomSearch.model_fields,
+            ("halving",): Halving.model_fields,
             ("solved",): SolvedRule.model_fields,
         }.get(tuple(str(p) for p in err["loc"][:-1]))
         if known is None and len(err["loc"]) >= 3 and err["loc"][:2] == ("random", "params"):
@@ -251,6 +307,7 @@ class Point:
     config: Config
     assignments: dict[str, Any] = field(default_factory=dict)  # config path -> value (grid + random)
     sample: int | None = None  # random-search sample index
+    stage: str | None = None  # with halving: "search" or "final"
 
     @property
     def label(self) -> str:
@@ -292,7 +349,7 @@ def set_path(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 def base_with_overrides(spec: SweepSpec, overrides: list[str] | None = None) -> dict[str, Any]:
     """The spec's base with `key=value` overrides applied; an override may not name a swept key."""
     update = parse_overrides(overrides or [])
-    swept = set(spec.grid) | set(spec.random.params if spec.random else ())
+    swept = set(spec.grid) | set(spec.random.params if spec.random else ()) | ({"train.seed"} if spec.halving else set())
     for item in overrides or []:
         key = item.partition("=")[0]
         if key in swept:
@@ -308,20 +365,43 @@ def base_with_overrides(spec: SweepSpec, overrides: list[str] | None = None) -> 
 
 def expand(spec: SweepSpec, overrides: list[str] | None = None) -> list[Point]:
     """Every point of the sweep, validated, in order: the grid's product (first key outermost),
-    then the random samples innermost. Points with identical configs are kept once."""
+    then the random samples innermost. Points with identical configs are kept once. With halving,
+    these are the search stage's points (each sample at the search seed); `final_points` gives the rest."""
+    draws: list[dict[str, Any] | None] = list(spec.random.draws()) if spec.random else [None]
+    if spec.halving is None:
+        return _points(spec, overrides, [(s if d is not None else None, d, None) for s, d in enumerate(draws)])
+    seed = {"train.seed": spec.halving.search_seed}
+    return _points(spec, overrides, [(s, {**d, **seed}, "search") for s, d in enumerate(draws) if d is not None])
+
+
+def grid_key(spec: SweepSpec, point: Point) -> str:
+    """The grid point a point belongs to (its grid assignments, as JSON): what halving tunes over."""
+    return json.dumps([point.assignments.get(p) for p in spec.grid], default=str)
+
+
+def final_points(spec: SweepSpec, chosen: dict[str, int], overrides: list[str] | None = None) -> list[Point]:
+    """With halving: the final stage, each grid point (by `grid_key`) in `chosen` at its chosen sample
+    with every seed of halving.seeds."""
+    assert spec.halving is not None and spec.random is not None
+    draws = spec.random.draws()
+    wanted = [(s, {**d, "train.seed": seed}, "final") for s, d in enumerate(draws) for seed in spec.halving.seeds]
+    return [p for p in _points(spec, overrides, wanted) if chosen.get(grid_key(spec, p)) == p.sample]
+
+
+def _points(spec: SweepSpec, overrides: list[str] | None,
+            inner: list[tuple[int | None, dict[str, Any] | None, str | None]]) -> list[Point]:
+    """The grid's product crossed with `inner` (sample index, assignments, stage), validated."""
     raw_base = base_with_overrides(spec, overrides)
     try:
         Config.from_dict(raw_base)
     except RnnbenchError as e:
         raise RnnbenchError(f"base: {e}") from None
     paths = list(spec.grid)
-    draws: list[dict[str, Any] | None] = list(spec.random.draws()) if spec.random else [None]
     points: list[Point] = []
     seen: set[str] = set()
     for combo in itertools.product(*(spec.grid[p] for p in paths)):
-        for sample, draw in enumerate(draws):
+        for index, draw, stage in inner:
             assignments = {**dict(zip(paths, combo)), **(draw or {})}
-            index = sample if draw is not None else None
             raw = raw_base
             for path, value in assignments.items():
                 raw = set_path(raw, path, value)
@@ -332,5 +412,5 @@ def expand(spec: SweepSpec, overrides: list[str] | None = None) -> list[Point]:
             pid = point_id(spec.name, config)
             if pid not in seen:
                 seen.add(pid)
-                points.append(Point(len(points), pid, config, assignments, index))
+                points.append(Point(len(points), pid, config, assignments, index, stage))
     return points

@@ -33,7 +33,8 @@ from rnnbench.training.recorder import RunRecorder, standard_tags
 # Keys in which the members of one population may differ (each is a (K,) tensor or a per-member rule);
 # every other key (cell, task, size, batch size, optimizer kind, precision, ...) is the population's.
 MEMBER_KEYS = ("train.seed", "train.lr", "train.momentum", "train.weight_decay", "train.grad_clip",
-               "train.weight_noise", "train.early_stopping_patience", "train.max_epochs", "train.rmsprop_alpha")
+               "train.weight_noise", "train.early_stopping_patience", "train.max_epochs", "train.rmsprop_alpha",
+               "train.rmsprop_floor")
 
 
 def population_key(config: Config) -> tuple[tuple[str, str], ...]:
@@ -62,10 +63,11 @@ class PopulationInterrupted(KeyboardInterrupt):
         self.run_ids = run_ids
 
 
-# A rule that may stop members at an epoch's end, e.g. successive halving over learning rates:
-# called with the epoch just completed and {member index: validation score} of the members in
-# training; returns the member indices to stop ("pruned").
-Pruner = Callable[[int, dict[int, float]], list[int]]
+# A rule that may stop members at an epoch's end, e.g. successive halving over learning rates
+# (rnnbench/sweep/halving.py): called with the epoch the members in training just completed and
+# every member (their status, stopped_by, best_score, history); returns the indices (into that
+# list) of members in training to stop ("pruned").
+Pruner = Callable[[int, list[Member]], list[int]]
 
 
 # --- the epoch's end, in the order of the callbacks' list -------------------------------------------
@@ -134,12 +136,11 @@ class MemberStopping(Callback):
             elif m.epoch >= m.config.train.max_epochs:
                 m.status, m.stopped_by = "stopped", "max_epochs"
         pop.keep_best(improved)
-        if self.pruner is not None:
-            scores = {i: pop.members[i].history[-1].get(monitor, math.nan) for i in pop.ids
-                      if pop.members[i].status == "training"}
-            epoch = pop.members[pop.ids[0]].epoch
-            for i in self.pruner(epoch, scores) if scores else []:
-                pop.members[i].status, pop.members[i].stopped_by = "stopped", "pruned"
+        training = [i for i in pop.ids if pop.members[i].status == "training"]
+        if self.pruner is not None and training:
+            for i in self.pruner(pop.members[training[0]].epoch, pop.members):
+                if i in training:
+                    pop.members[i].status, pop.members[i].stopped_by = "stopped", "pruned"
 
 
 class MemberCheckpoint(Callback):
@@ -323,7 +324,7 @@ def _finish(members: list[Member], recorders: dict[int, RunRecorder], final: dic
             results.append(RunResult(m.run_id, "FAILED", reason=m.reason))
             continue
         recorders[k].log_final(final[k])
-        recorders[k].finish()
+        recorders[k].finish(m.stopped_by)
         results.append(RunResult(m.run_id, "FINISHED", final[k]))
     return results
 

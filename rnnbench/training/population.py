@@ -79,7 +79,8 @@ def hyperparameters(configs: list[Config]) -> dict[str, torch.Tensor]:
     of its kind; torch.optim's defaults for the ones a config has no key for)."""
     from rnnbench.training.optim import HYPER_DEFAULTS
 
-    keys = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum", "alpha": "rmsprop_alpha"}
+    keys = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum", "alpha": "rmsprop_alpha",
+            "rms_floor": "rmsprop_floor"}
     names = HYPER_DEFAULTS[configs[0].train.optimizer]
     return {name: torch.tensor([float(getattr(c.train, keys[name])) for c in configs], dtype=torch.float64)
             for name in names if name in keys}

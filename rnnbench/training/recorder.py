@@ -178,8 +178,12 @@ class RunRecorder:
             self.client.log_text(self.run_id, text, path)
 
     # --- ending ---------------------------------------------------------------------------------------
-    def finish(self) -> None:
-        """Status FINISHED."""
+    def finish(self, stopped_by: str = "") -> None:
+        """Status FINISHED, with the tag stopped_by (early_stopping, max_epochs, max_steps, pruned, ...) when given."""
+        from mlflow.entities import RunTag
+
+        if stopped_by:
+            self.client.log_batch(self.run_id, tags=[RunTag("stopped_by", stopped_by)])
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, reason: str, checkpoint_folder: str | Path | None = None) -> str:

@@ -1,0 +1,111 @@
+"""Successive halving (rnnbench/sweep/halving.py) and the two-stage halving sweep, on a real store."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import requires_data
+from rnnbench.errors import RnnbenchError
+from rnnbench.sweep.halving import SuccessiveHalving, choose
+from rnnbench.sweep.spec import expand, final_points, grid_key, restrict, spec_from_dict
+
+
+@dataclass
+class M:
+    best_score: float
+    status: str = "training"
+    stopped_by: str = ""
+
+
+def test_a_rung_keeps_the_best_third_of_the_field_rounded_up() -> None:
+    rule = SuccessiveHalving((2, 6), 3)
+    members = [M(s) for s in (5.0, 1.0, 4.0, 3.0, 2.0, math.nan, 7.0)]
+    assert rule(1, members) == []  # not a rung
+    assert sorted(rule(2, members)) == [0, 2, 5, 6]  # 7 in the field: 3 places (1.0, 2.0, 3.0)
+    # the field: neither pruned nor failed; a member that stopped on its own keeps its place
+    members = [M(1.0, "stopped", "early_stopping"), M(2.0), M(3.0), M(0.5, "stopped", "pruned"), M(0.1, "failed")]
+    assert rule(6, members) == [1, 2]  # a field of 3 has 1 place, taken by the best: the early-stopped member
+    assert SuccessiveHalving((1,), 3)(1, [M(2.0)]) == []  # always at least one place
+
+
+def _run(status: str, best_val: float, stopped_by: str = "") -> Any:
+    return SimpleNamespace(info=SimpleNamespace(status=status), data=SimpleNamespace(
+        tags={"stopped_by": stopped_by} if stopped_by else {}, metrics={"best_val": best_val}))
+
+
+def test_choose_takes_the_best_complete_unpruned_run() -> None:
+    runs = [(0, _run("FINISHED", 0.5, "pruned")), (1, _run("FINISHED", 2.0, "early_stopping")),
+            (2, _run("FAILED", 0.1)), (3, _run("FINISHED", 1.5, "max_epochs")), (4, _run("FINISHED", 1.5, "early_stopping"))]
+    assert choose(runs) == 3  # 0 pruned, 2 failed; 3 and 4 tie: the lower sample
+    assert choose([(0, _run("FINISHED", 1.0, "pruned"))]) is None
+
+
+SPEC: dict[str, Any] = {
+    "name": "hv",
+    "base": {"model": {"hidden_size": 8}, "task": {"name": "jsb", "max_sequences": 8},
+             "train": {"optimizer": "rmsprop", "rmsprop_floor": 0.01, "batch_size": 4, "max_epochs": 4,
+                       "early_stopping_patience": 3, "gradient_flow": False}},
+    "grid": {"model.cell": ["tanh", "gru"]},
+    "random": {"samples": 4, "seed": 2014, "params": {"train.lr": {"loguniform": [1e-4, 3e-2]}}},
+    "halving": {"rungs": [1, 2], "reduction": 3, "search_seed": 0, "seeds": [0, 1]},
+}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"random": None}, "halving needs random"),
+    ({"grid": {"train.seed": [0, 1]}}, "not grid train.seed"),
+    ({"halving": {"rungs": [3, 2], "seeds": [0]}}, "rungs must be increasing"),
+])
+def test_halving_spec_errors(change: dict[str, Any], message: str) -> None:
+    raw = {k: v for k, v in {**SPEC, **change}.items() if v is not None}
+    with pytest.raises(RnnbenchError, match=message):
+        spec_from_dict(raw)
+
+
+def test_stages_and_chunks() -> None:
+    spec = spec_from_dict(SPEC)
+    search = expand(spec)
+    assert len(search) == 8 and {p.stage for p in search} == {"search"}
+    assert {p.config.train.seed for p in search} == {0}
+    key = grid_key(spec, search[0])
+    final = final_points(spec, {key: 2})
+    assert [(p.sample, p.config.train.seed) for p in final] == [(2, 0), (2, 1)]
+    assert final[0].point_id == search[2].point_id  # the search seed's final run is its search run
+    assert final[0].config.train.lr == search[2].config.train.lr
+    chunk = restrict(spec, ["model.cell=gru"])
+    assert [p.point_id for p in expand(chunk)] == [p.point_id for p in search[4:]]  # a chunk keeps the ids
+    with pytest.raises(RnnbenchError, match="takes tanh, gru"):
+        restrict(spec, ["model.cell=lstm"])
+    with pytest.raises(RnnbenchError, match="one of the grid's keys"):
+        restrict(spec, ["train.lr=0.1"])
+
+
+@requires_data
+def test_a_halving_sweep_searches_then_trains_seeds_at_the_chosen_rate(tmp_path: Path, store: str) -> None:
+    from rnnbench.sweep.runner import run_sweep
+
+    spec = spec_from_dict({**SPEC, "grid": {"model.cell": ["gru"]}})
+    summary = run_sweep(spec, [f"tracking.checkpoint_dir={tmp_path / 'ck'}"], workers=1, progress=False, echo=lambda s: None)
+    assert summary.ok and summary.total == 4 + 2
+    runs = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("hv").experiment_id],
+                                            "tags.sweep = 'hv'")
+    runs = [r for r in runs if "cell" in r.data.tags]  # not the parent runs
+    search = [r for r in runs if r.data.tags["stage"] == "search"]
+    final = [r for r in runs if r.data.tags["stage"] == "final"]
+    assert len(search) == 4 and len(final) == 1 and all(r.info.status == "FINISHED" for r in runs)
+    # rung 1: 4 in the field, 2 places; rung 2: 2 in the field, 1 place
+    pruned = sorted(int(r.data.metrics["epochs"]) for r in search if r.data.tags.get("stopped_by") == "pruned")
+    assert pruned[:2] == [1, 1] and len(pruned) in (2, 3)
+    pick = choose([(int(r.data.tags["sample"]), r) for r in search])
+    chosen = next(r for r in search if int(r.data.tags["sample"]) == pick)
+    assert final[0].data.params["train.lr"] == chosen.data.params["train.lr"] and final[0].data.params["train.seed"] == "1"
+    assert float(chosen.data.params["train.rmsprop_floor"]) == 0.01
+    again = run_sweep(spec, [f"tracking.checkpoint_dir={tmp_path / 'ck'}"], workers=1, progress=False, echo=lambda s: None)
+    assert again.ok and not again.outcomes  # everything done: nothing runs
