@@ -1,4 +1,4 @@
-"""The `rnnbench` command line: train, sweep, report, ui, data, bench.
+"""The `rnnbench` command line: train, sweep, report, export, ui, data, bench.
 
 Typer (on click) parses the command line. Heavy libraries are imported inside each command so that
 `--help` and input errors answer at once. Every RnnbenchError becomes one line on stderr and exit 2.
@@ -152,6 +152,7 @@ def _mount() -> None:
     app.add_typer(data_app, name="data", help="Fetch, verify and describe the datasets.")
     app.command(name="sweep")(sweep_cli.command)
     app.command(name="report")(report_cli.command)
+    app.command(name="export")(report_cli.export_command)
     app.command(name="bench")(bench.command)
 
 

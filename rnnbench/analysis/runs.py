@@ -41,6 +41,8 @@ TAG_COLUMNS: dict[str, str] = {
     "torch_version": "torch_version",
     "device": "device",
     "failure_reason": "failure_reason",
+    "stage": "stage",
+    "stopped_by": "stopped_by",
 }
 """MLflow tag -> frame column."""
 

@@ -671,3 +671,59 @@ CHUNG_FORMATS: dict[str, str] = {
     "train": ".3f", "chung_train": ".2f", "train_diff": "+.3f", "test": ".3f", "test_ci_low": ".3f",
     "test_ci_high": ".3f", "chung_test": ".2f", "test_diff": "+.3f",
 }
+
+
+# --- a halving sweep's learning-rate search ----------------------------------------------------------
+def split_search(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the runs the analysis compares, the search stage's runs) for halving sweeps (tag `stage`).
+
+    The comparison keeps every run not of a search stage, and the search run of each (sweep, task
+    setting, cell) at the chosen sample (its final stage's rate: the search seed's complete run);
+    the other samples' runs are the search, shown by `search_table`."""
+    if "stage" not in runs or not runs["stage"].eq("search").any():
+        return runs, runs.iloc[0:0]
+    key = ["sweep", "setting", "variant", "cell"]
+    final = runs[runs["stage"] == "final"]
+    chosen = set(map(tuple, final[key + ["candidate"]].astype(str).to_numpy()))
+    is_search = runs["stage"].eq("search").to_numpy()
+    at_choice = [tuple(r) in chosen for r in runs[key + ["candidate"]].astype(str).to_numpy()]
+    keep = ~is_search | pd.Series(at_choice, index=runs.index).to_numpy()
+    return runs[keep], runs[is_search]
+
+
+def search_table(search: pd.DataFrame, analysed: pd.DataFrame) -> pd.DataFrame:
+    """One row per search run: where it stopped (epochs trained, pruned or not), its best validation
+    score, and whether it is the chosen sample (the one the seeds were trained at)."""
+    cols = ["sweep", "setting", "cell", "sample", "train.lr", "epochs", "best_val", "stopped_by", "chosen"]
+    if search.empty:
+        return pd.DataFrame(columns=cols)
+    chosen_ids = set(analysed["run_id"])
+    out = search.assign(chosen=search["run_id"].isin(chosen_ids),
+                        sample=pd.to_numeric(search["sample"], errors="coerce").astype("Int64"))
+    out = out[[c for c in cols if c in out]].copy()
+    return out.sort_values(["sweep", "setting", "cell", "sample"], kind="mergesort").reset_index(drop=True)
+
+
+def search_markdown(table: pd.DataFrame) -> list[str]:
+    """Per task setting: a row per cell, a column per sample (its rate), each cell of the table the
+    epochs that sample trained, `cut` where successive halving stopped it, `chosen` for the pick."""
+    lines: list[str] = []
+    for (sweep, setting), part in table.groupby(["sweep", "setting"], sort=True):
+        samples = part.drop_duplicates("sample").sort_values("sample")
+        head = ["cell", *[f"s{int(s)} lr={lr:.3g}" for s, lr in zip(samples["sample"], samples["train.lr"])]]
+        lines += [f"**{setting}** ({sweep}): epochs trained per learning-rate sample; cut: stopped at a rung; "
+                  "chosen: the best validation score among the samples never cut, trained with every seed.", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for cell, rows in part.groupby("cell", sort=True):
+            by_sample = {int(r["sample"]): r for _, r in rows.iterrows()}
+            cells = []
+            for s in samples["sample"]:
+                r = by_sample.get(int(s))
+                if r is None:
+                    cells.append("")
+                    continue
+                mark = " chosen" if r["chosen"] else " cut" if r.get("stopped_by") == "pruned" else ""
+                cells.append(f"{int(r['epochs'])} ({r['best_val']:.3f}){mark}")
+            lines.append("| " + " | ".join([cell, *cells]) + " |")
+        lines.append("")
+    return lines

@@ -19,6 +19,9 @@ def command(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the points, what would be done and an upper bound of the cost (timed here); run nothing"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar"),
+    exported: Optional[Path] = typer.Option(
+        None, "--exported", help="folder of exports (rnnbench export): points FINISHED there are done (another chunk's)"
+    ),
     only: Optional[list[str]] = typer.Option(
         None, "--only", help="run one chunk: a grid key cut to a value, e.g. task.name=jsb (repeatable)"
     ),
@@ -37,7 +40,7 @@ def command(
     if only:
         sweep = restrict(sweep, only)
     summary = run_sweep(sweep, overrides or [], executor=executor, workers=workers, progress=progress, dry_run=dry_run,
-                        batch_models=batch_models)
+                        batch_models=batch_models, exported=exported)
     if dry_run:
         return
     for line in summary.lines():

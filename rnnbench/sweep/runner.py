@@ -81,7 +81,8 @@ class SweepSummary:
 def _job(point: Point, decision: Decision, experiment_id: str, tags: dict[str, str], shared: dict[str, Any],
          halving: tuple[tuple[int, ...], int] | None = None) -> Job:
     config = point.config.to_dict()
-    config["tracking"] = {**config["tracking"], **shared, "run_name": point.label}
+    tracking = {k: v for k, v in shared.items() if k != "exported"}
+    config["tracking"] = {**config["tracking"], **tracking, "run_name": point.label}
     point_tags = {**tags, "point_id": point.point_id}
     if point.sample is not None:
         point_tags["sample"] = str(point.sample)
@@ -115,8 +116,10 @@ def run_sweep(
     dry_run: bool = False,
     batch_models: str = "auto",
     echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    exported: str | Path | None = None,
 ) -> SweepSummary:
-    """Run every point of `spec` not yet FINISHED in the store; see the module docstring."""
+    """Run every point of `spec` not yet FINISHED in the store (or in the exports in `exported`, the
+    folder `rnnbench export` writes); see the module docstring."""
     from rnnbench.sweep.executors import EXECUTORS
 
     if executor not in EXECUTORS:
@@ -126,6 +129,10 @@ def run_sweep(
     if workers is not None and workers < 1:
         raise RnnbenchError(f"--workers must be at least 1 (got {workers})")
     points, shared = plan(spec, overrides)
+    if exported is not None:
+        if not Path(exported).is_dir():
+            raise RnnbenchError(f"--exported {exported}: not a folder")
+        shared["exported"] = str(exported)
     check_points(points)
     with nullcontext() if dry_run else _one_driver(shared["tracking_uri"], spec.name):
         if spec.halving is None:
@@ -236,7 +243,8 @@ def _run_planned(
         client.log_text(parent_id, yaml.safe_dump(record, sort_keys=False), "sweep.yaml")
         for pp in planned:
             for run, why in pp.decision.retire:
-                retire(client, run, why, shared["checkpoint_dir"])
+                if not getattr(run.info, "exported", False):
+                    retire(client, run, why, shared["checkpoint_dir"])
     except BaseException as e:  # the parent must not stay RUNNING (prepare_store checked the usual causes)
         client.set_tag(parent_id, "failure_reason", " ".join(f"{type(e).__name__}: {e}".split())[:500])
         client.set_terminated(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -294,7 +302,8 @@ def _nothing_to_do(
     summary.parent_run_id = parent.info.run_id
     for pp in planned:
         for run, why in pp.decision.retire:
-            retire(client, run, why, checkpoint_dir)
+            if not getattr(run.info, "exported", False):
+                retire(client, run, why, checkpoint_dir)
     return True
 
 
@@ -374,7 +383,7 @@ def _open_store(shared: dict[str, Any], sweep: str, create: bool) -> tuple[Any, 
     if create:
         experiment_id = prepare_store(uri, experiment)
         client = MlflowClient(tracking_uri=uri)
-        return client, experiment_id, child_runs(client, experiment_id, sweep)
+        return client, experiment_id, _with_exported(child_runs(client, experiment_id, sweep), shared, sweep)
     check_reachable(uri)
     db = sqlite_path(uri)
     if db is not None:
@@ -386,8 +395,28 @@ def _open_store(shared: dict[str, Any], sweep: str, create: bool) -> tuple[Any, 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        return client, "-", {}
-    return client, exp.experiment_id, child_runs(client, exp.experiment_id, sweep)
+        return client, "-", _with_exported({}, shared, sweep)
+    return client, exp.experiment_id, _with_exported(child_runs(client, exp.experiment_id, sweep), shared, sweep)
+
+
+def _with_exported(by_point: dict[str, list[Any]], shared: dict[str, Any], sweep: str) -> dict[str, list[Any]]:
+    """The store's runs by point, with the FINISHED runs of the sweep's exports (`--exported`) first:
+    points recorded by another chunk (another machine's store) count as done, and a halving sweep's
+    search reads its choice from them."""
+    folder = shared.get("exported")
+    if not folder:
+        return by_point
+    from rnnbench.analysis.exports import exported_runs, path_of
+
+    if not path_of(folder, sweep, "runs").is_file():
+        return by_point
+    out = {k: list(v) for k, v in by_point.items()}
+    for run in exported_runs(folder, [sweep]):
+        pid = run.data.tags.get("point_id")
+        if pid and run.info.status == "FINISHED" and all(r.info.run_id != run.info.run_id for r in out.get(pid, [])):
+            run.info.exported = True  # never retired: it is not in this store
+            out.setdefault(pid, []).append(run)
+    return out
 
 
 def _execute(

@@ -1,0 +1,80 @@
+"""Committed exports (rnnbench/analysis/exports.py): the report rebuilt from them is the store's, byte
+for byte; exporting is deterministic; chunks from separate stores merge; a sweep on a fresh store
+counts the exported points as done."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLI = [sys.executable, "-m", "rnnbench.cli"]
+SPEC: dict[str, Any] = {
+    "name": "ex",
+    "base": {"model": {"hidden_size": 8}, "task": {"name": "copy", "seq_len": 5, "n_train": 64, "n_val": 16, "n_test": 16},
+             "train": {"max_epochs": 2, "batch_size": 16, "early_stopping_patience": None}},
+    "grid": {"model.cell": ["tanh", "gru"], "train.seed": [0, 1]},
+}
+
+
+def cli(args: list[str], cwd: Path, uri: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    done = subprocess.run(CLI + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def same_tree(a: Path, b: Path) -> list[str]:
+    """Paths that differ (or exist on one side only) between two folders, recursively."""
+    cmp = filecmp.dircmp(a, b)
+    out = [*cmp.left_only, *cmp.right_only, *cmp.diff_files]
+    for name in cmp.common_dirs:
+        out += [f"{name}/{p}" for p in same_tree(a / name, b / name)]
+    return out
+
+
+def test_the_report_from_exports_is_the_report_from_the_store(tmp_path: Path) -> None:
+    spec = tmp_path / "ex.yaml"
+    chunk = {**SPEC, "grid": {**SPEC["grid"], "model.cell": ["tanh"]}}
+    spec.write_text(yaml.safe_dump(SPEC, sort_keys=False))
+    (tmp_path / "chunk.yaml").write_text(yaml.safe_dump(chunk, sort_keys=False))
+    one, two = f"sqlite:///{tmp_path / 'one.db'}", f"sqlite:///{tmp_path / 'two.db'}"
+    # chunk 1 (tanh) on store one, exported; then the whole sweep on a fresh store two, told about
+    # the exports: it trains only gru (the exported points are done), and its export merges
+    cli(["sweep", "chunk.yaml", "--no-progress", "tracking.checkpoint_dir=ck1"], tmp_path, one)
+    cli(["export", "--sweep", "ex", "--out", "runs"], tmp_path, one)
+    first = {p.name: p.read_bytes() for p in (tmp_path / "runs").iterdir()}
+    cli(["export", "--sweep", "ex", "--out", "runs"], tmp_path, one)  # again: the same bytes
+    assert {p.name: p.read_bytes() for p in (tmp_path / "runs").iterdir()} == first
+    done = cli(["sweep", "ex.yaml", "--no-progress", "--exported", "runs", "tracking.checkpoint_dir=ck2"], tmp_path, two)
+    assert "2 already FINISHED" in done.stderr and "2 new" in done.stderr
+    cli(["export", "--sweep", "ex", "--out", "runs"], tmp_path, two)
+    import pandas as pd
+
+    runs = pd.read_csv(tmp_path / "runs" / "ex.runs.csv.gz", dtype=str)
+    assert sorted(runs["tags.cell"]) == ["gru", "gru", "tanh", "tanh"] and set(runs["status"]) == {"FINISHED"}
+    curves = pd.read_csv(tmp_path / "runs" / "ex.curves.csv.gz")
+    assert set(curves["run_id"]) == set(runs["run_id"]) and {"train_ce", "val_ce"} <= set(curves["key"])
+    probes = pd.read_csv(tmp_path / "runs" / "ex.probes.csv.gz")
+    assert set(probes["run_id"]) == set(runs["run_id"])  # the gradient-flow probes travel too
+
+    # store two holds only gru: a report of the merged exports = a report of one store with all four
+    cli(["sweep", "ex.yaml", "--no-progress", "tracking.checkpoint_dir=ck1"], tmp_path, one)
+    cli(["report", "--sweep", "ex", "--out", "from_store", "--specs", "."], tmp_path, one)
+    cli(["export", "--sweep", "ex", "--out", "runs_one"], tmp_path, one)
+    cli(["report", "--from", "runs_one", "--out", "from_exports", "--specs", "."], tmp_path, two)
+    assert not same_tree(tmp_path / "from_store", tmp_path / "from_exports")
+    assert (tmp_path / "from_store" / "REPORT.md").read_text().count("| tanh |") >= 1
+
+
+def test_report_from_a_folder_without_exports_is_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'none.db'}"}
+    done = subprocess.run(CLI + ["report", "--from", "nowhere", "--out", "r"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "no exports there" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "none.db").exists()
