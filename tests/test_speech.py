@@ -208,3 +208,27 @@ def test_baselines_finite_and_ordered(official: SpeechTask) -> None:
     entropy = 0.5 * math.log(2 * math.pi * math.e)
     assert official.baselines("train")["nll_per_sample_gaussian"] == pytest.approx(entropy, abs=0.05)
     assert official.baselines("test") == official.baselines("test")
+
+
+def test_the_loudness_reference_follows_the_envelope() -> None:
+    """Noise whose level swells and fades (0.01 to 1, slowly): the loudness-scaled residual fits it
+    (c recovered), and it scores far better than one fixed residual variance."""
+    import math
+
+    import torch
+
+    from rnnbench.tasks.speech import fit_linear_predictor, frame_waveform, gaussian_params, loudness, loudness_scale, mog_step_nll
+
+    g = torch.Generator().manual_seed(0)
+    level = 0.01 + torch.sin(torch.arange(8000, dtype=torch.float64) * math.pi / 2000).abs()
+    wave = (torch.randn(len(level), generator=g, dtype=torch.float64) * level)
+    pairs = [frame_waveform(wave, 20, 10)]
+    w, std = fit_linear_predictor(pairs)
+    c = loudness_scale(pairs, w)
+    assert torch.allclose(c, torch.ones_like(c), atol=0.15)  # white noise: residual std = its own level
+    x, y = pairs[0]
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    every = torch.ones(len(y), dtype=torch.bool)
+    fixed = float(mog_step_nll(gaussian_params(x1 @ w, std), y, every, 1).mean())
+    scaled = float(mog_step_nll(gaussian_params(x1 @ w, c * loudness(x)[:, None]), y, every, 1).mean())
+    assert scaled < fixed - 1.5  # nats per frame of 10 samples (about 2.3 for this envelope)

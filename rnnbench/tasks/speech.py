@@ -125,6 +125,23 @@ def fit_linear_predictor(frames: list[tuple[torch.Tensor, torch.Tensor]]) -> tup
     return w, (sse / n).sqrt()
 
 
+def loudness(x: torch.Tensor) -> torch.Tensor:
+    """Local loudness of each step: the RMS of the samples read, plus the density floor exp(LOG_STD_MIN)."""
+    return x.double().pow(2).mean(1).sqrt() + math.exp(LOG_STD_MIN)
+
+
+def loudness_scale(frames: list[tuple[torch.Tensor, torch.Tensor]], w: torch.Tensor) -> torch.Tensor:
+    """c (frame_out,): the maximum-likelihood scale of residual std = c * loudness(x) for the linear
+    predictor w over (x, y) pairs: c_f^2 = mean over steps of r_f^2 / loudness^2."""
+    total, n = torch.zeros(w.shape[1], dtype=torch.float64), 0
+    for x, y in frames:
+        x1 = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+        r = y.double() - x1 @ w
+        total += (r / loudness(x)[:, None]).pow(2).sum(0)
+        n += len(y)
+    return (total / max(n, 1)).sqrt()
+
+
 # --- data -----------------------------------------------------------------------------------------
 def frame_waveform(s: torch.Tensor, frame_in: int, frame_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) of shapes (n, frame_in), (n, frame_out) with x_t = s[t*fo : t*fo + fi], y_t = next fo samples."""
@@ -272,15 +289,22 @@ class SpeechTask(Task):
         N(0, 1) up to rounding. A recurrent model that does not beat it has learned nothing.
         nll_linear: linear prediction of the 10 samples from the 20 read (least squares) with a
         Gaussian residual per output position: the classical LPC-style reference.
+        nll_loudness: the same linear prediction, its residual std following the local loudness:
+        std_t,f = c_f (rms(x_t) + e), rms over the 20 samples read, e = exp(LOG_STD_MIN), c_f fitted
+        on train by maximum likelihood (c_f^2 = mean of r_t,f^2 / (rms_t + e)^2). Speech is loud and
+        quiet in turn (and silent between words), so a fixed residual variance is far too wide in the
+        pauses and too narrow in the vowels; a model has to beat this to show it learned more than
+        the envelope.
         """
         if split not in self._baselines:
             data, fo = self.datasets(), self.options.frame_out
             if self._fits is None:  # fitted once per instance, on train
                 train = torch.cat(data["train"].waves).double()
-                linear = fit_linear_predictor([data["train"][i] for i in range(len(data["train"]))])
-                self._fits = (train.mean(), train.std(correction=0), *linear)
-            mean, std, w, res_std = self._fits
-            sums, frames = {"gaussian": 0.0, "linear": 0.0}, 0
+                pairs = [data["train"][i] for i in range(len(data["train"]))]
+                linear = fit_linear_predictor(pairs)
+                self._fits = (train.mean(), train.std(correction=0), *linear, loudness_scale(pairs, linear[0]))
+            mean, std, w, res_std, scale = self._fits
+            sums, frames = {"gaussian": 0.0, "linear": 0.0, "loudness": 0.0}, 0
             for i in range(len(data[split])):  # one recording at a time: memory stays small
                 x, y = (t.double() for t in data[split][i])
                 every = torch.ones(len(y), dtype=torch.bool)
@@ -288,6 +312,7 @@ class SpeechTask(Task):
                 params = {
                     "gaussian": gaussian_params(mean.expand(len(y), fo), std.expand(len(y), fo)),
                     "linear": gaussian_params(x1 @ w, res_std),
+                    "loudness": gaussian_params(x1 @ w, scale * loudness(x)[:, None]),
                 }
                 for key, p in params.items():
                     sums[key] += float(mog_step_nll(p, y, every, 1).sum())
