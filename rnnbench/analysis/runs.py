@@ -42,6 +42,8 @@ TAG_COLUMNS: dict[str, str] = {
     "device": "device",
     "failure_reason": "failure_reason",
     "stage": "stage",
+    "machine": "machine",
+    "population_id": "population_id",
     "stopped_by": "stopped_by",
 }
 """MLflow tag -> frame column."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,8 +241,10 @@ def train_population(
         counts = param_counts(configs[0].model.cell, task.input_size, hidden, task.output_size, configs[0].model.num_layers)
         recurrence = implementation(configs[0].model.cell, device, dtype, impl)
         fresh = []  # members whose run is new (or had not got as far as its params): probed at init
+        population = uuid.uuid4().hex[:12]  # the runs trained together (one wall clock: the report's costs)
         for k, c in enumerate(configs):
-            recorders[k], new = _open_run(c, run_ids[k], experiment_id, tags[k], device, K, counts, threads, recurrence)
+            recorders[k], new = _open_run(c, run_ids[k], experiment_id, {"population_id": population, **tags[k]},
+                                          device, K, counts, threads, recurrence)
             if new:
                 fresh.append(k)
         pop = build(configs, device, dtype, impl, [recorders[k].run_id for k in range(K)])
