@@ -109,3 +109,34 @@ def test_a_halving_sweep_searches_then_trains_seeds_at_the_chosen_rate(tmp_path:
     assert float(chosen.data.params["train.rmsprop_floor"]) == 0.01
     again = run_sweep(spec, [f"tracking.checkpoint_dir={tmp_path / 'ck'}"], workers=1, progress=False, echo=lambda s: None)
     assert again.ok and not again.outcomes  # everything done: nothing runs
+    from rnnbench.analysis.report import build_report
+
+    text = build_report(tmp_path / "report", sweeps=["hv"], tracking_uri=store, spec_dir=tmp_path, figures=False).read_text()
+    assert "## Learning-rate search (successive halving)" in text and ") chosen |" in text
+    import pandas as pd
+
+    summary = pd.read_csv(tmp_path / "report" / "tables" / "summary.csv")
+    row = summary[summary["cell"] == "gru"].iloc[0]
+    # one candidate compared: the chosen rate, with its two seeds (the search's other samples are not candidates)
+    assert (row["n_candidates"], row["n_seeds"], row["train.lr"]) == (1, 2, float(chosen.data.params["train.lr"]))
+    search_table = pd.read_csv(tmp_path / "report" / "tables" / "search.csv")
+    assert len(search_table) == 4 and search_table["chosen"].sum() == 1
+
+
+def test_costs_count_a_population_once_and_flag_runs_cut_while_improving() -> None:
+    import pandas as pd
+
+    from rnnbench.analysis.costs import cost_table, cut_while_improving
+
+    runs = pd.DataFrame({
+        "run_id": ["a", "b", "c", "d"], "status": "FINISHED", "sweep": "s", "setting": "jsb", "cell": "gru",
+        "variant": "", "candidate": ["lr=1", "lr=1", "lr=2", "lr=1"], "stage": ["final", "final", "search", None],
+        "population_id": ["p", "p", "q", None], "population": ["2", "2", "1", "1"], "machine": "cpu x",
+        "epochs": [10.0, 20.0, 5.0, 100.0], "seconds_per_epoch": [1.0, 1.0, 2.0, 1.0], "setup_seconds": [3.0, 3.0, 1.0, 0.0],
+        "threads_used": ["1", "1", "2", "1"], "best_epoch": [2.0, 19.0, 1.0, 97.0], "train.max_epochs": [50, 50, 50, 100],
+        "stopped_by": ["early_stopping", "max_epochs", "pruned", None], "seed": [0, 1, 0, 0],
+    })
+    costs = cost_table(runs).set_index("stage")
+    assert costs.loc["final", "populations"] == 1 and costs.loc["final", "serial_hours"] * 3600 == 23.0  # max, once
+    assert costs.loc["search", "core_hours"] * 3600 == 22.0  # (5 x 2 + 1) x 2 threads
+    assert sorted(cut_while_improving(runs)["run_id"]) == ["b", "d"]  # d: no tag, at its max_epochs, best at the end

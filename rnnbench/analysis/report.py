@@ -245,15 +245,20 @@ def _method(runs: pd.DataFrame, rules: dict[str, T.SolvedRule], tuned: Sequence[
         f"- Selection: per task setting x cell, each value of {', '.join(f'`{t}`' for t in tuned)} is a candidate; "
         "the chosen one has the fewest failed seeds, then the lowest mean best-checkpoint validation metric over seeds "
         "(Chung et al. chose the best of their learning-rate samples on validation, one run each). Test, train and "
-        "timings are the chosen candidate's finished seeds, each re-scored at its best-validation checkpoint.",
+        "timings are the chosen candidate's finished seeds, each re-scored at its best-validation checkpoint."
+        + (" In a halving sweep (runs tagged `stage`) the candidates were searched by successive halving first "
+           "(see 'Learning-rate search' below): only the chosen sample was trained with every seed, so it is the "
+           "one candidate compared; the other samples' single-seed runs appear in the search table only."
+           if "stage" in runs and runs["stage"].eq("final").any() else ""),
         "- Intervals: mean ± 95% Student t half-width over seeds, t(0.975, n-1) s / sqrt(n).",
         "- Pairwise tests on the test metric at each cell's chosen candidate: Welch's t-test (unequal variances) and "
         "two-sided Mann-Whitney U; p-values Holm-corrected within each task setting, separately per test. Effect "
         "sizes: Cohen's d (pooled SD), Hedges' g (d x (1 - 3/(4(n_a+n_b)-9))), rank-biserial r = 2U/(n_a n_b) - 1; "
         "positive means the first cell scores higher (worse).",
         "- References: any logged `test_<metric>_<name>` beside the metric (copy/adding memoryless baseline; music "
-        "per-key marginal Bernoulli and first-order Markov chain fitted on the training split; speech Gaussian and "
-        "linear predictor). A cell 'beats' a reference when its mean test metric is below it.",
+        "per-key marginal Bernoulli and first-order Markov chain fitted on the training split; speech Gaussian, "
+        "linear predictor, and linear predictor with the residual std following the local loudness). A cell "
+        "'beats' a reference when its mean test metric is below it.",
         f"- Not learned ({T.NOT_LEARNED_MARK}): a finished run whose best-checkpoint validation metric is not below "
         "the weakest reference logged beside it (the largest: memoryless baseline, marginal, Gaussian), i.e. no "
         "better than ignoring the inputs, e.g. a run that diverged to a finite loss. Such seeds stay in the means and "
@@ -280,6 +285,7 @@ def build_report(
     """Read the runs (from the store, or from the committed exports in the folder `exports`:
     rnnbench/analysis/exports.py), write every table, figure and export, and REPORT.md into `out`;
     return its path. The same runs give the same bytes from either source."""
+    from rnnbench.analysis import costs as C
     from rnnbench.analysis import exports as X
     from rnnbench.analysis import figures as F
     from rnnbench.analysis.runs import runs_frame
@@ -313,8 +319,10 @@ def build_report(
     everything = T.annotate(runs, tuned)
     everything["not_learned"] = T.not_learned(everything)
     runs, repeats = T.drop_repeats(everything)
+    costs = C.cost_table(runs)  # every run trained, the search included
     runs, search = T.split_search(runs)
     search_rows = T.search_table(search, runs)
+    cut = C.cut_while_improving(runs)
     candidates = T.candidates_table(runs, tuned)
     chosen = T.chosen_runs(runs, tuned)
     summary = T.summary_table(runs, tuned, rules)
@@ -346,7 +354,7 @@ def build_report(
 
     tdir = out / "tables"
     for name, frame in (("summary", summary), ("pairwise", pairs), ("chung2014", chung), ("candidates", candidates),
-                        ("gradient_flow", flow), ("search", search_rows)):
+                        ("gradient_flow", flow), ("search", search_rows), ("costs", costs), ("cut_while_improving", cut)):
         T.write_csv(frame, tdir / f"{name}.csv")
         (tdir / f"{name}.md").write_text(T.markdown_table(frame, {**T.PAIRWISE_FORMATS, **T.CHUNG_FORMATS}), newline="\n")
 
@@ -361,8 +369,7 @@ def build_report(
         figs["success"] = F.success_figure(success, fdir)
 
     report = _render(runs, summary, pairs, chung, candidates, flow, success, rules, tuned, figs, out, sweeps, repeats)
-    if not search_rows.empty:
-        report += "\n## Learning-rate search (successive halving)\n\n" + "\n".join(T.search_markdown(search_rows))
+    report += _extra_sections(search_rows, costs, cut)
     if (out / "DISCUSSION.md").is_file():  # hand-written reading of these numbers; never generated
         report += ("\n## Discussion\n\nWhy our numbers differ from Chung et al. 2014, and what they do not show: "
                    "[DISCUSSION.md](DISCUSSION.md) (written by hand about the runs exported here).\n")
@@ -484,6 +491,30 @@ def _render(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame, chun
         cols = ["run_id", "setting", "cell", "candidate", "seed", "status", "failure_reason"]
         lines += ["## Runs that did not finish", "", T.markdown_table(failed[cols]), ""]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _extra_sections(search: pd.DataFrame, costs: pd.DataFrame, cut: pd.DataFrame) -> str:
+    """The search's trajectory, the runs cut while improving, and the cost of each part."""
+    lines: list[str] = []
+    if not search.empty:
+        lines += ["", "## Learning-rate search (successive halving)", "",
+                  "Per task setting and cell the same learning-rate samples trained together at one seed; at each "
+                  "rung the samples still training were ranked with those already stopped by their best validation "
+                  "score, and all but the best third stopped (rnnbench/sweep/halving.py). The seeds were then "
+                  "trained at the chosen sample.", ""]
+        lines += T.search_markdown(search)
+    if not cut.empty:
+        lines += ["", "## Runs the epoch budget cut while they were still improving", "",
+                  "Their best validation epoch is among their last 10% of epochs (or last 5): a longer budget "
+                  "would likely have lowered their numbers.", "", T.markdown_table(cut, {"epochs": ".0f", "best_epoch": ".0f"})]
+    if not costs.empty:
+        total_core, total_serial = costs["core_hours"].sum(), costs["serial_hours"].sum()
+        lines += ["", "## What each part cost", "",
+                  "Per part, each population's wall clock (its longest member's training, validation included, plus "
+                  "setup) summed: `serial_hours` as if the populations ran one after another, `core_hours` that "
+                  f"times the torch threads each used. In all: {total_serial:.2f} serial hours, {total_core:.2f} "
+                  "core-hours.", "", T.markdown_table(costs, {"serial_hours": ".2f", "core_hours": ".2f"})]
+    return ("\n".join(lines).rstrip("\n") + "\n") if lines else ""
 
 
 # --- figures again from an exported report ---------------------------------------------------------

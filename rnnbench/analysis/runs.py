@@ -44,6 +44,7 @@ TAG_COLUMNS: dict[str, str] = {
     "stage": "stage",
     "machine": "machine",
     "population_id": "population_id",
+    "population": "population",
     "stopped_by": "stopped_by",
 }
 """MLflow tag -> frame column."""

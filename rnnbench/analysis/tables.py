@@ -709,8 +709,8 @@ def search_markdown(table: pd.DataFrame) -> list[str]:
     epochs that sample trained, `cut` where successive halving stopped it, `chosen` for the pick."""
     lines: list[str] = []
     for (sweep, setting), part in table.groupby(["sweep", "setting"], sort=True):
-        samples = part.drop_duplicates("sample").sort_values("sample")
-        head = ["cell", *[f"s{int(s)} lr={lr:.3g}" for s, lr in zip(samples["sample"], samples["train.lr"])]]
+        samples = part.drop_duplicates("sample").sort_values(["train.lr", "sample"], kind="mergesort")
+        head = ["cell", *[f"lr {lr:.3g}" for lr in samples["train.lr"]]]
         lines += [f"**{setting}** ({sweep}): epochs trained per learning-rate sample; cut: stopped at a rung; "
                   "chosen: the best validation score among the samples never cut, trained with every seed.", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
