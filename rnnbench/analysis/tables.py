@@ -449,6 +449,10 @@ def _mean(frame: pd.DataFrame, col: str) -> float:
     return float(v.mean()) if v.notna().any() else math.nan
 
 
+SECONDARY_METRICS = ("recall_acc",)
+"""Test metrics shown beside the primary one in the summary (mean and 95% half-width over seeds)."""
+
+
 def summary_table(
     runs: pd.DataFrame,
     tuned: Sequence[str] = ("train.lr",),
@@ -499,6 +503,10 @@ def summary_table(
         for name in tuned:
             if name in group:
                 row[name] = group[name].iloc[0]
+        # the task's other test metrics (copy: recall_acc on the last 10 steps), beside the primary one
+        for col in (f"test_{m}" for m in SECONDARY_METRICS if m != metric and f"test_{m}" in fin and fin[f"test_{m}"].notna().any()):
+            sec_mean, _, _, sec_half = t_interval(fin[col])
+            row[f"{col}_mean"], row[f"{col}_ci_half"] = sec_mean, sec_half
         refs = {name: _mean(fin, col) for name, col in reference_columns(fin, metric).items()}
         if compute_missing_references and task in MUSIC_TASKS and not {"marginal", "markov"} <= refs.keys() and len(fin):
             try:
@@ -637,6 +645,8 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
         "test mean ± 95% CI": [pm(m, h) + (f" {NOT_LEARNED_MARK}" if k else "") for m, h, k in
                                zip(summary["test_mean"], summary["test_ci_half"],
                                    summary.get("n_not_learned", [0] * len(summary)))],
+        **{f"test {m} ± 95% CI": [pm(a, b) for a, b in zip(summary[f"test_{m}_mean"], summary[f"test_{m}_ci_half"])]
+           for m in SECONDARY_METRICS if f"test_{m}_mean" in summary},
         "train": summary["train_mean"].map(lambda v: fmt(v, ".4f")),
         "epochs to best": summary["epochs_to_best"].map(lambda v: fmt(v, ".1f")),
         "s to best": summary["seconds_to_best"].map(lambda v: fmt(v, ".1f")),
@@ -654,6 +664,7 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
         ]
     if (out["variant"] == "").all():
         out = out.drop(columns="variant")
+    out = out.drop(columns=[c for c in out.columns if c.startswith("test ") and c != "test mean ± 95% CI" and (out[c] == "").all()])
     if not summary.get("n_not_learned", pd.Series(0, index=summary.index)).fillna(0).astype(bool).any():
         out = out.drop(columns="not learned")
     return out
