@@ -1,4 +1,4 @@
-"""The `rnnbench` command line: train, sweep, report, export, ui, data, bench.
+"""The `rnnbench` command line: train, sweep, report, export, compare, ui, data, bench.
 
 Typer (on click) parses the command line. Heavy libraries are imported inside each command so that
 `--help` and input errors answer at once. Every RnnbenchError becomes one line on stderr and exit 2.
@@ -144,7 +144,7 @@ def _check_port(host: str, port: int) -> None:
 
 def _mount() -> None:
     """Sub-commands that live beside their code; each module keeps heavy imports inside the command."""
-    from rnnbench import bench
+    from rnnbench import bench, compare
     from rnnbench.analysis import cli as report_cli
     from rnnbench.datasets.cli import data_app
     from rnnbench.sweep import cli as sweep_cli
@@ -153,6 +153,7 @@ def _mount() -> None:
     app.command(name="sweep")(sweep_cli.command)
     app.command(name="report")(report_cli.command)
     app.command(name="export")(report_cli.export_command)
+    app.command(name="compare")(compare.command)
     app.command(name="bench")(bench.command)
 
 
