@@ -103,3 +103,38 @@ def test_the_committed_results_rebuild_from_the_committed_exports(tmp_path: Path
     for name in texts:
         assert (out / name).read_bytes() == (results / name).read_bytes(), name
     assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(p.name for p in (results / "figures").iterdir())
+
+
+def test_seed_aggregates_in_the_store_equal_the_report(tmp_path: Path, monkeypatch: Any) -> None:
+    """After a sweep, one aggregate run per cell holds mean, CI bounds and n of the final metrics:
+    the report's numbers (summary.csv, printed to 6 significant digits)."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from rnnbench.analysis.report import build_report
+    from rnnbench.sweep.runner import run_sweep
+    from rnnbench.sweep.spec import spec_from_dict
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'agg.db'}"
+    spec = spec_from_dict({**SPEC, "name": "agg", "grid": {**SPEC["grid"], "train.seed": [0, 1, 2]}})
+    lines: list[str] = []
+    run_sweep(spec, [f"tracking.tracking_uri={uri}", f"tracking.checkpoint_dir={tmp_path / 'ck'}"], progress=False,
+              echo=lines.append)
+    assert any("seed aggregates: 2 runs" in line for line in lines)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("agg").experiment_id
+    agg = {r.data.params["cell"]: r for r in client.search_runs([exp], "tags.sweep_role = 'aggregate'")}
+    assert set(agg) == {"tanh", "gru"} and all("cell" not in r.data.tags for r in agg.values())
+    summary = pd.read_csv(build_report(tmp_path / "rep", sweeps=["agg"], tracking_uri=uri, figures=False).parent
+                          / "tables" / "summary.csv")
+    for row in summary.itertuples():
+        m = agg[row.cell].data.metrics
+        assert m["test_ce_n"] == row.n_seeds == 3
+        for ours, theirs in ((m["test_ce_mean"], row.test_mean), (m["test_ce_ci_low"], row.test_ci_low),
+                             (m["test_ce_ci_high"], row.test_ci_high), (m["final_val_ce_mean"], row.val_mean)):
+            assert f"{ours:.6g}" == f"{theirs:.6g}"
+    from rnnbench.analysis.aggregates import publish_aggregates
+
+    assert sorted(publish_aggregates("agg", uri)) == sorted(r.info.run_id for r in agg.values())  # updated, none added
+    assert len(client.search_runs([exp], "tags.sweep_role = 'aggregate'")) == 2

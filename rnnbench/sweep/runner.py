@@ -136,9 +136,27 @@ def run_sweep(
     check_points(points)
     with nullcontext() if dry_run else _one_driver(shared["tracking_uri"], spec.name):
         if spec.halving is None:
-            return _plan_and_run(spec, overrides, points, shared, executor, workers, progress, dry_run, echo,
-                                 _batching_on(batch_models, executor))
-        return _search_then_seeds(spec, overrides, points, shared, executor, workers, progress, dry_run, echo)
+            summary = _plan_and_run(spec, overrides, points, shared, executor, workers, progress, dry_run, echo,
+                                    _batching_on(batch_models, executor))
+        else:
+            summary = _search_then_seeds(spec, overrides, points, shared, executor, workers, progress, dry_run, echo)
+        if not dry_run and summary.outcomes:
+            _publish_aggregates(spec.name, shared["tracking_uri"], echo)
+        return summary
+
+
+def _publish_aggregates(sweep: str, uri: str, echo: Callable[[str], None]) -> None:
+    """The seed aggregates of the sweep in the store (rnnbench/analysis/aggregates.py); a failure is a
+    warning, never the sweep's failure (its runs are recorded either way)."""
+    from rnnbench.analysis.aggregates import publish_aggregates
+
+    try:
+        ids = publish_aggregates(sweep, uri)
+    except Exception as e:  # noqa: BLE001
+        echo(f"warning: seed aggregates not recorded ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+        return
+    if ids:
+        echo(f"seed aggregates: {len(ids)} runs in the store (MLflow UI: filter tags.sweep_role = \"aggregate\")")
 
 
 def _search_then_seeds(
