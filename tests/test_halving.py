@@ -140,3 +140,25 @@ def test_costs_count_a_population_once_and_flag_runs_cut_while_improving() -> No
     assert costs.loc["final", "populations"] == 1 and costs.loc["final", "serial_hours"] * 3600 == 23.0  # max, once
     assert costs.loc["search", "core_hours"] * 3600 == 22.0  # (5 x 2 + 1) x 2 threads
     assert sorted(cut_while_improving(runs)["run_id"]) == ["b", "d"]  # d: no tag, at its max_epochs, best at the end
+
+
+def test_the_expected_best_of_n_samples_is_the_unbiased_estimator() -> None:
+    """E[min of n drawn without replacement] over every subset, by brute force, equals the estimator."""
+    import itertools
+
+    import numpy as np
+    import pandas as pd
+
+    from rnnbench.analysis.tuning_budget import expected_best, tuning_budget_table
+
+    values = np.array([3.0, 1.0, 4.0, 1.5, 9.0])
+    ordered = np.sort(values)
+    for n in range(1, 6):
+        brute = np.mean([min(c) for c in itertools.combinations(values, n)])
+        assert expected_best(ordered, n) @ ordered == pytest.approx(brute)
+    runs = pd.DataFrame({"run_id": list("abcde"), "status": "FINISHED", "task": "t", "setting": "t", "variant": "",
+                         "cell": "gru", "metric": "nll", "candidate": [f"lr={v}" for v in range(5)],
+                         "final_val_nll": values, "test_nll": values + 1})
+    table = tuning_budget_table(runs, runs.iloc[0:0])
+    assert list(table["n_samples"]) == [1, 2, 3, 4, 5] and table["expected_val"].iloc[0] == pytest.approx(values.mean())
+    assert table["expected_val"].iloc[-1] == 1.0 and table["expected_test"].iloc[-1] == 2.0  # the best, and its test

@@ -307,3 +307,43 @@ def _null_locator() -> Any:
     from matplotlib.ticker import NullLocator
 
     return NullLocator()
+
+
+def tuning_budget_figure(table: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Per task setting x variant: expected best validation score of n learning-rate samples, and the
+    expected test score of the sample picked, against n (rnnbench/analysis/tuning_budget.py)."""
+    files: list[Path] = []
+    if table.empty:
+        return files
+    with _context():
+        plt = _plt()
+        for (setting, variant), g in table.groupby(["setting", "variant"], sort=True):
+            cells = sorted(g["cell"].astype(str).unique())
+            pal = _palette(cells)
+            fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+            for i, cell in enumerate(cells):
+                c = g[g["cell"] == cell].sort_values("n_samples")
+                for ax, col in zip(axes, ("expected_val", "expected_test")):
+                    ax.plot(c["n_samples"], c[col], color=pal[cell], marker=MARKERS[i % len(MARKERS)], ms=4, lw=1.3,
+                            ls=DASHES[i % len(DASHES)], label=cell)
+            top = int(g["of"].max())
+            title = _title(setting, variant)
+            for ax, col in zip(axes, ("expected_val", "expected_test")):
+                v = g[col][np.isfinite(g[col]) & (g[col] > 0)]
+                if len(v) and v.max() / v.min() > 1.5:  # n = 1 averages in the hopeless samples: log keeps the rest visible
+                    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+                    ax.set_yscale("log")
+                    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 8.0)))
+                    ax.yaxis.set_major_formatter(ScalarFormatter())
+                    ax.yaxis.set_minor_formatter(NullFormatter())
+            for ax, what in zip(axes, ("validation", "test")):
+                ax.set_xticks(range(1, top + 1))
+                ax.set(xlabel="learning-rate samples tried (n)", ylabel=f"expected {what} score",
+                       title=f"{title}: expected best {what}" if what == "validation" else f"{title}: test of the pick")
+            axes[0].legend(fontsize=7, loc="best")
+            fig.text(0.5, 0.0, "Expected value over the draws of n of the samples without replacement (Tang et al. 2020).",
+                     ha="center", va="top", fontsize=7, color="0.3")
+            fig.tight_layout()
+            files += save(fig, out_dir, f"tuning_budget_{slug(setting)}" + (f"_{slug(variant)}" if variant else ""))
+    return files

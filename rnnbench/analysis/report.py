@@ -286,6 +286,7 @@ def build_report(
     rnnbench/analysis/exports.py), write every table, figure and export, and REPORT.md into `out`;
     return its path. The same runs give the same bytes from either source."""
     from rnnbench.analysis import costs as C
+    from rnnbench.analysis import tuning_budget as TB
     from rnnbench.analysis import exports as X
     from rnnbench.analysis import figures as F
     from rnnbench.analysis.runs import runs_frame
@@ -323,6 +324,7 @@ def build_report(
     runs, search = T.split_search(runs)
     search_rows = T.search_table(search, runs)
     cut = C.cut_while_improving(runs)
+    budget_curves = TB.tuning_budget_table(runs, search)
     candidates = T.candidates_table(runs, tuned)
     chosen = T.chosen_runs(runs, tuned)
     summary = T.summary_table(runs, tuned, rules)
@@ -354,7 +356,8 @@ def build_report(
 
     tdir = out / "tables"
     for name, frame in (("summary", summary), ("pairwise", pairs), ("chung2014", chung), ("candidates", candidates),
-                        ("gradient_flow", flow), ("search", search_rows), ("costs", costs), ("cut_while_improving", cut)):
+                        ("gradient_flow", flow), ("search", search_rows), ("costs", costs), ("cut_while_improving", cut),
+                        ("tuning_budget", budget_curves)):
         T.write_csv(frame, tdir / f"{name}.csv")
         (tdir / f"{name}.md").write_text(T.markdown_table(frame, {**T.PAIRWISE_FORMATS, **T.CHUNG_FORMATS}), newline="\n")
 
@@ -367,9 +370,10 @@ def build_report(
         if not curves.empty:
             figs["flow"] = F.gradient_flow_figure(curves, chosen, fdir)
         figs["success"] = F.success_figure(success, fdir)
+        figs["tuning"] = F.tuning_budget_figure(budget_curves, fdir)
 
     report = _render(runs, summary, pairs, chung, candidates, flow, success, rules, tuned, figs, out, sweeps, repeats)
-    report += _extra_sections(search_rows, costs, cut)
+    report += _extra_sections(search_rows, costs, cut, budget_curves, figs.get("tuning", []), out)
     if (out / "DISCUSSION.md").is_file():  # hand-written reading of these numbers; never generated
         report += ("\n## Discussion\n\nWhy our numbers differ from Chung et al. 2014, and what they do not show: "
                    "[DISCUSSION.md](DISCUSSION.md) (written by hand about the runs exported here).\n")
@@ -493,9 +497,20 @@ def _render(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame, chun
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _extra_sections(search: pd.DataFrame, costs: pd.DataFrame, cut: pd.DataFrame) -> str:
-    """The search's trajectory, the runs cut while improving, and the cost of each part."""
+def _extra_sections(search: pd.DataFrame, costs: pd.DataFrame, cut: pd.DataFrame, budget_curves: pd.DataFrame,
+                    tuning_figs: list[Path], out: Path) -> str:
+    """The tuning-budget curves, the search's trajectory, the runs cut while improving, the cost of each part."""
+    from rnnbench.analysis import tuning_budget as TB
+
     lines: list[str] = []
+    if not budget_curves.empty:
+        lines += ["", "## Tuning budget: the expected best of n learning-rate samples", "",
+                  "Per cell, the expected best validation score of n of its learning-rate samples (drawn without "
+                  "replacement; Dodge et al. 2019 with the unbiased estimator of Tang et al. 2020) and the test score "
+                  "of the sample picked (`tables/tuning_budget.csv`); in a halving sweep a sample that was cut counts with "
+                  "the score it had when cut, as the search saw it. Where the curves cross, the verdict depends on "
+                  "how much tuning each cell gets. " + " ".join(TB.leaders(budget_curves)), ""]
+        lines += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in tuning_figs if p.suffix == ".png"]
     if not search.empty:
         lines += ["", "## Learning-rate search (successive halving)", "",
                   "Per task setting and cell the same learning-rate samples trained together at one seed; at each "
