@@ -162,3 +162,20 @@ def test_the_expected_best_of_n_samples_is_the_unbiased_estimator() -> None:
     table = tuning_budget_table(runs, runs.iloc[0:0])
     assert list(table["n_samples"]) == [1, 2, 3, 4, 5] and table["expected_val"].iloc[0] == pytest.approx(values.mean())
     assert table["expected_val"].iloc[-1] == 1.0 and table["expected_test"].iloc[-1] == 2.0  # the best, and its test
+
+
+def test_fanova_ranks_the_hyperparameter_the_score_depends_on() -> None:
+    import numpy as np
+    import pandas as pd
+
+    from rnnbench.analysis.importance import importance_table
+
+    rng = np.random.default_rng(0)
+    lr, mom = 10 ** rng.uniform(-4, -2, 24), rng.uniform(0, 0.9, 24)
+    runs = pd.DataFrame({"run_id": [f"r{i}" for i in range(24)], "status": "FINISHED", "task": "t", "setting": "t",
+                         "variant": "", "cell": "gru", "metric": "nll", "train.lr": lr, "train.momentum": mom,
+                         "candidate": [f"lr={a:.6g}, momentum={b:.6g}" for a, b in zip(lr, mom)],
+                         "final_val_nll": (np.log10(lr) + 3) ** 2 + 0.01 * mom, "test_nll": 0.0})
+    table = importance_table(runs, runs.iloc[0:0], ("train.lr", "train.momentum")).set_index("param")
+    assert table.loc["train.lr", "importance"] > 0.8 > table.loc["train.momentum", "importance"]
+    assert table["importance"].sum() == pytest.approx(1.0) and set(table["n_trials"]) == {24}

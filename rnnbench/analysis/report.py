@@ -286,8 +286,9 @@ def build_report(
     rnnbench/analysis/exports.py), write every table, figure and export, and REPORT.md into `out`;
     return its path. The same runs give the same bytes from either source."""
     from rnnbench.analysis import costs as C
-    from rnnbench.analysis import tuning_budget as TB
     from rnnbench.analysis import exports as X
+    from rnnbench.analysis import importance as I
+    from rnnbench.analysis import tuning_budget as TB
     from rnnbench.analysis import figures as F
     from rnnbench.analysis.runs import runs_frame
     from rnnbench.errors import RnnbenchError
@@ -325,6 +326,7 @@ def build_report(
     search_rows = T.search_table(search, runs)
     cut = C.cut_while_improving(runs)
     budget_curves = TB.tuning_budget_table(runs, search)
+    importance = I.importance_table(runs, search, tuned)
     candidates = T.candidates_table(runs, tuned)
     chosen = T.chosen_runs(runs, tuned)
     summary = T.summary_table(runs, tuned, rules)
@@ -357,7 +359,7 @@ def build_report(
     tdir = out / "tables"
     for name, frame in (("summary", summary), ("pairwise", pairs), ("chung2014", chung), ("candidates", candidates),
                         ("gradient_flow", flow), ("search", search_rows), ("costs", costs), ("cut_while_improving", cut),
-                        ("tuning_budget", budget_curves)):
+                        ("tuning_budget", budget_curves), ("importance", importance)):
         T.write_csv(frame, tdir / f"{name}.csv")
         (tdir / f"{name}.md").write_text(T.markdown_table(frame, {**T.PAIRWISE_FORMATS, **T.CHUNG_FORMATS}), newline="\n")
 
@@ -373,7 +375,7 @@ def build_report(
         figs["tuning"] = F.tuning_budget_figure(budget_curves, fdir)
 
     report = _render(runs, summary, pairs, chung, candidates, flow, success, rules, tuned, figs, out, sweeps, repeats)
-    report += _extra_sections(search_rows, costs, cut, budget_curves, figs.get("tuning", []), out)
+    report += _extra_sections(search_rows, costs, cut, budget_curves, figs.get("tuning", []), out, importance)
     if (out / "DISCUSSION.md").is_file():  # hand-written reading of these numbers; never generated
         report += ("\n## Discussion\n\nWhy our numbers differ from Chung et al. 2014, and what they do not show: "
                    "[DISCUSSION.md](DISCUSSION.md) (written by hand about the runs exported here).\n")
@@ -498,8 +500,9 @@ def _render(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame, chun
 
 
 def _extra_sections(search: pd.DataFrame, costs: pd.DataFrame, cut: pd.DataFrame, budget_curves: pd.DataFrame,
-                    tuning_figs: list[Path], out: Path) -> str:
-    """The tuning-budget curves, the search's trajectory, the runs cut while improving, the cost of each part."""
+                    tuning_figs: list[Path], out: Path, importance: pd.DataFrame) -> str:
+    """The tuning-budget curves, hyperparameter importance, the search's trajectory, the runs cut while
+    improving, the cost of each part."""
     from rnnbench.analysis import tuning_budget as TB
 
     lines: list[str] = []
@@ -511,6 +514,15 @@ def _extra_sections(search: pd.DataFrame, costs: pd.DataFrame, cut: pd.DataFrame
                   "the score it had when cut, as the search saw it. Where the curves cross, the verdict depends on "
                   "how much tuning each cell gets. " + " ".join(TB.leaders(budget_curves)), ""]
         lines += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in tuning_figs if p.suffix == ".png"]
+    if not importance.empty:
+        single = importance.groupby([*T.GROUP])["param"].nunique().max() == 1
+        lines += ["", "## Hyperparameter importance (functional ANOVA)", "",
+                  "Share of the validation score's variance over the searched hyperparameters that each explains "
+                  "(fANOVA, Optuna's FanovaImportanceEvaluator, seed 0; `tables/importance.csv`)."
+                  + (" Only one hyperparameter was searched here, so it takes all of it: a search over more (e.g. "
+                     "momentum, clipping, weight noise as `random.params`) is what would rank them." if single else ""), "",
+                  T.markdown_table(importance.drop(columns=["task"]).drop(columns=["variant"] if (importance["variant"] == "").all() else []),
+                                   {"importance": ".3f", "n_trials": ".0f"})]
     if not search.empty:
         lines += ["", "## Learning-rate search (successive halving)", "",
                   "Per task setting and cell the same learning-rate samples trained together at one seed; at each "
