@@ -8,12 +8,13 @@ Per sweep, three gzipped CSV files in one folder (default results/runs/):
   <sweep>.curves.csv.gz   the per-epoch curves of its FINISHED runs: run_id, key, epoch, value
   <sweep>.probes.csv.gz   its gradient-flow probe CSVs (artifacts gradient_flow/*.csv): run_id, artifact, ...
 
-Read back, the runs are handed to the same `runs_frame` as runs read from a store, so the report
-built from exports is the one built from the store, byte for byte (tests/test_exports.py). Exporting
-again merges: rows of runs already in the files are replaced by the store's, other rows are kept, so
-a study run in chunks on several machines (each with its own store) accumulates in one set of files.
-Floats are written with Python's repr and read back exactly; the gzip header carries no time, so
-the same runs give the same bytes.
+Only runs that ended (FINISHED, FAILED) are exported; RUNNING and KILLED ones resume from their
+store and are exported when they end. Read back, the runs are handed to the same `runs_frame` as
+runs read from a store, so the report built from exports is the one built from the store (of ended
+runs), byte for byte (tests/test_exports.py). Exporting again merges: rows of runs already in the
+files are replaced by the store's, other rows are kept, so a study run in chunks on several
+machines (each with its own store) accumulates in one set of files. Floats are written with
+Python's repr and read back exactly; the gzip header carries no time, so the same runs give the same bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from rnnbench.errors import RnnbenchError
 FOLDER = Path("results") / "runs"
 KINDS = ("runs", "curves", "probes")
 INFO = ["run_id", "experiment_id", "experiment", "status", "start_time"]
+ENDED = ("FINISHED", "FAILED")
 
 
 def path_of(folder: str | Path, sweep: str, kind: str) -> Path:
@@ -50,9 +52,14 @@ def export_sweeps(sweeps: Sequence[str], tracking_uri: str | None = None, folder
     client = client_for(tracking_uri)
     written: list[Path] = []
     for sweep in sorted(set(sweeps)):
-        runs = _store_runs(client, sweep)
-        if not runs:
+        every = _store_runs(client, sweep)
+        if not every:
             raise RnnbenchError(f"no training runs of sweep {sweep!r} in the store")
+        # RUNNING and KILLED runs are not results yet: they resume from this store's checkpoints, and
+        # are exported once they end
+        runs = [r for r in every if r.info.status in ENDED]
+        if not runs:
+            continue
         fresh = pd.DataFrame([_row(r, client) for r in runs])
         finished = sorted(r.info.run_id for r in runs if r.info.status == "FINISHED")
         frames = {
