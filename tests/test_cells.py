@@ -90,9 +90,68 @@ def step_cifg(P: dict, x: torch.Tensor, s: tuple) -> tuple:
     return o * tanh(c), c
 
 
+# Greff et al. 2015's ablations of the peephole LSTM, each written out on its own
+def step_lstm_nig(P: dict, x: torch.Tensor, s: tuple) -> tuple:
+    h, c_prev = s
+    W_xf, W_xg, W_xo = P["weight_ih"].chunk(3)
+    W_hf, W_hg, W_ho = P["weight_hh"].chunk(3)
+    b_f, b_g, b_o = P["bias"].chunk(3)
+    f = sig(lin(W_xf, x) + lin(W_hf, h) + P["w_cf"] * c_prev + b_f)
+    c = f * c_prev + tanh(lin(W_xg, x) + lin(W_hg, h) + b_g)  # i = 1
+    o = sig(lin(W_xo, x) + lin(W_ho, h) + P["w_co"] * c + b_o)
+    return o * tanh(c), c
+
+
+def step_lstm_nfg(P: dict, x: torch.Tensor, s: tuple) -> tuple:
+    h, c_prev = s
+    W_xi, W_xg, W_xo = P["weight_ih"].chunk(3)
+    W_hi, W_hg, W_ho = P["weight_hh"].chunk(3)
+    b_i, b_g, b_o = P["bias"].chunk(3)
+    i = sig(lin(W_xi, x) + lin(W_hi, h) + P["w_ci"] * c_prev + b_i)
+    c = c_prev + i * tanh(lin(W_xg, x) + lin(W_hg, h) + b_g)  # f = 1
+    o = sig(lin(W_xo, x) + lin(W_ho, h) + P["w_co"] * c + b_o)
+    return o * tanh(c), c
+
+
+def step_lstm_nog(P: dict, x: torch.Tensor, s: tuple) -> tuple:
+    h, c_prev = s
+    W_xi, W_xf, W_xg = P["weight_ih"].chunk(3)
+    W_hi, W_hf, W_hg = P["weight_hh"].chunk(3)
+    b_i, b_f, b_g = P["bias"].chunk(3)
+    i = sig(lin(W_xi, x) + lin(W_hi, h) + P["w_ci"] * c_prev + b_i)
+    f = sig(lin(W_xf, x) + lin(W_hf, h) + P["w_cf"] * c_prev + b_f)
+    c = f * c_prev + i * tanh(lin(W_xg, x) + lin(W_hg, h) + b_g)
+    return tanh(c), c  # o = 1
+
+
+def step_lstm_niaf(P: dict, x: torch.Tensor, s: tuple) -> tuple:
+    h, c_prev = s
+    W_xi, W_xf, W_xg, W_xo = P["weight_ih"].chunk(4)
+    W_hi, W_hf, W_hg, W_ho = P["weight_hh"].chunk(4)
+    b_i, b_f, b_g, b_o = P["bias"].chunk(4)
+    i = sig(lin(W_xi, x) + lin(W_hi, h) + P["w_ci"] * c_prev + b_i)
+    f = sig(lin(W_xf, x) + lin(W_hf, h) + P["w_cf"] * c_prev + b_f)
+    c = f * c_prev + i * (lin(W_xg, x) + lin(W_hg, h) + b_g)  # no tanh on the block input
+    o = sig(lin(W_xo, x) + lin(W_ho, h) + P["w_co"] * c + b_o)
+    return o * tanh(c), c
+
+
+def step_lstm_noaf(P: dict, x: torch.Tensor, s: tuple) -> tuple:
+    h, c_prev = s
+    W_xi, W_xf, W_xg, W_xo = P["weight_ih"].chunk(4)
+    W_hi, W_hf, W_hg, W_ho = P["weight_hh"].chunk(4)
+    b_i, b_f, b_g, b_o = P["bias"].chunk(4)
+    i = sig(lin(W_xi, x) + lin(W_hi, h) + P["w_ci"] * c_prev + b_i)
+    f = sig(lin(W_xf, x) + lin(W_hf, h) + P["w_cf"] * c_prev + b_f)
+    c = f * c_prev + i * tanh(lin(W_xg, x) + lin(W_hg, h) + b_g)
+    o = sig(lin(W_xo, x) + lin(W_ho, h) + P["w_co"] * c + b_o)
+    return o * c, c  # no tanh on the state
+
+
 EQUATIONS: dict[str, Callable] = {"tanh": step_tanh, "lstm": step_lstm, "gru": step_gru_reset_after,
                                   "lstm_peephole": step_lstm_peephole, "gru_reset_before": step_gru_reset_before,
-                                  "cifg": step_cifg}
+                                  "cifg": step_cifg, "lstm_nig": step_lstm_nig, "lstm_nfg": step_lstm_nfg,
+                                  "lstm_nog": step_lstm_nog, "lstm_niaf": step_lstm_niaf, "lstm_noaf": step_lstm_noaf}
 # Parameter counts per layer (Chung et al. 2014 Table 1 for tanh, gru_reset_before, lstm_peephole).
 FORMULAS: dict[str, Callable[[int, int], int]] = {
     "tanh": lambda d, h: d * h + h * h + h,
@@ -101,9 +160,15 @@ FORMULAS: dict[str, Callable[[int, int], int]] = {
     "lstm_peephole": lambda d, h: 4 * (d * h + h * h + h) + 3 * h,
     "gru_reset_before": lambda d, h: 3 * (d * h + h * h + h),
     "cifg": lambda d, h: 3 * (d * h + h * h + h),
+    "lstm_nig": lambda d, h: 3 * (d * h + h * h + h) + 2 * h,
+    "lstm_nfg": lambda d, h: 3 * (d * h + h * h + h) + 2 * h,
+    "lstm_nog": lambda d, h: 3 * (d * h + h * h + h) + 2 * h,
+    "lstm_niaf": lambda d, h: 4 * (d * h + h * h + h) + 3 * h,
+    "lstm_noaf": lambda d, h: 4 * (d * h + h * h + h) + 3 * h,
 }
 # Where init_ puts the forget-gate bias, for the cells that have one.
-FORGET_BIAS = {"lstm": slice(H, 2 * H), "lstm_peephole": slice(H, 2 * H), "cifg": slice(0, H)}
+FORGET_BIAS = {"lstm": slice(H, 2 * H), "lstm_peephole": slice(H, 2 * H), "cifg": slice(0, H), "lstm_nig": slice(0, H),
+               "lstm_nog": slice(H, 2 * H), "lstm_niaf": slice(H, 2 * H), "lstm_noaf": slice(H, 2 * H)}
 
 
 def weights(cell: str, num_layers: int = 1, K: int = 1, seed: int = 0, scale: float | None = 0.5,

@@ -336,6 +336,7 @@ def build_report(
     cut = C.cut_while_improving(runs)
     budget_curves = TB.tuning_budget_table(runs, search)
     importance = I.importance_table(runs, search, tuned)
+    variants = T.variants_table(runs, tuned)
     candidates = T.candidates_table(runs, tuned)
     chosen = T.chosen_runs(runs, tuned)
     summary = T.summary_table(runs, tuned, rules)
@@ -368,7 +369,8 @@ def build_report(
     tdir = out / "tables"
     for name, frame in (("summary", summary), ("pairwise", pairs), ("chung2014", chung), ("candidates", candidates),
                         ("gradient_flow", flow), ("search", search_rows), ("costs", costs), ("cut_while_improving", cut),
-                        ("tuning_budget", budget_curves), ("importance", importance)):
+                        ("tuning_budget", budget_curves), ("importance", importance),
+                        ("lstm_variants", variants)):
         T.write_csv(frame, tdir / f"{name}.csv")
         (tdir / f"{name}.md").write_text(T.markdown_table(frame, {**T.PAIRWISE_FORMATS, **T.CHUNG_FORMATS}), newline="\n")
 
@@ -384,7 +386,7 @@ def build_report(
         figs["tuning"] = F.tuning_budget_figure(budget_curves, fdir)
 
     report = _render(runs, summary, pairs, chung, candidates, flow, success, rules, tuned, figs, out, sweeps, repeats)
-    report += _extra_sections(search_rows, costs, cut, budget_curves, figs.get("tuning", []), out, importance)
+    report += _extra_sections(search_rows, costs, cut, budget_curves, figs.get("tuning", []), out, importance, variants)
     if (out / "DISCUSSION.md").is_file():  # hand-written reading of these numbers; never generated
         report += ("\n## Discussion\n\nWhy our numbers differ from Chung et al. 2014, and what they do not show: "
                    "[DISCUSSION.md](DISCUSSION.md) (written by hand about the runs exported here).\n")
@@ -509,12 +511,19 @@ def _render(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame, chun
 
 
 def _extra_sections(search: pd.DataFrame, costs: pd.DataFrame, cut: pd.DataFrame, budget_curves: pd.DataFrame,
-                    tuning_figs: list[Path], out: Path, importance: pd.DataFrame) -> str:
+                    tuning_figs: list[Path], out: Path, importance: pd.DataFrame, variants: pd.DataFrame) -> str:
     """The tuning-budget curves, hyperparameter importance, the search's trajectory, the runs cut while
     improving, the cost of each part."""
     from rnnbench.analysis import tuning_budget as TB
 
     lines: list[str] = []
+    if not variants.empty:
+        lines += ["", "## LSTM variants against the vanilla LSTM (Greff et al. 2015, Fig. 3)", "",
+                  f"Each variant's test metric against the peephole LSTM's (`{T.VANILLA}`), at each cell's chosen "
+                  "candidate; p-values Holm-corrected over the variants of a setting. Positive `diff`: the variant "
+                  "is worse.", "",
+                  T.markdown_table(variants.drop(columns=["task"]).drop(columns=["variant"] if (variants["variant"] == "").all() else []),
+                                   {**T.PAIRWISE_FORMATS, "mean": ".4f", "vanilla_mean": ".4f", "hedges_g": ".2f"})]
     if not budget_curves.empty:
         lines += ["", "## Tuning budget: the expected best of n learning-rate samples", "",
                   "Per cell, the expected best validation score of n of its learning-rate samples (drawn without "

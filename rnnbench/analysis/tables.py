@@ -557,6 +557,42 @@ def pairwise_table(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -> 
     return ordered(pd.DataFrame(rows, columns=cols), ["task", "setting", "variant", "cell_a", "cell_b"])
 
 
+VANILLA = "lstm_peephole"
+"""Greff et al. 2015's vanilla LSTM (with peepholes): what each ablation is compared with."""
+GREFF_VARIANTS = ("lstm_nig", "lstm_nfg", "lstm_nog", "lstm_niaf", "lstm_noaf", "lstm", "cifg")
+"""Greff et al.'s variants in the registry (NIG, NFG, NOG, NIAF, NOAF; NP is `lstm`; CIFG here has no peepholes)."""
+
+
+def variants_table(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -> pd.DataFrame:
+    """Greff et al. 2015 Fig. 3's comparison: each LSTM variant against the vanilla peephole LSTM, per task
+    setting, at each cell's chosen candidate; Welch and Mann-Whitney p-values Holm-corrected over the
+    variants of a setting (the family Greff et al. test). Empty where no variant ran beside the vanilla."""
+    chosen = chosen_runs(runs, tuned)
+    fin = chosen[chosen["status"] == "FINISHED"]
+    rows = []
+    for key, group in fin.groupby(["task", "setting", "variant"], sort=True, dropna=False):
+        metric = str(group["metric"].iloc[0])
+        samples = {cell: _clean(g[f"test_{metric}"].to_numpy(float)) for cell, g in group.groupby("cell", sort=True)}
+        if VANILLA not in samples:
+            continue
+        base = samples[VANILLA]
+        family = []
+        for cell in (c for c in GREFF_VARIANTS if c in samples):
+            x = samples[cell]
+            row = dict(zip(["task", "setting", "variant"], key), metric=metric, cell=cell, n=len(x), n_vanilla=len(base),
+                       mean=float(x.mean()) if len(x) else math.nan, vanilla_mean=float(base.mean()) if len(base) else math.nan)
+            row["diff"] = row["mean"] - row["vanilla_mean"]
+            row.update({k: v for k, v in compare(x, base).items() if k in ("welch_p", "mwu_p", "hedges_g")})
+            family.append(row)
+        if family:
+            for r, pw, pm in zip(family, holm([r["welch_p"] for r in family]), holm([r["mwu_p"] for r in family])):
+                r["welch_p_holm"], r["mwu_p_holm"] = float(pw), float(pm)
+            rows.extend(family)
+    cols = ["task", "setting", "variant", "metric", "cell", "n", "n_vanilla", "mean", "vanilla_mean", "diff", "welch_p",
+            "welch_p_holm", "mwu_p", "mwu_p_holm", "hedges_g"]
+    return pd.DataFrame(rows, columns=cols)
+
+
 def chung_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Our music results beside Chung et al. 2014 Table 2: differences, and whether Chung's test value
     lies inside our 95% interval. Cells map to Chung's columns by CHUNG_CELL (form differences noted)."""

@@ -36,23 +36,47 @@ class PeepholeLSTM(Cell):
     loops = {"cpp": compiled.member_loop("peephole_lstm", "weight_hh", "w_ci", "w_cf", "w_co"),
              "triton": triton_steps.peephole_lstm_loop}
 
+    blocks = "ifgo"  # the gates (and the block input g) this cell has, in the weights' order
+
     @classmethod
     def weight_shapes(cls, input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
-        H = hidden_size
-        return {"weight_ih": (4 * H, input_size), "weight_hh": (4 * H, H), "bias": (4 * H,),
-                "w_ci": (H,), "w_cf": (H,), "w_co": (H,)}
+        H, n = hidden_size, len(cls.blocks)
+        peep = {f"w_c{b}": (H,) for b in "ifo" if b in cls.blocks}
+        return {"weight_ih": (n * H, input_size), "weight_hh": (n * H, H), "bias": (n * H,), **peep}
 
     @classmethod
     def init_(cls, w: Weights, hidden_size: int, forget_bias: float) -> None:
-        w["bias"][:, hidden_size : 2 * hidden_size] = forget_bias
+        if "f" in cls.blocks:
+            k = cls.blocks.index("f")
+            w["bias"][:, k * hidden_size : (k + 1) * hidden_size] = forget_bias
+
+    @staticmethod
+    def block_input(a: torch.Tensor) -> torch.Tensor:
+        """g's activation (Greff et al.'s "input activation"): tanh."""
+        return torch.tanh(a)
+
+    @staticmethod
+    def output_activation(c: torch.Tensor) -> torch.Tensor:
+        """h's activation of the cell state (Greff et al.'s "output activation"): tanh."""
+        return torch.tanh(c)
 
     @classmethod
     def step(cls, w: Weights, xw_t: torch.Tensor, state: State) -> tuple[State, dict[str, torch.Tensor]]:
+        # Written once for the vanilla LSTM and its ablations (Greff et al. 2015): a gate a variant
+        # drops is the constant 1, and its activations come from the two methods above.
         h, c = state
-        a_i, a_f, a_g, a_o = recurrent_product(h, w["weight_hh"], xw_t).chunk(4, dim=-1)
-        i = torch.sigmoid(a_i + w["w_ci"].unsqueeze(1) * c)
-        f = torch.sigmoid(a_f + w["w_cf"].unsqueeze(1) * c)
-        c = f * c + i * torch.tanh(a_g)
-        o = torch.sigmoid(a_o + w["w_co"].unsqueeze(1) * c)
-        h = o * torch.tanh(c)
-        return (h, c), {"input": i, "forget": f, "output": o}
+        a = dict(zip(cls.blocks, recurrent_product(h, w["weight_hh"], xw_t).chunk(len(cls.blocks), dim=-1)))
+        gates: dict[str, torch.Tensor] = {}
+        if "i" in a:
+            gates["input"] = torch.sigmoid(a["i"] + w["w_ci"].unsqueeze(1) * c)
+        if "f" in a:
+            gates["forget"] = torch.sigmoid(a["f"] + w["w_cf"].unsqueeze(1) * c)
+        kept = gates["forget"] * c if "f" in a else c
+        new = gates["input"] * cls.block_input(a["g"]) if "i" in a else cls.block_input(a["g"])
+        c = kept + new
+        if "o" in a:
+            gates["output"] = torch.sigmoid(a["o"] + w["w_co"].unsqueeze(1) * c)
+            h = gates["output"] * cls.output_activation(c)
+        else:
+            h = cls.output_activation(c)
+        return (h, c), gates
