@@ -10,6 +10,7 @@ RNNBENCH_DATA_DIR and skip without it.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,22 @@ SMALL: dict[str, dict[str, object]] = {
     "fsdd": {"max_recordings": 12, "n_components": 3},
     **{name: {"max_sequences": 12} for name in ("jsb", "nottingham", "musedata", "pianomidi")},
 }
+
+
+def _sequences_file() -> str:
+    """A small .npz for the `sequences` task: real features, sequences of unequal lengths."""
+    import tempfile
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 12, 30)
+    path = Path(tempfile.mkdtemp(prefix="rnnbench-seq-")) / "seqs.npz"
+    np.savez(path, data=rng.normal(size=(int(lengths.sum()), 2)), lengths=lengths)
+    return str(path)
+
+
+SMALL["sequences"] = {"path": _sequences_file()}
 K, B = 3, 2
 EXACT = {"rtol": 1e-12, "atol": 1e-12}  # float64: equal to rounding
 

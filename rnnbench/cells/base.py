@@ -5,7 +5,7 @@ the parameters (K, ...) and their optimizer state, the cell only knows its equat
 
   Weights  dict[str, Tensor] of one layer, each (K, *shape) for the shapes of `weight_shapes`
            (every weight trainable: no frozen biases).
-  State    tuple of (K, B, H) tensors, (h,) or (h, c): `state_size` of them, state[0] is h.
+  State    tuple of (K, B, H) tensors, e.g. (h,) or (h, c): `state_size` of them, state[0] is h.
 
 `step` is the definition (the readable, autograd-recorded reference); the optional fast loops in
 `loops` ("cpp", "triton") must give its numbers (float64: to rounding; tests/test_fast_cells.py).
@@ -35,7 +35,7 @@ class Cell:
 
     name: ClassVar[str]
     gates: ClassVar[tuple[str, ...]] = ()  # names `step` reports, for gate-saturation statistics
-    state_size: ClassVar[int] = 1  # 1: (h,); 2: (h, c)
+    state_size: ClassVar[int] = 1  # 1: (h,); 2: (h, c); more where a cell carries more (lstm_fgr: its gates)
     loops: ClassVar[dict[str, Loop]] = {}  # fast implementations of the time loop, by name
 
     @classmethod
