@@ -100,6 +100,7 @@ IDENTITY = {
     "task.frame_in", "task.frame_out", "task.n_components", "task.max_samples", "task.max_seconds",  # speech
     "task.max_recordings", "task.split", "task.test_speaker", "task.val_speaker",
     "task.path", "task.target", "task.split_seed",  # the user's sequences
+    "task.frame",  # spoken digits
     "train.seed", "train.optimizer", "train.lr", "train.momentum", "train.rmsprop_alpha", "train.rmsprop_floor", "train.weight_decay",
     "train.batch_size", "train.max_epochs", "train.max_steps", "train.limit_train_batches", "train.limit_eval_batches",
     "train.grad_clip", "train.weight_noise", "train.early_stopping_patience",

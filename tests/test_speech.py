@@ -232,3 +232,27 @@ def test_the_loudness_reference_follows_the_envelope() -> None:
     fixed = float(mog_step_nll(gaussian_params(x1 @ w, std), y, every, 1).mean())
     scaled = float(mog_step_nll(gaussian_params(x1 @ w, c * loudness(x)[:, None]), y, every, 1).mean())
     assert scaled < fixed - 1.5  # nats per frame of 10 samples (about 2.3 for this envelope)
+
+
+def test_spoken_digits_are_a_many_to_one_task_with_its_references() -> None:
+    """fsdd_digits: framed utterances, one label each; the majority and linear references beside them."""
+    _data_dir()
+    import torch
+
+    from rnnbench.tasks import get_task
+    from rnnbench.tasks.base import stack_batches
+
+    cls = get_task("fsdd_digits")
+    task = cls(cls.Options(max_recordings=120, max_seconds=0.3), seed=0)
+    data = task.datasets()
+    labels = np.array(data["train"].labels)
+    assert np.bincount(labels, minlength=10).min() >= 10  # the subset covers every digit
+    x, y = data["train"][0]
+    assert x.shape[1] == 80 and x.shape[0] <= 30 and 0 <= y < 10
+    batch = stack_batches([task.collate([data["train"][i] for i in range(4)])])
+    out = torch.zeros(1, *batch["x"].shape[1:3], 10)
+    loss, sums = task.loss_and_sums(out, batch)
+    assert float(loss[0]) == pytest.approx(np.log(10)) and float(sums["acc"][1][0]) == 4  # uniform logits: ln 10
+    refs = task.baselines("test")
+    assert refs["nll_majority"] == pytest.approx(np.log(10), abs=0.05)
+    assert refs["acc_linear"] > refs["acc_majority"] + 0.2 and refs["nll_linear"] < refs["nll_majority"]

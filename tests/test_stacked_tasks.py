@@ -42,6 +42,7 @@ def _sequences_file() -> str:
 
 
 SMALL["sequences"] = {"path": _sequences_file()}
+SMALL["fsdd_digits"] = {"max_recordings": 12}
 K, B = 3, 2
 EXACT = {"rtol": 1e-12, "atol": 1e-12}  # float64: equal to rounding
 

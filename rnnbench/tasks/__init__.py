@@ -23,7 +23,7 @@ def get_task(name: str) -> type[Task]:
 
 
 # Registration: importing each module runs its @register_task.
-from rnnbench.tasks import adding, copy, polyphonic, sequences, speech  # noqa: E402,F401
+from rnnbench.tasks import adding, copy, digits, polyphonic, sequences, speech  # noqa: E402,F401
 
 __all__ = [
     "TASKS", "Batch", "MetricSums", "Task", "TaskOptions", "broadcast_batch", "get_task", "register_task", "stack_batches",

@@ -144,6 +144,16 @@ def infer_kind(target: str, seqs: dict[str, object]) -> Kind:
     return "real"
 
 
+def label_nll(out: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Many-to-one: the cross-entropy of each sequence's label at its own last step. out (K, B, T, C),
+    y (K, B) classes, lengths (K, B) -> (K,) summed CE, (K,) number of sequences, (K,) correct labels."""
+    last = (lengths - 1).clamp(min=0)
+    logits = torch.gather(out, 2, last[..., None, None].expand(*last.shape, 1, out.shape[-1])).squeeze(2)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view(y.shape)
+    hits = (logits.argmax(-1) == y).sum(1).to(out.dtype)
+    return ce.sum(1), torch.full_like(ce.sum(1), float(y.shape[1])), hits
+
+
 class _Items(Dataset):
     def __init__(self, seqs: list[torch.Tensor], labels: np.ndarray | None) -> None:
         self.seqs, self.labels = seqs, labels
@@ -253,11 +263,7 @@ class SequencesTask(Task):
             ce = F.cross_entropy(out.reshape(-1, V), y.reshape(-1), reduction="none").view(K, B, T)
             step = torch.where(mask, ce, zero)
         else:  # label: the output at each sequence's own last step
-            last = (batch["lengths"] - 1).clamp(min=0)  # (K, B)
-            logits = torch.gather(out, 2, last[..., None, None].expand(*last.shape, 1, out.shape[-1])).squeeze(2)
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view(y.shape)
-            hits = (logits.argmax(-1) == y).sum(1).to(out.dtype)
-            return ce.sum(1), torch.full_like(ce.sum(1), float(y.shape[1])), hits
+            return label_nll(out, y, batch["lengths"])
         return step.sum((1, 2)), mask.sum((1, 2)).to(out.dtype), None
 
     def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
