@@ -317,8 +317,9 @@ def test_forget_bias_acts(cell: str) -> None:
     w = {k: torch.zeros_like(v) for k, v in layers[0].items()}
     w["bias"][:, FORGET_BIAS[cell]] = 1.0
     c0 = torch.randn(1, 2, H, dtype=torch.float64)
+    extra = [torch.zeros_like(c0)] * (get_cell(cell).state_size - 2)  # lstm_fgr also carries its gates
     _, finals = run(cell, [w], torch.zeros(1, 2, 1, D, dtype=torch.float64), impl="reference",
-                    state=[(torch.zeros_like(c0), c0)])
+                    state=[(torch.zeros_like(c0), c0, *extra)])
     torch.testing.assert_close(finals[0][1], torch.sigmoid(torch.tensor(1.0, dtype=torch.float64)) * c0)
 
 

@@ -111,14 +111,14 @@ def client_of(folder: Path) -> Any:
 
 
 def runs_of(folder: Path, experiment: str, deleted: bool = False) -> list[Any]:
-    """The experiment's runs (a sweep's: its child runs, not the parent), active or deleted ones."""
+    """The experiment's training runs (a sweep's child runs: not its parent, not its seed aggregates), active or deleted."""
     from mlflow.entities import ViewType
 
     client = client_of(folder)
     exp = client.get_experiment_by_name(experiment)
     view = ViewType.DELETED_ONLY if deleted else ViewType.ACTIVE_ONLY
     runs = client.search_runs([exp.experiment_id], run_view_type=view, max_results=100)
-    return [r for r in runs if r.data.tags.get("sweep_role") != "parent"]
+    return [r for r in runs if r.data.tags.get("sweep_role") not in ("parent", "aggregate")]
 
 
 def poison(path: Path, marker: Path) -> None:

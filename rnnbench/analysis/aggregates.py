@@ -4,8 +4,9 @@ After a sweep, `publish_aggregates` reads the sweep's runs as the report does (r
 halving sweep's search left out, each cell's chosen candidate) and records, per group, the mean, the
 95% Student t bounds and n over seeds of each final metric: `<metric>_mean`, `<metric>_ci_low`,
 `<metric>_ci_high`, `<metric>_n` (the report's `t_interval`, so its numbers are the report's). The
-runs are tagged `sweep`, `sweep_role=aggregate`, `aggregate_of` (the group) and sit under the sweep's
-parent run; they have no `cell` tag, so no report or sweep counts them as training runs. In the UI,
+runs are tagged `aggregates_sweep` (the sweep's name), `sweep_role=aggregate` and `aggregate_of` (the
+group) and sit under the sweep's parent run. They carry neither the `sweep` nor the `cell` tag, so
+no search for a sweep's runs, no report and no sweep decision counts them as training runs. In the UI,
 filter `tags.sweep_role = "aggregate"` and compare the cells in the table or the charts. Publishing
 again updates the same runs.
 """
@@ -61,7 +62,7 @@ def publish_aggregates(sweep: str, tracking_uri: str | None = None) -> list[str]
     client = client_for(tracking_uri)
     experiment_id = str(runs["experiment_id"].iloc[0])
     existing = {r.data.tags.get("aggregate_of"): r for r in client.search_runs(
-        [experiment_id], f"tags.sweep = '{sweep}' AND tags.sweep_role = '{ROLE}'", max_results=5000)}
+        [experiment_id], f"tags.aggregates_sweep = '{sweep}' AND tags.sweep_role = '{ROLE}'", max_results=5000)}
     parents = client.search_runs([experiment_id], f"tags.sweep = '{sweep}' AND tags.sweep_role = 'parent'",
                                  order_by=["attributes.start_time DESC"], max_results=1)
     ids = []
@@ -69,7 +70,7 @@ def publish_aggregates(sweep: str, tracking_uri: str | None = None) -> list[str]
         label = " ".join(str(row[k]) for k in ("setting", "variant", "cell") if row[k])
         run = existing.get(label)
         if run is None:
-            tags = {"sweep": sweep, "sweep_role": ROLE, "aggregate_of": label,
+            tags = {"aggregates_sweep": sweep, "sweep_role": ROLE, "aggregate_of": label,
                     "mlflow.runName": f"{row['cell']} {row['setting']} (seeds aggregated)"}
             if parents:
                 tags["mlflow.parentRunId"] = parents[0].info.run_id
