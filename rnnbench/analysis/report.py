@@ -385,7 +385,14 @@ def build_report(
         figs["success"] = F.success_figure(success, fdir)
         figs["tuning"] = F.tuning_budget_figure(budget_curves, fdir)
 
-    report = _render(runs, summary, pairs, chung, candidates, flow, success, rules, tuned, figs, out, sweeps, repeats)
+    # halving sweeps in progress: cells searched in a setting whose seeds have not landed yet
+    compared = set(map(tuple, summary[["setting", "variant", "cell"]].astype(str).to_numpy())) if len(summary) else set()
+    pending: dict[tuple[str, str], list[str]] = {}
+    for r in search_rows[["setting", "cell"]].drop_duplicates().itertuples() if not search_rows.empty else []:
+        if (str(r.setting), "", str(r.cell)) not in compared:
+            pending.setdefault((str(r.setting), ""), []).append(str(r.cell))
+    report = _render(runs, summary, pairs, chung, candidates, flow, success, rules, tuned, figs, out, sweeps, repeats,
+                     pending)
     report += _extra_sections(search_rows, costs, cut, budget_curves, figs.get("tuning", []), out, importance, variants)
     if (out / "DISCUSSION.md").is_file():  # hand-written reading of these numbers; never generated
         report += ("\n## Discussion\n\nWhy our numbers differ from Chung et al. 2014, and what they do not show: "
@@ -405,8 +412,10 @@ def _img(paths: list[Path], out: Path, stem: str) -> str:
 def _render(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame, chung: pd.DataFrame,
             candidates: pd.DataFrame, flow: pd.DataFrame, success: pd.DataFrame, rules: dict[str, T.SolvedRule],
             tuned: Sequence[str], figs: dict[str, list[Path]], out: Path, sweeps: Sequence[str] | None,
-            repeats: pd.DataFrame) -> str:
+            repeats: pd.DataFrame, pending: dict[tuple[str, str], list[str]] | None = None) -> str:
     from rnnbench.analysis.figures import slug
+
+    pending = pending or {}
 
     status = runs["status"].value_counts().sort_index()
     def listing(col: str) -> str:
@@ -444,7 +453,10 @@ def _render(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame, chun
         c = chung[(chung["setting"] == setting) & (chung["variant"] == variant)]
         cand = candidates[(candidates["setting"] == setting) & (candidates["variant"] == variant)]
         qual = {k: runs.loc[sel, k].dropna().iloc[0] for k in SUBSET_OPTIONS if k in runs and runs.loc[sel, k].notna().any()}
-        lines += ["**Findings.** " + findings(s, p, c, cand, tuned, qual), ""]
+        waiting = pending.get((setting, variant), [])
+        lines += ["**Findings.** " + findings(s, p, c, cand, tuned, qual)
+                  + (f" Not compared yet: {', '.join(sorted(waiting))} (searched; their seeds have not run), so the "
+                     "ranking above covers only the cells listed in the table." if waiting else ""), ""]
         stem = f"curves_{slug(setting)}" + (f"_{slug(variant)}" if variant else "")
         img = _img(all_figs, out, stem)
         if img:
