@@ -94,12 +94,20 @@ def _palette(cells: list[str]) -> dict[str, Any]:
 
     from rnnbench.cells import CELLS
 
-    known = sorted(set(CELLS) | set(cells))
+    # The study's five cells first (they share most figures), then the rest of the registry: a new
+    # cell never takes the colour of one of the five.
+    first = [c for c in STUDY_CELLS if c in CELLS or c in cells]
+    known = first + sorted((set(CELLS) | set(cells)) - set(first))
     # seaborn's colorblind palette, reordered so that its two oranges (1 and 3) and two pinks (4 and 6)
-    # are far apart, and grey comes before brown (close to orange): the first cells stay distinct.
+    # are far apart, and grey comes before brown (close to orange); then its dark variant, so that up
+    # to 20 cells get distinct colours.
     base = sns.color_palette("colorblind", n_colors=10)
-    colours = [base[i] for i in (0, 1, 2, 4, 7, 5, 9, 8, 3, 6)]
+    order = (0, 1, 2, 4, 7, 5, 9, 8, 3, 6)
+    colours = [base[i] for i in order] + [sns.color_palette("dark", n_colors=10)[i] for i in order]
     return {c: colours[known.index(c) % len(colours)] for c in sorted(cells)}
+
+
+STUDY_CELLS = ("gru", "gru_reset_before", "lstm", "lstm_peephole", "tanh")
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")

@@ -573,39 +573,3 @@ def _extra_sections(search: pd.DataFrame, costs: pd.DataFrame, cut: pd.DataFrame
                   "core-hours.", "", T.markdown_table(costs, {"serial_hours": ".2f", "core_hours": ".2f"})]
     return ("\n".join(lines).rstrip("\n") + "\n") if lines else ""
 
-
-# --- figures again from an exported report ---------------------------------------------------------
-
-
-def figures_from_exports(folder: str | Path, out: str | Path | None = None, spec_dir: str | Path = "experiments") -> list[Path]:
-    """Redraw the figures of a report from its exports (runs.csv, histories.csv, gradient_flow.csv),
-    without the MLflow store, through the same table and figure functions as `build_report`.
-
-    The exported numbers are rounded (10 significant digits in runs.csv, 8 in the curves), so the
-    figures match what the store gives to the eye, not necessarily byte for byte. Writes into
-    `out`/figures (default: `folder`/figures) and returns the files written.
-
-        python -c "from rnnbench.analysis.report import figures_from_exports as f; f('results')"
-    """
-    from rnnbench.analysis import figures as F
-
-    folder = Path(folder)
-    fdir = Path(out if out is not None else folder) / "figures"
-    runs = pd.read_csv(folder / "runs.csv", keep_default_na=True)
-    for col in ("variant", "candidate"):
-        runs[col] = runs[col].fillna("").astype(str)
-    runs["seed"] = pd.to_numeric(runs["seed"], errors="coerce").astype("Int64")
-    if "repeat" in runs:
-        runs = runs[~runs["repeat"].astype(bool)]
-    sweeps = sorted(runs["sweep"].dropna().astype(str).unique())
-    rules = T.solved_rules_from_specs(spec_dir, sweeps or None)
-    summary = T.summary_table(runs, solved_rules=rules, compute_missing_references=False)
-    chosen = T.chosen_runs(runs)
-    histories = pd.read_csv(folder / "histories.csv")
-    for pattern in GENERATED["figures"]:
-        for f in fdir.glob(pattern) if fdir.is_dir() else ():
-            f.unlink()
-    files = F.learning_curves(chosen, histories, fdir) + F.test_metric_figure(summary, chosen, fdir)
-    if (folder / "gradient_flow.csv").is_file():
-        files += F.gradient_flow_figure(pd.read_csv(folder / "gradient_flow.csv"), chosen, fdir)
-    return files + F.success_figure(success_frame(chosen, rules), fdir)
