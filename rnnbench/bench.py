@@ -146,8 +146,10 @@ def run(opts: Options, echo: Callable[[str], Any] = print) -> dict[str, Any]:
 
     from rnnbench.cpu_memory import keep_freed_memory
     from rnnbench.tracking import prepare_store, resolve_tracking_uri
+    from rnnbench.training.threads import flush_subnormals
 
     keep_freed_memory()  # as train_population does: the timed steps run as training runs them
+    flush_subnormals()
     uri = resolve_tracking_uri(opts.tracking_uri)
     experiment_id = prepare_store(uri, "bench")  # fails in one line before any work if unreachable
     client = MlflowClient(tracking_uri=uri)

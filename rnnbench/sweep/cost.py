@@ -107,7 +107,7 @@ def _measure(config: Config) -> tuple[float, float, int, str]:
     import torch
 
     from rnnbench.training.population import TrainBatches, build
-    from rnnbench.training.threads import use_threads
+    from rnnbench.training.threads import flush_subnormals, use_threads
 
     t = config.train
     use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
@@ -119,6 +119,7 @@ def _measure(config: Config) -> tuple[float, float, int, str]:
         hidden = pop.sizes[1]
         label = f"{config.task.name} {config.model.cell} hidden {hidden} batch {t.batch_size}"
         use_threads(pop.configs[0], pop.sizes[0], hidden)
+        flush_subnormals()  # as train() runs
         data = pop.data
         train_batches = len(data.train[0]) if t.limit_train_batches is None else min(len(data.train[0]), t.limit_train_batches)
         val_batches = math.ceil(len(data.dataset(0, "val")) / t.batch_size)

@@ -219,7 +219,7 @@ def train_population(
     from rnnbench.budget import param_counts
     from rnnbench.cells import implementation
     from rnnbench.cpu_memory import keep_freed_memory
-    from rnnbench.training.threads import use_threads
+    from rnnbench.training.threads import flush_subnormals, use_threads
 
     if not configs:
         return []
@@ -229,6 +229,7 @@ def train_population(
     _check_members(configs, run_ids, tags)
     quiet_lightning()
     keep_freed_memory()
+    flush_subnormals()
     t_setup = time.perf_counter()
     t = configs[0].train
     device, dtype = _device_and_dtype(configs[0])

@@ -1,4 +1,4 @@
-"""How many CPU threads a population's step uses (train.threads)."""
+"""How a run uses the CPU: how many threads its step uses (train.threads), and subnormal floats."""
 
 from __future__ import annotations
 
@@ -35,3 +35,17 @@ def use_threads(config: Config, input_size: int, hidden_size: int) -> int:
     threads = auto_threads(config.model.cell, input_size, hidden_size, torch.get_num_threads()) if wanted == "auto" else wanted
     torch.set_num_threads(threads)
     return threads
+
+
+def flush_subnormals() -> None:
+    """Make the CPU treat subnormal floats (below ~1.2e-38 in float32) as zero in this process.
+
+    Why: gradients that vanish through hundreds of steps (a tanh-RNN or a GRU on adding at T = 400)
+    pass through the subnormal range, where x86 arithmetic is tens of times slower; measured here, a
+    T = 400 step of those cells ran 5-8x slower than with subnormals flushed, and the LSTM's not at
+    all (results/bench/MEASURED_NOTES.md). A value that small adds nothing to a float32 sum of
+    normal numbers, so no result moves; it is the flush-to-zero mode GPUs run in by default.
+    """
+    import torch
+
+    torch.set_flush_denormal(True)
