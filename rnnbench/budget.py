@@ -23,15 +23,18 @@ speech ≈170K with D = 20 (tanh 400 units 168,400; GRU 227 168,888; peephole LS
 CONVENTIONS = ("recurrent", "total")
 
 
-def count_params(cell: str, input_size: int, hidden_size: int, num_layers: int = 1) -> int:
-    """Trainable parameters of the recurrent layer only (the Chung Table 1 convention)."""
-    return get_cell(cell).count_params(input_size, hidden_size, num_layers)
+def count_params(cell: str, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False) -> int:
+    """Trainable parameters of the recurrent layers only (the Chung Table 1 convention)."""
+    return get_cell(cell).count_params(input_size, hidden_size, num_layers, bidirectional)
 
 
-def param_counts(cell: str, input_size: int, hidden_size: int, output_size: int, num_layers: int = 1) -> dict[str, int]:
-    """{"recurrent": recurrent layer only, "total": plus the output Linear(H, O) with bias, HO + O}."""
-    recurrent = count_params(cell, input_size, hidden_size, num_layers)
-    return {"recurrent": recurrent, "total": recurrent + hidden_size * output_size + output_size}
+def param_counts(cell: str, input_size: int, hidden_size: int, output_size: int, num_layers: int = 1,
+                 bidirectional: bool = False) -> dict[str, int]:
+    """{"recurrent": recurrent layers only, "total": plus the output Linear(H', O) with bias, H'O + O,
+    H' = H, or 2H when bidirectional}."""
+    recurrent = count_params(cell, input_size, hidden_size, num_layers, bidirectional)
+    head_in = (2 if bidirectional else 1) * hidden_size
+    return {"recurrent": recurrent, "total": recurrent + head_in * output_size + output_size}
 
 
 def hidden_size_for_budget(
@@ -42,6 +45,7 @@ def hidden_size_for_budget(
     convention: str = "recurrent",
     output_size: int | None = None,
     num_layers: int = 1,
+    bidirectional: bool = False,
 ) -> int:
     """The hidden size whose count (recurrent-only or total) is nearest `budget`; ties go to the smaller."""
     if convention not in CONVENTIONS:
@@ -53,8 +57,8 @@ def hidden_size_for_budget(
 
     def count(h: int) -> int:
         if convention == "total":
-            return param_counts(cell, input_size, h, output_size, num_layers)["total"]  # type: ignore[arg-type]
-        return count_params(cell, input_size, h, num_layers)
+            return param_counts(cell, input_size, h, output_size, num_layers, bidirectional)["total"]  # type: ignore[arg-type]
+        return count_params(cell, input_size, h, num_layers, bidirectional)
 
     smallest = count(1)
     if budget < smallest:
@@ -82,4 +86,4 @@ def hidden_size_of(config: Config, input_size: int, output_size: int) -> int:
         return m.hidden_size
     budget = PRESETS[m.budget] if isinstance(m.budget, str) else m.budget
     return hidden_size_for_budget(m.cell, input_size, budget, convention=m.budget_convention,
-                                  output_size=output_size, num_layers=m.num_layers)
+                                  output_size=output_size, num_layers=m.num_layers, bidirectional=m.bidirectional)

@@ -30,6 +30,8 @@ class ModelConfig(_Strict):
     )
     budget_convention: Literal["recurrent", "total"] = "recurrent"  # recurrent: Chung Table 1
     num_layers: int = Field(1, ge=1)
+    bidirectional: bool = Field(False, description="a second stack of layers reads each sequence backwards; "
+                                "only for tasks whose outputs may see the whole input")
     forget_bias: float = 1.0  # LSTMs only (Jozefowicz et al. 2015)
     init: Literal["default", "uniform"] = "default"  # uniform: U(-init_scale, init_scale), Chung's code
     init_scale: float = Field(0.1, gt=0)
@@ -150,7 +152,7 @@ ids and config hashes as they were (a plain `train` run, default true, now gets 
 the sweep point). The tracking section was never hashed and stays out."""
 
 
-ADDED_DEFAULTS: dict[str, Any] = {"train.rmsprop_floor": 0.0}
+ADDED_DEFAULTS: dict[str, Any] = {"train.rmsprop_floor": 0.0, "model.bidirectional": False}
 """Keys added after runs were recorded, left out of the identity while at this default (the value
 every earlier run had), so that existing config hashes and sweep point ids stay valid."""
 
@@ -228,19 +230,26 @@ def identity_from_params(params: dict[str, str]) -> str | None:
 
 
 def _check_budget(config: Config) -> None:
-    """A budget below the smallest model of this cell on this task is refused now, not after the store
-    and the run exist (the task's input and output sizes come from its options, without reading data)."""
+    """A budget below the smallest model of this cell on this task, or a bidirectional model on a task
+    that predicts the next step, is refused now, not after the store and the run exist (the task's
+    input and output sizes come from its options, without reading data)."""
     from rnnbench.budget import PRESETS, hidden_size_for_budget
     from rnnbench.tasks import get_task
 
     m = config.model
-    if m.budget is None:
+    if m.budget is None and not m.bidirectional:
         return
     task = get_task(config.task.name)(config.task, seed=config.train.seed)
+    if m.bidirectional and task.bidirectional_outputs is None:
+        raise RnnbenchError(f"config model.bidirectional: task {task.name} predicts each step from the steps before it, "
+                            "so a bidirectional model would read the future; use it on a task whose outputs may see "
+                            "the whole input (copy, adding, fsdd_digits, sequences with labels)")
+    if m.budget is None:
+        return
     budget = PRESETS[m.budget] if isinstance(m.budget, str) else m.budget
     try:
         hidden_size_for_budget(m.cell, task.input_size, budget, convention=m.budget_convention,
-                               output_size=task.output_size, num_layers=m.num_layers)
+                               output_size=task.output_size, num_layers=m.num_layers, bidirectional=m.bidirectional)
     except RnnbenchError as e:
         raise RnnbenchError(f"config model.budget: {e}") from None
 

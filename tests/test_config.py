@@ -94,7 +94,7 @@ def test_budget_presets_choose_hidden_size() -> None:
 # --- a run's identity (config_hash, point ids, the report's repeats) -------------------------------
 IDENTITY = {
     "model.budget", "model.budget_convention", "model.cell", "model.forget_bias", "model.hidden_size", "model.init",
-    "model.init_scale", "model.num_layers",
+    "model.init_scale", "model.num_layers", "model.bidirectional",
     "task.name", "task.seq_len", "task.n_train", "task.n_val", "task.n_test",  # copy, adding
     "task.layout", "task.first_frame", "task.max_sequences", "task.source",  # music
     "task.frame_in", "task.frame_out", "task.n_components", "task.max_samples", "task.max_seconds",  # speech
@@ -130,8 +130,9 @@ def _old_hash(config: Config) -> str:
     import json
 
     d = {k: v for k, v in config.to_dict().items() if k != "tracking"}
-    # fields added since: threads (not identity), rmsprop_floor (left out at its default, 0)
+    # fields added since: threads (not identity), rmsprop_floor and bidirectional (left out at their defaults)
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads", "rmsprop_floor")}
+    d["model"] = {k: v for k, v in d["model"].items() if k != "bidirectional"}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -148,6 +149,7 @@ def test_display_and_tracking_settings_leave_the_hash_and_old_sweep_hashes_stay(
     for changed in ({"device": "cpu"}, {"precision": "64"}, {"gradient_flow": False}, {"seed": 4}, {"rmsprop_floor": 0.01}):
         other = Config.from_dict({**base, "train": {**base["train"], **changed}})
         assert other.config_hash() != sweep_like.config_hash(), changed
+    assert Config.from_dict({**base, "model": {"bidirectional": True}}).config_hash() != sweep_like.config_hash()
 
 
 def test_identity_from_logged_params_matches_the_hash() -> None:

@@ -66,10 +66,12 @@ class Cell:
         raise NotImplementedError
 
     @classmethod
-    def count_params(cls, input_size: int, hidden_size: int, num_layers: int = 1) -> int:
-        """Trainable scalars of one model's `num_layers` layers (layer l > 0 sees input_size = hidden_size)."""
-        sizes = [input_size] + [hidden_size] * (num_layers - 1)
-        return sum(math.prod(s) for d in sizes for s in cls.weight_shapes(d, hidden_size).values())
+    def count_params(cls, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False) -> int:
+        """Trainable scalars of one model's `num_layers` layers (layer l > 0 sees input_size = hidden_size,
+        or 2 * hidden_size when bidirectional: then every layer is there twice, one per direction)."""
+        directions = 2 if bidirectional else 1
+        sizes = [input_size] + [directions * hidden_size] * (num_layers - 1)
+        return directions * sum(math.prod(s) for d in sizes for s in cls.weight_shapes(d, hidden_size).values())
 
 
 def recurrent_product(h: torch.Tensor, w_hh: torch.Tensor, add: torch.Tensor) -> torch.Tensor:

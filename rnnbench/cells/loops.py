@@ -2,6 +2,7 @@
 
     init_weights(cell, input_size, hidden_size, num_layers, generators, scale, forget_bias, dtype)
     run(cell, layers, x, steps=None, impl="auto", state=None) -> (out (K, B, T, H), final states per layer)
+    run_bidirectional(cell, forward, backward, x, lengths, steps=None, impl="auto", last_step=False) -> out (K, B, T, 2H)
     run_steps(cell, layers, x, state=None) -> StepTrace (per-step h tensors and gates; the probes)
     implementation(cell, device, dtype, impl="auto") -> "cpp" | "triton" | "reference"
 
@@ -39,8 +40,12 @@ def init_weights(
     scale: float | None,
     forget_bias: float,
     dtype: torch.dtype,
+    upper_input_size: int | None = None,
 ) -> list[Weights]:
     """Weights of `num_layers` layers for K = len(generators) models, each (K, *shape), on the CPU.
+
+    Layer 0 reads input_size features, the layers above it upper_input_size (default hidden_size;
+    2 * hidden_size above a bidirectional layer).
 
     Member k's weights come from generators[k] alone, drawn in a fixed order (layer, then the order
     of `weight_shapes`) from U(-s, s), s = scale or 1/sqrt(hidden_size) when scale is None (torch's
@@ -55,7 +60,7 @@ def init_weights(
     for g in generators:
         layers = []
         for l in range(num_layers):
-            shapes = cls.weight_shapes(input_size if l == 0 else hidden_size, hidden_size)
+            shapes = cls.weight_shapes(input_size if l == 0 else upper_input_size or hidden_size, hidden_size)
             layers.append({n: torch.empty(shape, dtype=dtype).uniform_(-s, s, generator=g) for n, shape in shapes.items()})
         per_member.append(layers)
     stacked = [{n: torch.stack([m[l][n] for m in per_member]) for n in per_member[0][l]} for l in range(num_layers)]
@@ -180,6 +185,45 @@ def run(
         h, final = _layer(cls, which, w, cls.project(w, h), s0, steps, impl)
         finals.append(final)
     return h.permute(1, 2, 0, 3), finals
+
+
+def reverse_within(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """x (K, B, T, ...) with the first lengths[k, b] steps of each sequence in reverse order and the
+    steps after them (padding) where they were; applied twice it gives x back."""
+    K, B, T = x.shape[:3]
+    t = torch.arange(T, device=x.device)
+    L = lengths.to(x.device).view(K, B, 1)
+    idx = torch.where(t < L, L - 1 - t, t)
+    return x.gather(2, idx.view(K, B, T, *([1] * (x.dim() - 3))).expand_as(x))
+
+
+def run_bidirectional(
+    cell: str | type[Cell],
+    forward: list[Weights],
+    backward: list[Weights],
+    x: torch.Tensor,
+    lengths: torch.Tensor,
+    steps: torch.Tensor | None = None,
+    impl: str = "auto",
+    last_step: bool = False,
+) -> torch.Tensor:
+    """A bidirectional stack (Schuster & Paliwal 1997) over x (K, B, T, D) -> out (K, B, T, 2H).
+
+    Each layer runs `forward` over the sequences and `backward` over each sequence reversed within its
+    own length (lengths (K, B)); the layer above reads [forward h_t, backward h_t], both in the input's
+    order, so the backward h_t has read x_L .. x_t. At the top layer, last_step=True leaves the
+    backward outputs in the reversed order instead: its output at each sequence's last step t = L-1 is
+    then its state after reading the whole sequence (what a task that reads only that step needs).
+    Padding steps (t >= L) reach no valid step in either direction.
+    """
+    h = x
+    for l, (wf, wb) in enumerate(zip(forward, backward, strict=True)):
+        fwd, _ = run(cell, [wf], h, steps, impl)
+        bwd, _ = run(cell, [wb], reverse_within(h, lengths), steps, impl)
+        if not (last_step and l == len(forward) - 1):
+            bwd = reverse_within(bwd, lengths)
+        h = torch.cat([fwd, bwd], dim=-1)
+    return h
 
 
 class StepTrace(NamedTuple):

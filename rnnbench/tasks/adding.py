@@ -45,6 +45,7 @@ class AddingTask(Task):
     seeded_data = True  # datasets() draws every split from the seed
     input_size = 2
     output_size = 1
+    bidirectional_outputs = "last_step"  # the inputs hold no target
 
     def datasets(self) -> dict[str, TensorDataset]:
         o = self.options

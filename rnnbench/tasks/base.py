@@ -11,7 +11,7 @@ longest member) or one shared batch is broadcast by `broadcast_batch` (evaluatio
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -121,6 +121,12 @@ class Task:
     Options: ClassVar[type[TaskOptions]]
     primary_metric: ClassVar[str]  # minimised; early stopping watches val_<primary_metric>
     seeded_data: ClassVar[bool] = False  # True: the data are drawn from the run's seed (members' data differ)
+    # Whether an output may see the whole input (model.bidirectional). None: the outputs predict each
+    # step from the steps before it (next-step prediction), so a bidirectional model is refused.
+    # "per_step": every step's output is read; the backward layers' outputs are put back in the
+    # input's order (step t sees x_t..x_L backwards). "last_step": only each sequence's output at its
+    # last step is read; there the backward layers give their state after reading the whole sequence.
+    bidirectional_outputs: ClassVar[Literal["per_step", "last_step"] | None] = None
 
     input_size: int
     output_size: int

@@ -49,6 +49,7 @@ class CopyTask(Task):
     seeded_data = True  # datasets() draws every split from the seed
     input_size = N_SYMBOLS
     output_size = N_SYMBOLS
+    bidirectional_outputs = "per_step"  # the inputs hold no target
 
     def datasets(self) -> dict[str, TensorDataset]:
         o = self.options

@@ -71,6 +71,7 @@ class DigitsTask(Task):
     mask (B, T), lengths (B,)."""
 
     name = "fsdd_digits"
+    bidirectional_outputs = "last_step"  # one label per utterance, read at its last frame
     Options = DigitsOptions
     primary_metric = "nll"
 

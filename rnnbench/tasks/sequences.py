@@ -192,6 +192,7 @@ class SequencesTask(Task):
                 raise _fail(options.path, "target label needs the array 'labels'")
             self.classes = 1 + int(max(v.max() for v in raw["labels"].values()))  # type: ignore[union-attr]
             self.input_size, self.output_size = self.features, self.classes
+            self.bidirectional_outputs = "last_step"  # one label per sequence: the model may read all of it
         else:
             self.input_size = self.features
             self.output_size = self.features if self.kind == "binary" else 2 * self.features

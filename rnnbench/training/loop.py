@@ -239,19 +239,23 @@ def train_population(
     recorders: dict[int, RunRecorder] = {}
     members: list[Member] = []
     try:
-        counts = param_counts(configs[0].model.cell, task.input_size, hidden, task.output_size, configs[0].model.num_layers)
+        m = configs[0].model
+        counts = param_counts(m.cell, task.input_size, hidden, task.output_size, m.num_layers, m.bidirectional)
         recurrence = implementation(configs[0].model.cell, device, dtype, impl)
         fresh = []  # members whose run is new (or had not got as far as its params): probed at init
         population = uuid.uuid4().hex[:12]  # the runs trained together (one wall clock: the report's costs)
         for k, c in enumerate(configs):
-            recorders[k], new = _open_run(c, run_ids[k], experiment_id, {"population_id": population, **tags[k]},
+            extra = {"gradient_flow": "not probed: bidirectional"} if c.model.bidirectional and t.gradient_flow else {}
+            recorders[k], new = _open_run(c, run_ids[k], experiment_id, {"population_id": population, **extra, **tags[k]},
                                           device, K, counts, threads, recurrence)
             if new:
                 fresh.append(k)
         pop = build(configs, device, dtype, impl, [recorders[k].run_id for k in range(K)])
         members = pop.members
         _resume(pop, recorders, run_ids)
-        probes = _probe_batches(pop) if t.gradient_flow else None
+        # The probe follows one recurrence from the loss back in time; a bidirectional model has two
+        # running opposite ways, so it is not probed (the run's tag says so).
+        probes = _probe_batches(pop) if t.gradient_flow and not configs[0].model.bidirectional else None
         if probes is not None:
             _probe(pop, recorders, probes, "init", only=fresh)
         setup_seconds = time.perf_counter() - t_setup

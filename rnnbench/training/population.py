@@ -179,14 +179,23 @@ class Population(L.LightningModule):
         K = len(configs)
         generators = [torch.Generator().manual_seed(c.train.seed) for c in configs]
         scale = m.init_scale if m.init == "uniform" else None
+        # Drawn in this order from each member's generator: the layers, the backward layers (when
+        # bidirectional), the output layer; a unidirectional member's numbers are those of before.
+        directions = 2 if m.bidirectional else 1
+        upper = directions * hidden_size
         layers = cells.init_weights(m.cell, input_size, hidden_size, m.num_layers, generators, scale, m.forget_bias,
-                                    torch.float32)
+                                    torch.float32, upper)
+        backward = (cells.init_weights(m.cell, input_size, hidden_size, m.num_layers, generators, scale, m.forget_bias,
+                                       torch.float32, upper) if m.bidirectional else [])
+        self.last_step = self.task.bidirectional_outputs == "last_step"
         head_scale = m.init_scale if m.init == "uniform" else 1.0 / math.sqrt(hidden_size)
-        head_w = torch.stack([torch.empty(output_size, hidden_size).uniform_(-head_scale, head_scale, generator=g)
+        head_w = torch.stack([torch.empty(output_size, upper).uniform_(-head_scale, head_scale, generator=g)
                               for g in generators])
         head_b = (torch.zeros(K, output_size) if m.init == "uniform" else
                   torch.stack([torch.empty(output_size).uniform_(-head_scale, head_scale, generator=g) for g in generators]))
         self.layers = nn.ModuleList(nn.ParameterDict({n: nn.Parameter(w) for n, w in layer.items()}) for layer in layers)
+        self.backward_layers = nn.ModuleList(nn.ParameterDict({n: nn.Parameter(w) for n, w in layer.items()})
+                                             for layer in backward)
         self.head_weight, self.head_bias = nn.Parameter(head_w), nn.Parameter(head_b)
         self.ids: list[int] = list(range(K))
         t = [c.train for c in configs]
@@ -207,15 +216,23 @@ class Population(L.LightningModule):
     # --- the weights --------------------------------------------------------------------------------
     def weights(self) -> list[nn.Parameter]:
         """Every stacked parameter, in one fixed order (the optimizer's, the checkpoints')."""
-        return [p for layer in self.layers for p in layer.values()] + [self.head_weight, self.head_bias]
+        return self.recurrent_weights() + [self.head_weight, self.head_bias]
 
     def recurrent_weights(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers for p in layer.values()]
+        return [p for stack in (self.layers, self.backward_layers) for layer in stack for p in layer.values()]
 
-    def forward(self, x: torch.Tensor, steps: torch.Tensor | None = None) -> torch.Tensor:
-        """x (K, B, T, D) -> head outputs (K, B, T, O); steps (K,): each member's own length."""
+    def forward(self, x: torch.Tensor, steps: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x (K, B, T, D) -> head outputs (K, B, T, O); steps (K,): each member's own length; lengths
+        (K, B): each sequence's own (a bidirectional model reverses each within it; default: steps)."""
         layers = [dict(layer.items()) for layer in self.layers]
-        h, _ = cells.run(self.cell.name, layers, x, steps, impl=self.impl)
+        if self.backward_layers:
+            K, B, T = x.shape[:3]
+            if lengths is None:
+                lengths = (torch.full((K,), T, device=x.device) if steps is None else steps.to(x.device)).view(K, 1).expand(K, B)
+            backward = [dict(layer.items()) for layer in self.backward_layers]
+            h = cells.run_bidirectional(self.cell.name, layers, backward, x, lengths, steps, self.impl, self.last_step)
+        else:
+            h, _ = cells.run(self.cell.name, layers, x, steps, impl=self.impl)
         K, B, T, H = h.shape
         out = torch.baddbmm(self.head_bias.unsqueeze(1), h.reshape(K, B * T, H), self.head_weight.transpose(1, 2))
         return out.view(K, B, T, -1)
@@ -246,7 +263,7 @@ class Population(L.LightningModule):
             for p in self.weights():
                 p.grad = None
         noise = self._add_weight_noise()
-        out = self(batch["x"], None if graphed else batch.get("steps"))
+        out = self(batch["x"], None if graphed else batch.get("steps"), batch.get("lengths"))
         loss, sums = self.task.loss_and_sums(out, batch)
         # No host sync per step: the first step at which a member's loss is not finite is noted on the
         # device and read at the epoch's end (a diverged member's rows only ever touch its own rows).
@@ -282,7 +299,7 @@ class Population(L.LightningModule):
 
     # --- evaluation -----------------------------------------------------------------------------------
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        out = self(batch["x"], batch.get("steps"))
+        out = self(batch["x"], batch.get("steps"), batch.get("lengths"))
         self._add_sums(self.scoring or "val", self.task.metric_sums(out, batch))
 
     def _add_sums(self, split: str, sums: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
