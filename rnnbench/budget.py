@@ -30,11 +30,16 @@ def count_params(cell: str, input_size: int, hidden_size: int, num_layers: int =
 
 def param_counts(cell: str, input_size: int, hidden_size: int, output_size: int, num_layers: int = 1,
                  bidirectional: bool = False) -> dict[str, int]:
-    """{"recurrent": recurrent layers only, "total": plus the output Linear(H', O) with bias, H'O + O,
-    H' = H, or 2H when bidirectional}."""
+    """Trained parameters: {"recurrent": recurrent layers only, "total": plus the output Linear(H', O)
+    with bias, H'O + O, H' = H, or 2H when bidirectional}; and "frozen": the weights a cell never
+    trains (its `frozen`), only where it has any."""
     recurrent = count_params(cell, input_size, hidden_size, num_layers, bidirectional)
     head_in = (2 if bidirectional else 1) * hidden_size
-    return {"recurrent": recurrent, "total": recurrent + head_in * output_size + output_size}
+    counts = {"recurrent": recurrent, "total": recurrent + head_in * output_size + output_size}
+    frozen = get_cell(cell).count_params(input_size, hidden_size, num_layers, bidirectional, trained=False) - recurrent
+    if frozen:  # an echo-state reservoir: counted apart, never in a budget
+        counts["frozen"] = frozen
+    return counts
 
 
 def hidden_size_for_budget(
@@ -60,6 +65,10 @@ def hidden_size_for_budget(
             return param_counts(cell, input_size, h, output_size, num_layers, bidirectional)["total"]  # type: ignore[arg-type]
         return count_params(cell, input_size, h, num_layers, bidirectional)
 
+    if count(1) == count(2):  # nothing in the counted part grows with h: no hidden size meets a budget
+        raise RnnbenchError(f"{cell} trains no recurrent weights, so a {convention} budget cannot pick its size: "
+                            "use model.budget_convention=total (its trained parameters are the output layer's) "
+                            "or set model.hidden_size")
     smallest = count(1)
     if budget < smallest:
         raise RnnbenchError(f"budget {budget:,} is below the smallest {cell} model ({smallest:,} parameters at hidden size 1)")

@@ -13,6 +13,7 @@ from rnnbench.cells.registry import CELLS, get_cell, register_cell
 
 # Registration: importing each module runs its @register_cell.
 from rnnbench.cells import cifg, gru, gru_reset_before, lstm, lstm_peephole, tanh  # noqa: E402,F401,I001
+from rnnbench.cells import esn  # noqa: E402,F401  Jaeger 2001: only the readout is trained
 from rnnbench.cells import lstm_fgr, lstm_nfg, lstm_niaf, lstm_nig, lstm_noaf, lstm_nog  # noqa: E402,F401,I001  Greff et al. 2015
 
 __all__ = ["CELLS", "IMPLS", "Cell", "State", "StepTrace", "Weights", "get_cell", "implementation", "init_weights",

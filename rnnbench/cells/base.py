@@ -3,8 +3,8 @@
 A cell is a set of classmethods on stacked tensors, never an nn.Module: the population trainer owns
 the parameters (K, ...) and their optimizer state, the cell only knows its equations.
 
-  Weights  dict[str, Tensor] of one layer, each (K, *shape) for the shapes of `weight_shapes`
-           (every weight trainable: no frozen biases).
+  Weights  dict[str, Tensor] of one layer, each (K, *shape) for the shapes of `weight_shapes`;
+           the ones named in `frozen` are drawn once and never trained (an echo-state reservoir).
   State    tuple of (K, B, H) tensors, e.g. (h,) or (h, c): `state_size` of them, state[0] is h.
 
 `step` is the definition (the readable, autograd-recorded reference); the optional fast loops in
@@ -37,6 +37,7 @@ class Cell:
     gates: ClassVar[tuple[str, ...]] = ()  # names `step` reports, for gate-saturation statistics
     state_size: ClassVar[int] = 1  # 1: (h,); 2: (h, c); more where a cell carries more (lstm_fgr: its gates)
     loops: ClassVar[dict[str, Loop]] = {}  # fast implementations of the time loop, by name
+    frozen: ClassVar[tuple[str, ...]] = ()  # weights drawn at init and never trained (not counted as trained)
 
     @classmethod
     def weight_shapes(cls, input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:  # pragma: no cover
@@ -46,6 +47,12 @@ class Cell:
     @classmethod
     def init_(cls, w: Weights, hidden_size: int, forget_bias: float) -> None:
         """Fix-ups after the uniform draw, in place (e.g. the forget-gate bias). Default: none."""
+
+    @classmethod
+    def draw_(cls, w: Weights, hidden_size: int, generator: torch.Generator) -> None:
+        """One member's own draw after the uniform one, in place on its (unstacked) layer weights, from
+        its generator (e.g. a sparse reservoir scaled to a spectral radius). Default: none, so no
+        cell without it draws more numbers than before."""
 
     @classmethod
     def project(cls, w: Weights, x: torch.Tensor) -> torch.Tensor:
@@ -66,12 +73,15 @@ class Cell:
         raise NotImplementedError
 
     @classmethod
-    def count_params(cls, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False) -> int:
-        """Trainable scalars of one model's `num_layers` layers (layer l > 0 sees input_size = hidden_size,
-        or 2 * hidden_size when bidirectional: then every layer is there twice, one per direction)."""
+    def count_params(cls, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False,
+                     trained: bool = True) -> int:
+        """Trained scalars of one model's `num_layers` layers (all of them, frozen too, with
+        trained=False); layer l > 0 sees input_size = hidden_size, or 2 * hidden_size when
+        bidirectional: then every layer is there twice, one per direction."""
         directions = 2 if bidirectional else 1
         sizes = [input_size] + [directions * hidden_size] * (num_layers - 1)
-        return directions * sum(math.prod(s) for d in sizes for s in cls.weight_shapes(d, hidden_size).values())
+        return directions * sum(math.prod(s) for d in sizes for n, s in cls.weight_shapes(d, hidden_size).items()
+                                if not (trained and n in cls.frozen))
 
 
 def recurrent_product(h: torch.Tensor, w_hh: torch.Tensor, add: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,8 @@ def init_weights(
     Member k's weights come from generators[k] alone, drawn in a fixed order (layer, then the order
     of `weight_shapes`) from U(-s, s), s = scale or 1/sqrt(hidden_size) when scale is None (torch's
     default for its RNNs); then the cell's `init_` (forget-gate bias, ...). So member k gets the same
-    numbers whatever K and its batch-mates. Plain tensors: the caller moves them and sets requires_grad.
+    numbers whatever K and its batch-mates (the cell's `draw_` runs per member, on its generator).
+    Plain tensors: the caller moves them and sets requires_grad (never on the cell's `frozen`).
     """
     cls = get_cell(cell)
     if not generators:
@@ -62,6 +63,7 @@ def init_weights(
         for l in range(num_layers):
             shapes = cls.weight_shapes(input_size if l == 0 else upper_input_size or hidden_size, hidden_size)
             layers.append({n: torch.empty(shape, dtype=dtype).uniform_(-s, s, generator=g) for n, shape in shapes.items()})
+            cls.draw_(layers[-1], hidden_size, g)
         per_member.append(layers)
     stacked = [{n: torch.stack([m[l][n] for m in per_member]) for n in per_member[0][l]} for l in range(num_layers)]
     with torch.no_grad():

@@ -357,7 +357,8 @@ def _open_run(config: Config, run_id: str | None, experiment_id: str | None, tag
     if not rec.has_params():
         task = get_task(config.task.name)(config.task, seed=config.train.seed)
         params = {**config.flat(), **{f"task.{k}": v for k, v in task.describe().items()},
-                  "n_params_recurrent": counts["recurrent"], "n_params_total": counts["total"], "threads_used": threads}
+                  "n_params_recurrent": counts["recurrent"], "n_params_total": counts["total"], "threads_used": threads,
+                  **({"n_params_frozen": counts["frozen"]} if "frozen" in counts else {})}
         rec.log_setup(params, {"recurrence": recurrence}, yaml.safe_dump(config.to_dict(), sort_keys=False))
         return rec, True
     return rec, False

@@ -193,9 +193,11 @@ class Population(L.LightningModule):
                               for g in generators])
         head_b = (torch.zeros(K, output_size) if m.init == "uniform" else
                   torch.stack([torch.empty(output_size).uniform_(-head_scale, head_scale, generator=g) for g in generators]))
-        self.layers = nn.ModuleList(nn.ParameterDict({n: nn.Parameter(w) for n, w in layer.items()}) for layer in layers)
-        self.backward_layers = nn.ModuleList(nn.ParameterDict({n: nn.Parameter(w) for n, w in layer.items()})
-                                             for layer in backward)
+        frozen = set(self.cell.frozen)  # kept with the weights (members leave, best rows, checkpoints), never trained
+        self.layers = nn.ModuleList(nn.ParameterDict({n: nn.Parameter(w, requires_grad=n not in frozen) for n, w in layer.items()})
+                                    for layer in layers)
+        self.backward_layers = nn.ModuleList(nn.ParameterDict({n: nn.Parameter(w, requires_grad=n not in frozen)
+                                                               for n, w in layer.items()}) for layer in backward)
         self.head_weight, self.head_bias = nn.Parameter(head_w), nn.Parameter(head_b)
         self.ids: list[int] = list(range(K))
         t = [c.train for c in configs]
@@ -215,11 +217,17 @@ class Population(L.LightningModule):
 
     # --- the weights --------------------------------------------------------------------------------
     def weights(self) -> list[nn.Parameter]:
-        """Every stacked parameter, in one fixed order (the optimizer's, the checkpoints')."""
-        return self.recurrent_weights() + [self.head_weight, self.head_bias]
+        """Every stacked parameter, frozen ones too, in one fixed order (the checkpoints', the best rows')."""
+        return [p for stack in (self.layers, self.backward_layers) for layer in stack for p in layer.values()] + [
+            self.head_weight, self.head_bias]
+
+    def trained_weights(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (all but the cell's `frozen`), in `weights`' order."""
+        return [p for p in self.weights() if p.requires_grad]
 
     def recurrent_weights(self) -> list[nn.Parameter]:
-        return [p for stack in (self.layers, self.backward_layers) for layer in stack for p in layer.values()]
+        """The trained recurrent weights (weight noise goes on these)."""
+        return [p for stack in (self.layers, self.backward_layers) for layer in stack for p in layer.values() if p.requires_grad]
 
     def forward(self, x: torch.Tensor, steps: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x (K, B, T, D) -> head outputs (K, B, T, O); steps (K,): each member's own length; lengths
@@ -244,7 +252,7 @@ class Population(L.LightningModule):
 
     def setup_optimizer(self) -> None:
         hyper = {k: v.to(self.device) for k, v in hyperparameters([self.configs[i] for i in self.ids]).items()}
-        self.optimizer = StackedOptimizer(self.configs[0].train.optimizer, self.weights(), hyper)
+        self.optimizer = StackedOptimizer(self.configs[0].train.optimizer, self.trained_weights(), hyper)
 
     # --- training -----------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> None:
@@ -278,7 +286,7 @@ class Population(L.LightningModule):
         if noise:  # Graves 2011: the gradient at the noisy weights, the update to the clean ones
             with torch.no_grad():
                 torch._foreach_sub_(self.recurrent_weights(), noise)
-        clip_grad_norms_(self.weights(), self.clip)
+        clip_grad_norms_(self.trained_weights(), self.clip)
         self.optimizer.step()
         if not graphed:
             for p in self.weights():
@@ -291,6 +299,8 @@ class Population(L.LightningModule):
         if not self.noisy:  # decided on the host when the members change, never read from the device here
             return None
         ws = self.recurrent_weights()
+        if not ws:  # a cell that trains no recurrent weight (esn): nothing to perturb
+            return None
         noise = weight_noise(self.noise_key, self.steps, [tuple(w.shape[1:]) for w in ws], self.noise_std,
                              ws[0].dtype, ws[0].device)
         with torch.no_grad():

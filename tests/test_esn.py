@@ -1,0 +1,75 @@
+"""The echo-state network: its reservoir as Jaeger / Lukoševičius draw it, frozen through training,
+and its two parameter counts (trained and total)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnnbench import cells
+from rnnbench.budget import hidden_size_for_budget, param_counts
+from rnnbench.cells.esn import EchoState
+from rnnbench.config import load_config
+from rnnbench.errors import RnnbenchError
+from rnnbench.training import loop
+from rnnbench.training.population import build
+
+
+def reservoir(H: int, D: int = 3, seeds: tuple[int, ...] = (0, 1)) -> cells.Weights:
+    [w] = cells.init_weights("esn", D, H, 1, [torch.Generator().manual_seed(s) for s in seeds], None, 0.0, torch.float64)
+    return w
+
+
+def test_the_reservoir_is_sparse_and_has_the_chosen_spectral_radius() -> None:
+    H = 200
+    w = reservoir(H)
+    for k in range(2):
+        W = w["weight_hh"][k]
+        assert float(torch.linalg.eigvals(W).abs().max()) == pytest.approx(EchoState.spectral_radius, rel=1e-9)
+        per_unit = (W != 0).sum(1).double().mean()
+        assert EchoState.connections * 0.8 < per_unit < EchoState.connections * 1.2
+        assert w["weight_ih"][k].abs().max() <= EchoState.input_scale and w["bias"][k].abs().max() <= EchoState.input_scale
+    assert not torch.equal(w["weight_hh"][0], w["weight_hh"][1])  # each member its own, from its seed
+    again = reservoir(H, seeds=(1,))
+    assert torch.equal(again["weight_hh"][0], w["weight_hh"][1])  # ... whatever its batch-mates
+
+
+def test_a_step_is_the_leaky_integrator() -> None:
+    w = reservoir(6)
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    h = torch.randn(2, 4, 6, dtype=torch.float64)
+    xw = EchoState.project(w, x.unsqueeze(0))[0]
+    (new,), gates = EchoState.step(w, xw, (h,))
+    a = EchoState.leak_rate
+    by_hand = (1 - a) * h + a * torch.tanh(x @ w["weight_ih"].transpose(1, 2) + w["bias"][:, None] + h @ w["weight_hh"].transpose(1, 2))
+    torch.testing.assert_close(new, by_hand, rtol=1e-12, atol=1e-12)
+    assert gates == {}
+
+
+def test_counts_trained_and_total_and_the_budget_counts_the_readout() -> None:
+    D, H, O = 2, 50, 1
+    counts = param_counts("esn", D, H, O)
+    assert counts == {"recurrent": 0, "total": H * O + O, "frozen": H * D + H * H + H}
+    assert hidden_size_for_budget("esn", D, 2001, convention="total", output_size=O) == 2000
+    with pytest.raises(RnnbenchError, match="trains no recurrent weights"):
+        hidden_size_for_budget("esn", D, 2000, convention="recurrent")
+    assert "frozen" not in param_counts("lstm", D, H, O)
+
+
+def test_training_changes_the_readout_only(tmp_path: Path) -> None:
+    config = load_config(None, ["task.name=adding", "task.seq_len=6", "task.n_train=40", "task.n_val=20", "task.n_test=20",
+                                "model.cell=esn", "model.hidden_size=30", "train.batch_size=10", "train.max_epochs=2",
+                                "train.precision='64'", "train.progress_bar=false", "train.gradient_flow=false",
+                                "train.early_stopping_patience=null", f"tracking.checkpoint_dir={tmp_path}"])
+    pop = build([config], torch.device("cpu"), torch.float64, run_ids=["esn"])
+    before = [p.detach().clone() for p in pop.weights()]
+    loop._fit(pop, {}, None)
+    names = [n for layer in pop.layers for n in layer] + ["head_weight", "head_bias"]
+    for name, b, p in zip(names, before, pop.best):  # the members have left the compute: their best rows
+        if name in EchoState.frozen:
+            assert torch.equal(b, p), name
+        else:
+            assert not torch.equal(b, p), name
+    assert len(pop.trained_weights()) == 2 and not any(p.requires_grad for p in pop.layers[0].values())
