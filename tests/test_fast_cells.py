@@ -147,10 +147,18 @@ def test_cpp_float32_close_on_a_long_sequence(cell: str) -> None:
     """float32 (vectorised exp/tanh in the compiled loop) stays within float rounding over 200 steps
     (torch's default init: larger weights make the tanh RNN chaotic, amplifying any rounding)."""
     _require_cpp()
-    layers, x, steps, state, g_out, g_fin = problem(cell, 2, 1, dtype=torch.float32, hidden=36, length=200, scale=None)
-    got = compute(cell, "cpp", layers, x, steps, state, g_out, g_fin)
-    ref = compute(cell, "reference", layers, x, steps, state, g_out, g_fin)
-    assert_same(got, ref, rtol=1e-4, atol=1e-5)
+    args = dict(hidden=36, length=200, scale=None)
+    got = compute(cell, "cpp", *problem(cell, 2, 1, dtype=torch.float32, **args))
+    ref = compute(cell, "reference", *problem(cell, 2, 1, dtype=torch.float32, **args))
+    exact = compute(cell, "reference", *problem(cell, 2, 1, dtype=torch.float64, **args))
+    assert got.keys() == ref.keys() == exact.keys()
+    for k in got:
+        if torch.allclose(ref[k].double(), exact[k], rtol=1e-4, atol=1e-5):
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+        else:  # float32 itself cannot hold that here (lstm_nfg: c_t grows without a forget gate), so
+            # the loop must be as near the float64 numbers as float32's reference is
+            err, ref_err = ((t.double() - exact[k]).abs().max() for t in (got[k], ref[k]))
+            assert err <= 2 * ref_err, (k, float(err), float(ref_err))
 
 
 @pytest.mark.parametrize("cell", CPP)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rnnbench.cells.lstm_peephole import PeepholeLSTM
+from rnnbench.cells.lstm_peephole import PeepholeLSTM, gates_dropped_loop
 from rnnbench.cells.registry import register_cell
 
 
@@ -18,10 +18,12 @@ class NoForgetGate(PeepholeLSTM):
     There is no forget-gate bias to set: `model.forget_bias` has no effect.
 
     Weights as lstm_peephole's without the dropped gate's rows and peephole. Trainable per layer:
-    3(DH + H² + H) + 2H. State (h, c). Reference step loop only (its step is lstm_peephole's, written once).
+    3(DH + H² + H) + 2H. State (h, c). Its step is
+    lstm_peephole's (written once); fast loop "cpp": the compiled peephole loop with the dropped gate
+    held at exactly 1 (lstm_peephole.gates_dropped_loop).
     """
 
     name = "lstm_nfg"
     blocks = "igo"
     gates = ("input", "output")
-    loops = {}
+    loops = {"cpp": gates_dropped_loop(blocks)}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rnnbench.cells.lstm_peephole import PeepholeLSTM
+from rnnbench.cells.lstm_peephole import PeepholeLSTM, gates_dropped_loop
 from rnnbench.cells.registry import register_cell
 
 
@@ -16,10 +16,12 @@ class NoOutputGate(PeepholeLSTM):
         h_t = tanh(c_t)
 
     Weights as lstm_peephole's without the dropped gate's rows and peephole. Trainable per layer:
-    3(DH + H² + H) + 2H. State (h, c). Reference step loop only (its step is lstm_peephole's, written once).
+    3(DH + H² + H) + 2H. State (h, c). Its step is
+    lstm_peephole's (written once); fast loop "cpp": the compiled peephole loop with the dropped gate
+    held at exactly 1 (lstm_peephole.gates_dropped_loop).
     """
 
     name = "lstm_nog"
     blocks = "ifg"
     gates = ("input", "forget")
-    loops = {}
+    loops = {"cpp": gates_dropped_loop(blocks)}

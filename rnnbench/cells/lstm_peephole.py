@@ -11,8 +11,33 @@ from __future__ import annotations
 import torch
 
 from rnnbench.cells import compiled, triton_steps
-from rnnbench.cells.base import Cell, State, Weights, recurrent_product
+from rnnbench.cells.base import Cell, Loop, State, Weights, recurrent_product
 from rnnbench.cells.registry import register_cell
+
+
+_peephole_cpp = compiled.member_loop("peephole_lstm", "weight_hh", "w_ci", "w_cf", "w_co")
+SATURATED = 1e4  # σ(1e4) is exactly 1 and σ'(1e4) = σ(1 - σ) exactly 0, in float32 and in float64
+
+
+def gates_dropped_loop(blocks: str) -> Loop:
+    """The "cpp" Loop of an ablation that keeps only `blocks` of i, f, g, o (Greff et al.'s NIG, NFG,
+    NOG): the compiled peephole loop, with each dropped gate's pre-activation the constant SATURATED
+    and its recurrent rows and peephole zero, so that gate is exactly 1 and passes exactly no
+    gradient; autograd carries the gradients of the kept rows back through the concatenations."""
+
+    def loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+        H = w["weight_hh"].shape[-1]
+        xk = xw.transpose(0, 1)  # (K, T, B, nH): the member-major storage `project` made
+        K, T, B, _ = xk.shape
+        x_of = dict(zip(blocks, xk.split(H, dim=-1)))
+        hh_of = dict(zip(blocks, w["weight_hh"].split(H, dim=1)))
+        const = xk.new_full((K, T, B, H), SATURATED)
+        xw4 = torch.cat([x_of.get(b, const) for b in "ifgo"], dim=-1).transpose(0, 1)
+        whh = torch.cat([hh_of.get(b, w["weight_hh"].new_zeros(K, H, H)) for b in "ifgo"], dim=1)
+        peep = {f"w_c{b}": w[f"w_c{b}"] if f"w_c{b}" in w else w["weight_hh"].new_zeros(K, H) for b in "ifo"}
+        return _peephole_cpp({"weight_hh": whh, **peep}, xw4, state, steps)
+
+    return loop
 
 
 @register_cell
@@ -33,7 +58,7 @@ class PeepholeLSTM(Cell):
     name = "lstm_peephole"
     gates = ("input", "forget", "output")
     state_size = 2
-    loops = {"cpp": compiled.member_loop("peephole_lstm", "weight_hh", "w_ci", "w_cf", "w_co"),
+    loops = {"cpp": _peephole_cpp,
              "triton": triton_steps.peephole_lstm_loop}
 
     blocks = "ifgo"  # the gates (and the block input g) this cell has, in the weights' order
