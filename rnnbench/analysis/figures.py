@@ -181,6 +181,12 @@ def learning_curves(chosen: pd.DataFrame, histories: pd.DataFrame, out_dir: Path
                         title=f"{title}: mean and 95% bootstrap band over seeds")
             axes[1].set(xlabel="wall-clock seconds (training)", ylabel=f"validation {metric}",
                         title=f"{title}: each seed against time")
+            # one legend below both panels: inside a panel it hides the curves it names
+            handles, labels = axes[0].get_legend_handles_labels()
+            if axes[0].get_legend() is not None:
+                axes[0].get_legend().remove()
+            fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, -0.02))
+            fig.subplots_adjust(bottom=0.24)
             files += save(fig, out_dir, f"curves_{slug(setting)}" + (f"_{slug(variant)}" if variant else ""))
     return files
 

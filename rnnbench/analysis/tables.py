@@ -691,6 +691,8 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
     })
     for col in sorted(c for c in summary.columns if c.startswith("ref_")):
         name = col[4:]
+        if summary[col].isna().all():  # another task's reference (the summary holds every task's)
+            continue
         out[f"{name} (beats?)"] = [
             f"{fmt(r, '.4f')} ({fmt(b)})" for r, b in zip(summary[col], summary.get(f"beats_{name}", [pd.NA] * len(summary)))
         ]
@@ -698,6 +700,8 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
         out["solved"] = [
             "" if pd.isna(s) else f"{int(s)}/{n}" for s, n in zip(summary["solved"], summary["n_seeds"])
         ]
+        if (out["solved"] == "").all():
+            out = out.drop(columns="solved")
     if (out["variant"] == "").all():
         out = out.drop(columns="variant")
     out = out.drop(columns=[c for c in out.columns if c.startswith("test ") and c != "test mean ± 95% CI" and (out[c] == "").all()])
