@@ -605,7 +605,8 @@ def test_batch_models_runs_groups_side_by_side_with_workers(tmp_path: Path) -> N
 
 def test_committed_results_point_ids_are_still_the_specs_points() -> None:
     """Re-running the sweeps behind results/ after an upgrade finds every recorded point FINISHED:
-    the point ids in results/runs.csv are exactly those the specs expand to today."""
+    every point id in results/runs.csv is one the specs expand to today (a study run in chunks has
+    recorded part of its points so far)."""
     import pandas as pd
 
     from rnnbench.sweep.spec import load_spec
@@ -619,7 +620,7 @@ def test_committed_results_point_ids_are_still_the_specs_points() -> None:
         points = expand(spec)
         ids = {p.point_id for p in points}
         if spec.halving is None:
-            assert set(recorded["point_id"]) == ids, sweep
+            assert set(recorded["point_id"]) <= ids, sweep
             continue
         # a halving sweep, perhaps in part (chunks): its runs are search points or the final points of
         # some choice of sample
