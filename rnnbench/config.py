@@ -106,6 +106,9 @@ class Config(_Strict):
             raise RnnbenchError(_one_line(e, prefix="task" if not isinstance(raw["task"], BaseModel) else "")) from None
         if config.model.cell not in CELLS:
             raise RnnbenchError(f"unknown cell {config.model.cell!r}; valid cells: {', '.join(sorted(CELLS))}")
+        if config.train.weight_noise > 0 and CELLS[config.model.cell].count_params(1, 1) == 0:
+            raise RnnbenchError(f"config train.weight_noise: {config.model.cell} trains no recurrent weights, so there is "
+                                "nothing to add weight noise to; set train.weight_noise=0")
         _check_budget(config)
         return config
 

@@ -73,3 +73,9 @@ def test_training_changes_the_readout_only(tmp_path: Path) -> None:
         else:
             assert not torch.equal(b, p), name
     assert len(pop.trained_weights()) == 2 and not any(p.requires_grad for p in pop.layers[0].values())
+
+
+def test_weight_noise_on_a_frozen_reservoir_is_refused() -> None:
+    with pytest.raises(RnnbenchError, match="trains no recurrent weights") as e:
+        load_config(None, ["task.name=adding", "model.cell=esn", "model.hidden_size=20", "train.weight_noise=0.01"])
+    assert "\n" not in str(e.value)
