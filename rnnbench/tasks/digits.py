@@ -30,7 +30,7 @@ from rnnbench.errors import RnnbenchError
 from rnnbench.tasks import register_task
 from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions
 from rnnbench.tasks.sequences import label_nll
-from rnnbench.tasks.speech import FSDD_SPEAKERS, INT16_SCALE, split_recordings
+from rnnbench.tasks.speech import FSDD_SPEAKERS, split_recordings, standardize, waveform
 
 N_DIGITS = 10
 
@@ -101,15 +101,13 @@ class DigitsTask(Task):
                 # by index first: the first N recordings cover every digit and speaker
                 recs = sorted(recs, key=lambda r: (r.index, r.speaker, r.digit))[: o.max_recordings]
                 crop = None if o.max_seconds is None else int(round(o.max_seconds * recs[0].rate)) if recs else None
-                kept = [(r.samples[:crop].astype(np.float64) / INT16_SCALE, r.digit) for r in recs]
+                kept = [(waveform(r, crop), r.digit) for r in recs]
                 kept = [(w, d) for w, d in kept if len(w) >= o.frame]
                 if not kept:
                     raise RnnbenchError(f"fsdd_digits: the {key} split has no utterance of at least {o.frame} samples")
                 waves[key], labels[key] = [w for w, _ in kept], [d for _, d in kept]
-            train = np.concatenate(waves["train"])
-            mean, std = float(train.mean()), float(train.std())
-            self._data = {key: _Utterances([self._frames((w - mean) / std) for w in ws], labels[key])
-                          for key, ws in waves.items()}
+            scaled, _, _ = standardize(waves)
+            self._data = {key: _Utterances([self._frames(w) for w in ws], labels[key]) for key, ws in scaled.items()}
         return dict(self._data)
 
     def _frames(self, w: np.ndarray) -> torch.Tensor:

@@ -164,6 +164,19 @@ class WaveformDataset(Dataset):
         return frame_waveform(self.waves[i], self.frame_in, self.frame_out)
 
 
+def waveform(rec: Recording, crop: int | None = None) -> np.ndarray:
+    """A recording's first `crop` samples (all when None) as float64 on the /32768 scale."""
+    return rec.samples[:crop].astype(np.float64) / INT16_SCALE
+
+
+def standardize(waves: dict[str, list[np.ndarray]]) -> tuple[dict[str, list[np.ndarray]], float, float]:
+    """Every split's waveforms z-scored with the train split's mean and std (fsdd and fsdd_digits
+    alike), and those two statistics."""
+    train = np.concatenate(waves["train"])
+    mean, std = float(train.mean()), float(train.std())
+    return {key: [(w - mean) / std for w in ws] for key, ws in waves.items()}, mean, std
+
+
 def split_recordings(
     recordings: list[Recording], split: str, test_speaker: str = "theo", val_speaker: str = "lucas"
 ) -> dict[str, list[Recording]]:
@@ -233,18 +246,15 @@ class SpeechTask(Task):
                 if crop is not None and crop < o.frame_in + o.frame_out:
                     step = o.frame_in + o.frame_out
                     raise RnnbenchError(f"fsdd: a crop of {crop} samples is shorter than one step ({step})")
-                raw[key] = [r.samples[: self.crop_length(r.rate)].astype(np.float64) / INT16_SCALE for r in recs]
+                raw[key] = [waveform(r, self.crop_length(r.rate)) for r in recs]
                 ids[key] = [f"{r.digit}_{r.speaker}_{r.index}" for r in recs]
             if not raw["train"]:
                 raise RnnbenchError("fsdd: the train split is empty")
-            train = np.concatenate(raw["train"])
-            self.norm_mean, self.norm_std = float(train.mean()), float(train.std())
+            scaled, self.norm_mean, self.norm_std = standardize(raw)
             self._waves = {
-                key: WaveformDataset(
-                    [torch.from_numpy(((w - self.norm_mean) / self.norm_std).astype(np.float32)) for w in waves],
-                    ids[key], o.frame_in, o.frame_out,
-                )
-                for key, waves in raw.items()
+                key: WaveformDataset([torch.from_numpy(w.astype(np.float32)) for w in waves], ids[key], o.frame_in,
+                                     o.frame_out)
+                for key, waves in scaled.items()
             }
         return dict(self._waves)
 
