@@ -79,3 +79,27 @@ def test_weight_noise_on_a_frozen_reservoir_is_refused() -> None:
     with pytest.raises(RnnbenchError, match="trains no recurrent weights") as e:
         load_config(None, ["task.name=adding", "model.cell=esn", "model.hidden_size=20", "train.weight_noise=0.01"])
     assert "\n" not in str(e.value)
+
+
+def test_the_report_shows_the_reservoir_apart_from_the_trained_counts(tmp_path: Path, store: str) -> None:
+    """A real esn run beside an lstm run: the summary shows '(+N frozen)' for the esn only, and the method
+    says budgets count trained parameters."""
+    from rnnbench.analysis.report import build_report
+    from rnnbench.config import Config
+    from rnnbench.train import train
+
+    for cell in ("esn", "lstm"):
+        result = train(Config.from_dict({
+            "model": {"cell": cell, "hidden_size": 12},
+            "task": {"name": "adding", "seq_len": 5, "n_train": 64, "n_val": 32, "n_test": 32},
+            "train": {"max_epochs": 2, "batch_size": 16, "progress_bar": False, "device": "cpu", "gradient_flow": False},
+            "tracking": {"tracking_uri": store, "checkpoint_dir": str(tmp_path / "ckpt")},
+        }))
+        assert result.status == "FINISHED", result.reason
+    report = build_report(tmp_path / "r", tracking_uri=store, spec_dir=tmp_path / "none", figures=False)
+    text = report.read_text()
+    frozen = 12 * 2 + 12 * 12 + 12  # the reservoir: W_in (H x D), W (H x H), b (H)
+    esn_row = next(line for line in text.splitlines() if line.startswith("| esn |"))
+    lstm_row = next(line for line in text.splitlines() if line.startswith("| lstm |"))
+    assert f"| 0 / 13 (+{frozen} frozen) |" in esn_row and "frozen" not in lstm_row
+    assert "count trained parameters only" in text

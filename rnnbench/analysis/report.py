@@ -274,6 +274,10 @@ def _method(runs: pd.DataFrame, rules: dict[str, T.SolvedRule], tuned: Sequence[
         "tests, are counted in `not learned` and marked beside the mean, and are listed under 'Runs that learned "
         "nothing'.",
     ]
+    if "n_params_frozen" in runs and runs["n_params_frozen"].notna().any():
+        lines.append("- Parameters: `params rec / total` count trained parameters only (the recurrent layers; with the "
+                     "output layer). Weights a cell never trains (an echo-state reservoir) are shown as `(+N frozen)` "
+                     "and count in no budget: an equal budget compares trained parameters.")
     solved = [f"{task}: {rule.describe()}" for task, rule in sorted(rules.items()) if task in set(runs["task"])]
     if solved:
         lines.append(f"- Solved (per seed): {'; '.join(solved)}.")

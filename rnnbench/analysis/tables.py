@@ -482,6 +482,7 @@ def summary_table(
             hidden_size=_mean(fin, "hidden_size") if "hidden_size" in fin else _mean(fin, "model.hidden_size"),
             n_params_recurrent=_mean(fin, "n_params_recurrent"),
             n_params_total=_mean(fin, "n_params_total"),
+            **({"n_params_frozen": _mean(fin, "n_params_frozen")} if "n_params_frozen" in fin else {}),  # esn
             candidate=str(group["candidate"].iloc[0]),
             n_candidates=len(c),
             n_seeds=len(fin),
@@ -673,7 +674,9 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
         "cell": summary["cell"],
         "variant": summary["variant"],
         "H": summary["hidden_size"].map(lambda v: fmt(v, ".0f")),
-        "params rec / total": [f"{fmt(a, ',.0f')} / {fmt(b, ',.0f')}" for a, b in zip(summary["n_params_recurrent"], summary["n_params_total"])],
+        "params rec / total": [f"{fmt(a, ',.0f')} / {fmt(b, ',.0f')}" + ("" if pd.isna(f) else f" (+{fmt(f, ',.0f')} frozen)")
+                               for a, b, f in zip(summary["n_params_recurrent"], summary["n_params_total"],
+                                                  summary.get("n_params_frozen", pd.Series(math.nan, index=summary.index)))],
         "chosen": summary["candidate"],
         "seeds (failed)": [f"{n} ({f})" for n, f in zip(summary["n_seeds"], summary["n_failed"])],
         "not learned": [f"{k}/{n} {NOT_LEARNED_MARK}" if k else f"0/{n}"
