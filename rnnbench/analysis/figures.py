@@ -268,7 +268,9 @@ def gradient_flow_figure(curves: pd.DataFrame, runs: pd.DataFrame, out_dir: Path
             ax.axhline(1e-3, color="0.4", ls=":", lw=0.8)
             ax.annotate("1e-3: vanished", (1.0, 1e-3), xycoords=("axes fraction", "data"), ha="right", va="bottom",
                         fontsize=7, color="0.3")
-            ax.set(xlabel="distance T - t (steps)", ylabel="‖∂L_T/∂h_t‖ / ‖∂L_T/∂h_T‖", title=_title(setting, variant))
+            ax.set(xlabel="distance T - t (steps)", ylabel="‖∂L_T/∂h_t‖ / ‖∂L_T/∂h_T‖",
+                   title=f"{_title(setting, variant)}: median over seeds, band min to max")
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)  # off the curves
             files += save(fig, out_dir, f"gradient_flow_{slug(setting)}" + (f"_{slug(variant)}" if variant else ""))
     return files
 
