@@ -212,7 +212,7 @@ def test_report_twice_is_byte_identical(tiny_store: dict, tmp_path: Path) -> Non
     for rel in files_a:
         assert (a.parent / rel).read_bytes() == (b.parent / rel).read_bytes(), rel
     names = {str(p) for p in files_a}
-    assert {"REPORT.md", "runs.csv", "histories.csv", "tables/summary.md", "tables/pairwise.csv",
+    assert {"REPORT.md", "runs.csv", "histories.csv.gz", "tables/summary.md", "tables/pairwise.csv",
             "figures/test_metric.png", "figures/test_metric.svg", "figures/curves_copy.png"} <= names
     exported = pd.read_csv(a.parent / "runs.csv")
     assert len(exported) == len(tiny_store["run_ids"]) and "start_time" not in exported

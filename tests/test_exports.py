@@ -99,7 +99,7 @@ def test_the_committed_results_rebuild_from_the_committed_exports(tmp_path: Path
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "r"
-    texts = ["REPORT.md", "runs.csv", "histories.csv", *(f"tables/{p.name}" for p in (results / "tables").iterdir())]
+    texts = ["REPORT.md", "runs.csv", "histories.csv.gz", *(f"tables/{p.name}" for p in (results / "tables").iterdir())]
     for name in texts:
         assert (out / name).read_bytes() == (results / name).read_bytes(), name
     assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(p.name for p in (results / "figures").iterdir())

@@ -21,7 +21,7 @@ def command(
     source: Optional[Path] = typer.Option(
         None, "--from", help="build from the committed exports in this folder (e.g. results/runs) instead of a store"),
 ) -> None:
-    """Regenerate REPORT.md, tables, figures, runs.csv and histories.csv from the MLflow store or from exports."""
+    """Regenerate REPORT.md, tables, figures, runs.csv and histories.csv.gz from the MLflow store or from exports."""
     from rnnbench.errors import RnnbenchError
     from rnnbench.tracking import require_store, resolve_tracking_uri
 

@@ -661,7 +661,9 @@ def write_csv(frame: pd.DataFrame, path: str | Path, float_format: str = "%.6g")
     """CSV with fixed float formatting and '\\n' line ends (byte-stable for equal input)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False, float_format=float_format, lineterminator="\n")
+    # .gz: gzip without a time in its header, so equal frames still give equal bytes
+    compression = {"method": "gzip", "mtime": 0} if path.suffix == ".gz" else None
+    frame.to_csv(path, index=False, float_format=float_format, lineterminator="\n", compression=compression)
     return path
 
 
