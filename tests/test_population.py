@@ -87,7 +87,11 @@ EIGHT = [
 @requires_data
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_members_do_not_depend_on_their_population(cell: str, tmp_path: Path) -> None:
-    eight = member_configs(cell, tmp_path, EIGHT)
+    members = EIGHT
+    if CELLS[cell].count_params(1, 1) == 0:  # a cell that trains no recurrent weights refuses weight noise
+        members = [m if "train.weight_noise=0.01" not in m else ["train.seed=6", "train.lr=0.005", "train.grad_clip=2.0"]
+                   for m in EIGHT]
+    eight = member_configs(cell, tmp_path, members)
     pop8, final8 = fit(eight)
     statuses = [m.status for m in pop8.members]
     assert statuses[5] == "failed" and "training loss became" in (pop8.members[5].reason or "")
@@ -97,7 +101,7 @@ def test_members_do_not_depend_on_their_population(cell: str, tmp_path: Path) ->
     pop3, final3 = fit([eight[k] for k in three_idx])
     for j, k in enumerate(three_idx):
         assert_close(numbers(pop3, final3, j), numbers(pop8, final8, k))
-    for k in (0, 2, 5, 6):  # alone: plain, early-stopped, diverged, with weight noise
+    for k in (0, 2, 5, 6):  # alone: plain, early-stopped, diverged, with weight noise (where the cell takes it)
         pop1, final1 = fit([eight[k]])
         assert_close(numbers(pop1, final1, 0), numbers(pop8, final8, k))
 
