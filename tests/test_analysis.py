@@ -413,3 +413,16 @@ def test_every_curves_panel_is_labelled(drawn: list) -> None:
     for ax in drawn[0].axes:
         assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel() == "validation ce"
         assert any(t.get_text() for t in ax.get_yticklabels())
+
+
+def test_success_never_pools_runs_of_different_protocols() -> None:
+    """Copy on 2,000 and on 20,000 training sequences at the same T are two protocols: two rows."""
+    from rnnbench.analysis.report import success_frame
+
+    rows = [{"run_id": f"{n}-{s}", "task": "copy", "variant": "", "cell": "lstm", "status": "FINISHED",
+             "task.seq_len": 10, "task.n_train": n, "task.n_val": 500, "test_ce": ce, "test_ce_baseline": 0.7}
+            for n, ce in ((2000, 0.2), (20000, 0.01)) for s in range(3)]
+    success = success_frame(pd.DataFrame(rows), {"copy": T.SolvedRule("ce")})
+    assert success[["protocol", "n_seeds", "solved"]].values.tolist() == [["n_train=2000", 3, 0], ["n_train=20000", 3, 3]]
+    one = success_frame(pd.DataFrame([r for r in rows if r["task.n_train"] == 20000]), {"copy": T.SolvedRule("ce")})
+    assert one["protocol"].tolist() == [""] and one["n_seeds"].tolist() == [3]

@@ -276,7 +276,7 @@ def gradient_flow_figure(curves: pd.DataFrame, runs: pd.DataFrame, out_dir: Path
 
 
 def success_figure(success: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Fraction of seeds solved against sequence length, one panel per task (copy, adding).
+    """Fraction of seeds solved against sequence length, one panel per task and protocol (copy, adding).
 
     Cells with equal values would hide each other: each cell has its own marker and line style and
     is drawn a little above or below the true value (at most OFFSET; said on the figure); the x ticks
@@ -284,15 +284,18 @@ def success_figure(success: pd.DataFrame, out_dir: Path) -> list[Path]:
     """
     if success.empty or success["seq_len"].nunique() < 1:
         return []
-    tasks = sorted(success["task"].unique())
+    if "protocol" not in success:
+        success = success.assign(protocol="")
+    panels = sorted(set(map(tuple, success[["task", "protocol"]].astype(str).to_numpy())))
     cells = sorted(success["cell"].astype(str).unique())
     pal = _palette(cells)
     step = SUCCESS_OFFSET / max(len(cells) - 1, 1) * 2
     with _context():
         plt = _plt()
-        fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 3.6), squeeze=False)
-        for ax, task in zip(axes.flat, tasks):
-            g = success[success["task"] == task].sort_values(["cell", "seq_len"], kind="mergesort")
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
+        for ax, (task, protocol) in zip(axes.flat, panels):
+            g = success[(success["task"] == task) & (success["protocol"].astype(str) == protocol)]
+            g = g.sort_values(["cell", "seq_len"], kind="mergesort")
             lengths = sorted(int(v) for v in g["seq_len"].unique())
             for i, cell in enumerate(cells):
                 c = g[g["cell"] == cell]
@@ -307,7 +310,8 @@ def success_figure(success: pd.DataFrame, out_dir: Path) -> list[Path]:
             ax.xaxis.set_minor_locator(_null_locator())
             if len(lengths) == 1:
                 ax.set_xlim(lengths[0] * 0.8, lengths[0] * 1.2)
-            ax.set(ylim=(-0.08, 1.08), xlabel="sequence length T", ylabel="fraction of seeds solved", title=task)
+            ax.set(ylim=(-0.08, 1.08), xlabel="sequence length T", ylabel="fraction of seeds solved",
+                   title=f"{task} ({protocol})" if protocol else task)
             ax.legend(fontsize=7, title=None, loc="best")
         fig.text(0.5, 0.0, f"Lines are offset vertically by up to ±{SUCCESS_OFFSET:g} per cell so that equal values "
                  "stay visible.", ha="center", va="top", fontsize=7, color="0.3")

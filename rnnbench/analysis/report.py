@@ -65,16 +65,25 @@ def _clean_out(out: Path) -> None:
 
 
 def success_frame(chosen: pd.DataFrame, rules: dict[str, T.SolvedRule]) -> pd.DataFrame:
-    """Per task (with a solved rule) x variant x cell x sequence length: fraction of seeds solved."""
+    """Per task (with a solved rule) x protocol x variant x cell x sequence length: fraction of seeds solved.
+
+    The protocol labels the task's options other than the length that vary between its runs (e.g.
+    copy on 2,000 or on 20,000 training sequences): runs of different protocols are never pooled."""
+    cols = ["task", "protocol", "variant", "cell", "seq_len", "n_seeds", "solved", "solved_fraction"]
     fin = chosen[(chosen["status"] == "FINISHED") & chosen["task"].isin(list(rules))]
     if fin.empty or "task.seq_len" not in fin:
-        return pd.DataFrame(columns=["task", "variant", "cell", "seq_len", "n_seeds", "solved", "solved_fraction"])
+        return pd.DataFrame(columns=cols)
     rows = []
-    for (task, variant, cell, seq_len), g in fin.groupby(["task", "variant", "cell", "task.seq_len"], sort=True):
-        solved = int(rules[task].solved(g).sum())
-        label = f"{cell} [{variant}]" if variant else cell
-        rows.append(dict(task=task, variant=variant, cell=label, seq_len=int(seq_len), n_seeds=len(g), solved=solved,
-                         solved_fraction=solved / len(g)))
+    for task, part in fin.groupby("task", sort=True):
+        options = [c for c in sorted(part.columns) if c.startswith("task.") and c not in ("task.name", "task.seq_len")
+                   and part[c].astype("str").nunique(dropna=False) > 1]
+        protocol = part.apply(lambda r: ", ".join(f"{c.split('.', 1)[1]}={T.label_value(r[c])}" for c in options), axis=1)
+        part = part.assign(protocol=protocol if options else "")
+        for (proto, variant, cell, seq_len), g in part.groupby(["protocol", "variant", "cell", "task.seq_len"], sort=True):
+            solved = int(rules[task].solved(g).sum())
+            label = f"{cell} [{variant}]" if variant else cell
+            rows.append(dict(task=task, protocol=proto, variant=variant, cell=label, seq_len=int(seq_len), n_seeds=len(g),
+                             solved=solved, solved_fraction=solved / len(g)))
     return pd.DataFrame(rows)
 
 
@@ -470,7 +479,7 @@ def _render(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame, chun
         lines += ["## Test metric per cell", "", _img(figs["test"], out, "test_metric"), ""]
     if not success.empty and figs.get("success"):
         lines += ["## Copy and adding: success against sequence length", "",
-                  T.markdown_table(success[["task", "cell", "seq_len", "n_seeds", "solved"]]), "",
+                  T.markdown_table(success[["task", "protocol", "cell", "seq_len", "n_seeds", "solved"]] if success["protocol"].astype(bool).any() else success[["task", "cell", "seq_len", "n_seeds", "solved"]]), "",
                   _img(figs["success"], out, "success_vs_length"), ""]
     if not pairs.empty:
         shown = pairs.drop(columns=["task"]).copy()
