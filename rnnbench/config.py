@@ -68,6 +68,9 @@ class TrainConfig(_Strict):
     # of a run's identity.
     threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     gradient_flow: bool = Field(True, description="probe ‖∂L_T/∂h_t‖ and gate saturation at init and after training")
+    readout: Literal["optimizer", "ridge"] = Field(
+        "optimizer", description="how a cell that trains no recurrent weight (esn) trains its output layer: by the "
+        "optimizer, or by ridge regression on its states (rnnbench/training/ridge.py; the optimizer keys are then unused)")
 
 
 class TrackingConfig(_Strict):
@@ -106,6 +109,13 @@ class Config(_Strict):
             raise RnnbenchError(_one_line(e, prefix="task" if not isinstance(raw["task"], BaseModel) else "")) from None
         if config.model.cell not in CELLS:
             raise RnnbenchError(f"unknown cell {config.model.cell!r}; valid cells: {', '.join(sorted(CELLS))}")
+        if config.train.readout == "ridge":
+            if CELLS[config.model.cell].count_params(1, 1) != 0:
+                raise RnnbenchError(f"config train.readout=ridge: {config.model.cell} trains its recurrent weights; a ridge "
+                                    "readout is for a cell that trains none (esn)")
+            if get_task(config.task.name).ridge_readout is None:
+                raise RnnbenchError(f"config train.readout=ridge: task {config.task.name} has no least-squares readout; "
+                                    "use train.readout=optimizer")
         if config.train.weight_noise > 0 and CELLS[config.model.cell].count_params(1, 1) == 0:
             raise RnnbenchError(f"config train.weight_noise: {config.model.cell} trains no recurrent weights, so there is "
                                 "nothing to add weight noise to; set train.weight_noise=0")
@@ -155,7 +165,7 @@ ids and config hashes as they were (a plain `train` run, default true, now gets 
 the sweep point). The tracking section was never hashed and stays out."""
 
 
-ADDED_DEFAULTS: dict[str, Any] = {"train.rmsprop_floor": 0.0, "model.bidirectional": False}
+ADDED_DEFAULTS: dict[str, Any] = {"train.rmsprop_floor": 0.0, "model.bidirectional": False, "train.readout": "optimizer"}
 """Keys added after runs were recorded, left out of the identity while at this default (the value
 every earlier run had), so that existing config hashes and sweep point ids stay valid."""
 

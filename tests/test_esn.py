@@ -22,28 +22,30 @@ def reservoir(H: int, D: int = 3, seeds: tuple[int, ...] = (0, 1)) -> cells.Weig
     return w
 
 
-def test_the_reservoir_is_sparse_and_has_the_chosen_spectral_radius() -> None:
-    H = 200
+@pytest.mark.parametrize("H", [200, 700])  # all eigenvalues; ARPACK's largest (above DENSE_EIGVALS)
+def test_the_reservoir_is_sparse_and_has_the_chosen_spectral_radius(H: int) -> None:
     w = reservoir(H)
+    C = EchoState.connections
+    assert w["weight_hh"].shape == w["index_hh"].shape == (2, H, C)
     for k in range(2):
-        W = w["weight_hh"][k]
-        assert float(torch.linalg.eigvals(W).abs().max()) == pytest.approx(EchoState.spectral_radius, rel=1e-9)
-        per_unit = (W != 0).sum(1).double().mean()
-        assert EchoState.connections * 0.8 < per_unit < EchoState.connections * 1.2
+        W = EchoState.dense(w["weight_hh"][k], w["index_hh"][k])
+        assert float(torch.linalg.eigvals(W).abs().max()) == pytest.approx(EchoState.spectral_radius, rel=1e-8)
+        assert ((W != 0).sum(1) == C).all()  # C distinct inputs per unit
         assert w["weight_ih"][k].abs().max() <= EchoState.input_scale and w["bias"][k].abs().max() <= EchoState.input_scale
     assert not torch.equal(w["weight_hh"][0], w["weight_hh"][1])  # each member its own, from its seed
     again = reservoir(H, seeds=(1,))
-    assert torch.equal(again["weight_hh"][0], w["weight_hh"][1])  # ... whatever its batch-mates
+    assert torch.equal(again["weight_hh"][0], w["weight_hh"][1]) and torch.equal(again["index_hh"][0], w["index_hh"][1])
 
 
 def test_a_step_is_the_leaky_integrator() -> None:
-    w = reservoir(6)
+    w = reservoir(16)
     x = torch.randn(2, 4, 3, dtype=torch.float64)
-    h = torch.randn(2, 4, 6, dtype=torch.float64)
+    h = torch.randn(2, 4, 16, dtype=torch.float64)
     xw = EchoState.project(w, x.unsqueeze(0))[0]
     (new,), gates = EchoState.step(w, xw, (h,))
     a = EchoState.leak_rate
-    by_hand = (1 - a) * h + a * torch.tanh(x @ w["weight_ih"].transpose(1, 2) + w["bias"][:, None] + h @ w["weight_hh"].transpose(1, 2))
+    W = EchoState.dense(w["weight_hh"], w["index_hh"])
+    by_hand = (1 - a) * h + a * torch.tanh(x @ w["weight_ih"].transpose(1, 2) + w["bias"][:, None] + h @ W.transpose(1, 2))
     torch.testing.assert_close(new, by_hand, rtol=1e-12, atol=1e-12)
     assert gates == {}
 
@@ -51,7 +53,8 @@ def test_a_step_is_the_leaky_integrator() -> None:
 def test_counts_trained_and_total_and_the_budget_counts_the_readout() -> None:
     D, H, O = 2, 50, 1
     counts = param_counts("esn", D, H, O)
-    assert counts == {"recurrent": 0, "total": H * O + O, "frozen": H * D + H * H + H}
+    C = EchoState.connections
+    assert counts == {"recurrent": 0, "total": H * O + O, "frozen": H * D + H + H * C}
     assert hidden_size_for_budget("esn", D, 2001, convention="total", output_size=O) == 2000
     with pytest.raises(RnnbenchError, match="trains no recurrent weights"):
         hidden_size_for_budget("esn", D, 2000, convention="recurrent")
@@ -98,7 +101,7 @@ def test_the_report_shows_the_reservoir_apart_from_the_trained_counts(tmp_path: 
         assert result.status == "FINISHED", result.reason
     report = build_report(tmp_path / "r", tracking_uri=store, spec_dir=tmp_path / "none", figures=False)
     text = report.read_text()
-    frozen = 12 * 2 + 12 * 12 + 12  # the reservoir: W_in (H x D), W (H x H), b (H)
+    frozen = 12 * 2 + 12 + 12 * 10  # the reservoir: W_in (H x D), b (H), W's H x C non-zeros
     esn_row = next(line for line in text.splitlines() if line.startswith("| esn |"))
     lstm_row = next(line for line in text.splitlines() if line.startswith("| lstm |"))
     assert f"| 0 / 13 (+{frozen} frozen) |" in esn_row and "frozen" not in lstm_row

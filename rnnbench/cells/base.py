@@ -45,6 +45,11 @@ class Cell:
         raise NotImplementedError
 
     @classmethod
+    def hidden_size_of(cls, w: Weights) -> int:
+        """H of one layer's stacked weights. Default: W_hh's last dimension."""
+        return int(w["weight_hh"].shape[-1])
+
+    @classmethod
     def init_(cls, w: Weights, hidden_size: int, forget_bias: float) -> None:
         """Fix-ups after the uniform draw, in place (e.g. the forget-gate bias). Default: none."""
 

@@ -183,7 +183,7 @@ def run(
     h = x.permute(2, 0, 1, 3)  # (T, K, B, D): time major inside
     finals = []
     for l, w in enumerate(layers):
-        s0 = _zero_state(cls, h, w["weight_hh"].shape[-1]) if state is None else tuple(state[l])
+        s0 = _zero_state(cls, h, cls.hidden_size_of(w)) if state is None else tuple(state[l])
         h, final = _layer(cls, which, w, cls.project(w, h), s0, steps, impl)
         finals.append(final)
     return h.permute(1, 2, 0, 3), finals
@@ -244,7 +244,7 @@ def run_steps(cell: str | type[Cell], layers: list[Weights], x: torch.Tensor,
     """The reference step by step, all layers at each step before the next: x (K, B, T, D) -> StepTrace."""
     cls = get_cell(cell)
     T = x.shape[2]
-    states = [_zero_state(cls, x.permute(2, 0, 1, 3), w["weight_hh"].shape[-1]) if state is None else tuple(state[l])
+    states = [_zero_state(cls, x.permute(2, 0, 1, 3), cls.hidden_size_of(w)) if state is None else tuple(state[l])
               for l, w in enumerate(layers)]
     hs: list[list[torch.Tensor]] = []
     gates: dict[tuple[int, str], list[torch.Tensor]] = {}

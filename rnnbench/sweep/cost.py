@@ -97,6 +97,8 @@ def estimate(configs: list[Config]) -> Estimate:
         seconds, final, batches, _ = timing
         t = config.train
         epochs = t.max_epochs if t.max_steps < 0 else min(t.max_epochs, math.ceil(t.max_steps / max(batches, 1)))
+        if t.readout == "ridge":  # one pass over train and val fits the readout (rnnbench/training/ridge.py)
+            epochs = 1
         total += epochs * seconds + final
     return Estimate(len(configs), total, per_epoch, unmeasured)
 

@@ -46,6 +46,7 @@ class AddingTask(Task):
     input_size = 2
     output_size = 1
     bidirectional_outputs = "last_step"  # the inputs hold no target
+    ridge_readout = "identity"
 
     def datasets(self) -> dict[str, TensorDataset]:
         o = self.options
@@ -64,6 +65,13 @@ class AddingTask(Task):
         last = batch_steps(batch) - 1
         prediction = out[torch.arange(K, device=out.device), :, last, 0]  # (K, B)
         return (prediction - batch["y"].to(out.dtype)) ** 2
+
+    def readout_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output at each member's last step regresses the sum."""
+        K, B, T = batch["x"].shape[:3]
+        rows = (torch.arange(T, device=batch["x"].device) == batch_steps(batch)[:, None] - 1)[:, None, :].expand(K, B, T)
+        targets = batch["y"].to(batch["x"].dtype)[:, :, None, None].expand(K, B, T, 1)
+        return rows, targets
 
     def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
         """(K,) mean squared error of each member's batch, read at the last step."""

@@ -128,6 +128,13 @@ class Task:
     # last step is read; there the backward layers give their state after reading the whole sequence.
     bidirectional_outputs: ClassVar[Literal["per_step", "last_step"] | None] = None
 
+    # A least-squares readout (train.readout=ridge, an echo-state network): how the head's output
+    # becomes the task's prediction. None: the task has no such readout (its loss is not a regression
+    # of the head's output on a target, e.g. the music NLL). "identity": the output is the prediction
+    # (MSE); "softmax": the output regresses a one-hot target and is read as logits after a scale
+    # chosen on validation. With either, the task implements `readout_targets`.
+    ridge_readout: ClassVar[Literal["identity", "softmax"] | None] = None
+
     input_size: int
     output_size: int
 
@@ -169,6 +176,11 @@ class Task:
         `metric_sums` give them. Tasks whose loss is one of their metrics override it to compute that
         once (the music and speech NLLs are most of a Chung-size model's output-side cost)."""
         return self.loss(out, batch), self.metric_sums(out.detach(), batch)
+
+    def readout_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a least-squares readout: which head outputs the loss reads, rows (K, B, T) bool, and the
+        (K, B, T, output_size) float targets they regress on (one-hot classes for "softmax")."""
+        raise NotImplementedError(f"task {self.name} has no least-squares readout")
 
     def baselines(self, split: str) -> dict[str, float]:
         """Reference values for `split` ('train'/'val'/'test'), logged as `<split>_<key>` beside the metrics.

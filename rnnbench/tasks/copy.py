@@ -50,6 +50,7 @@ class CopyTask(Task):
     input_size = N_SYMBOLS
     output_size = N_SYMBOLS
     bidirectional_outputs = "per_step"  # the inputs hold no target
+    ridge_readout = "softmax"
 
     def datasets(self) -> dict[str, TensorDataset]:
         o = self.options
@@ -78,6 +79,12 @@ class CopyTask(Task):
         valid = valid_steps(batch)[:, None, :]
         total = torch.where(valid, ce, torch.zeros((), dtype=ce.dtype, device=ce.device)).sum((1, 2))
         return total, (B * batch_steps(batch)).to(ce.dtype)
+
+    def readout_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every step within a member's length regresses the one-hot of its target symbol."""
+        y = batch["y"]
+        K, B, T = y.shape
+        return valid_steps(batch)[:, None, :].expand(K, B, T), F.one_hot(y, N_SYMBOLS).to(batch["x"].dtype)
 
     def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
         """(K,) mean cross-entropy over all T + 20 steps of each member's batch."""

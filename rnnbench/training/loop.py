@@ -259,9 +259,13 @@ def train_population(
         if probes is not None:
             _probe(pop, recorders, probes, "init", only=fresh)
         setup_seconds = time.perf_counter() - t_setup
-        _fit(pop, recorders, pruner)
+        choices = _fit_ridge(pop, recorders) if t.readout == "ridge" else {}
+        if t.readout != "ridge":
+            _fit(pop, recorders, pruner)
         done = [i for i, m in enumerate(members) if m.status == "stopped"]
         final = _score(pop, done, setup_seconds, counts, hidden)
+        for i, chosen in choices.items():
+            final[i].update(chosen)
         if probes is not None and done:
             _probe(pop, recorders, probes, "trained", only=done)
     except (KeyboardInterrupt, SystemExit):
@@ -421,6 +425,20 @@ def _fit(pop: Population, recorders: dict[int, RunRecorder], pruner: Pruner | No
     callbacks = [timer, MemberStopping(timer, pruner), MemberCheckpoint(), EpochRecords(recorders)]
     trainer = make_trainer(pop, callbacks, max_epochs, max_steps)
     trainer.fit(pop, TrainBatches(pop), EvalBatches(pop, "val"))
+
+
+def _fit_ridge(pop: Population, recorders: dict[int, RunRecorder]) -> dict[int, dict[str, float]]:
+    """The readout by ridge regression (rnnbench/training/ridge.py): one record per member, no epochs."""
+    from rnnbench.training import ridge
+
+    if not pop.ids:
+        return {}
+    records, choices, seconds, time_steps = ridge.fit(pop)
+    ridge.finish_members(pop, records, seconds, time_steps)
+    for i in pop.ids:
+        if i in recorders:
+            recorders[i].log_epochs(pop.members[i].history)
+    return choices
 
 
 def _score(pop: Population, done: list[int], setup_seconds: float, counts: dict[str, int], hidden: int) -> dict[int, dict[str, float]]:

@@ -232,6 +232,13 @@ class Population(L.LightningModule):
     def forward(self, x: torch.Tensor, steps: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x (K, B, T, D) -> head outputs (K, B, T, O); steps (K,): each member's own length; lengths
         (K, B): each sequence's own (a bidirectional model reverses each within it; default: steps)."""
+        h = self.states(x, steps, lengths)
+        K, B, T, H = h.shape
+        out = torch.baddbmm(self.head_bias.unsqueeze(1), h.reshape(K, B * T, H), self.head_weight.transpose(1, 2))
+        return out.view(K, B, T, -1)
+
+    def states(self, x: torch.Tensor, steps: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """What the head reads: the top layer's outputs (K, B, T, H), or (K, B, T, 2H) bidirectional."""
         layers = [dict(layer.items()) for layer in self.layers]
         if self.backward_layers:
             K, B, T = x.shape[:3]
@@ -241,9 +248,7 @@ class Population(L.LightningModule):
             h = cells.run_bidirectional(self.cell.name, layers, backward, x, lengths, steps, self.impl, self.last_step)
         else:
             h, _ = cells.run(self.cell.name, layers, x, steps, impl=self.impl)
-        K, B, T, H = h.shape
-        out = torch.baddbmm(self.head_bias.unsqueeze(1), h.reshape(K, B * T, H), self.head_weight.transpose(1, 2))
-        return out.view(K, B, T, -1)
+        return h
 
     def configure_optimizers(self) -> None:
         # The one optimizer is rnnbench's stacked one (built by the loop before fit): Lightning's manual
