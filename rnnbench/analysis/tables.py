@@ -350,6 +350,9 @@ def annotate(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -> pd.Dat
         present = [c for c in tuned if c in part.columns]
         if present:
             df.loc[part.index, "candidate"] = part.apply(lambda r: _label(r, present), axis=1)
+        if "train.readout" in part:  # a ridge readout uses no learning rate: its penalty was chosen on validation
+            ridge = part.index[part["train.readout"].astype(str) == "ridge"]
+            df.loc[ridge, "candidate"] = "ridge readout"
     return df
 
 
