@@ -72,6 +72,7 @@ class DigitsTask(Task):
 
     name = "fsdd_digits"
     bidirectional_outputs = "last_step"  # one label per utterance, read at its last frame
+    ridge_readout = "softmax"
     Options = DigitsOptions
     primary_metric = "nll"
 
@@ -122,6 +123,13 @@ class DigitsTask(Task):
             x[b, : len(f)] = f
         mask = torch.arange(T)[None, :] < lengths[:, None]
         return {"x": x, "y": torch.tensor([d for _, d in items]), "mask": mask, "lengths": lengths}
+
+    def readout_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output at each utterance's last frame regresses the one-hot of its digit."""
+        K, B, T = batch["x"].shape[:3]
+        rows = torch.arange(T, device=batch["x"].device) == (batch["lengths"] - 1)[:, :, None]
+        onehot = torch.nn.functional.one_hot(batch["y"], N_DIGITS).to(batch["x"].dtype)
+        return rows, onehot[:, :, None, :].expand(K, B, T, N_DIGITS)
 
     def _sums(self, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, MetricSums]:
         nll, n, hits = label_nll(out, batch["y"], batch["lengths"])
