@@ -60,6 +60,9 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0, description="rescale the gradient norm to this; null: off")
     weight_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on the recurrent weights")
     early_stopping_patience: int | None = Field(10, ge=1, description="epochs; null: off")
+    stop_below_baseline: float | None = Field(
+        None, gt=0, lt=1, description="stop a run once val_<metric> < this x the task's val_<metric>_baseline "
+        "(e.g. 0.01: ten times below copy's and adding's 'solved' level of 0.1); null: off")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["32", "64"] = "32"
     progress_bar: bool = True
@@ -165,7 +168,8 @@ ids and config hashes as they were (a plain `train` run, default true, now gets 
 the sweep point). The tracking section was never hashed and stays out."""
 
 
-ADDED_DEFAULTS: dict[str, Any] = {"train.rmsprop_floor": 0.0, "model.bidirectional": False, "train.readout": "optimizer"}
+ADDED_DEFAULTS: dict[str, Any] = {"train.rmsprop_floor": 0.0, "model.bidirectional": False, "train.readout": "optimizer",
+                                  "train.stop_below_baseline": None}
 """Keys added after runs were recorded, left out of the identity while at this default (the value
 every earlier run had), so that existing config hashes and sweep point ids stay valid."""
 

@@ -101,7 +101,7 @@ IDENTITY = {
     "task.max_recordings", "task.split", "task.test_speaker", "task.val_speaker",
     "task.path", "task.target", "task.split_seed",  # the user's sequences
     "task.frame",  # spoken digits
-    "train.seed", "train.optimizer", "train.lr", "train.momentum", "train.rmsprop_alpha", "train.rmsprop_floor", "train.readout", "train.weight_decay",
+    "train.seed", "train.optimizer", "train.lr", "train.momentum", "train.rmsprop_alpha", "train.rmsprop_floor", "train.readout", "train.stop_below_baseline", "train.weight_decay",
     "train.batch_size", "train.max_epochs", "train.max_steps", "train.limit_train_batches", "train.limit_eval_batches",
     "train.grad_clip", "train.weight_noise", "train.early_stopping_patience",
     "train.device", "train.precision",  # CPU vs CUDA kernels, float32 vs float64: different numbers
@@ -130,8 +130,9 @@ def _old_hash(config: Config) -> str:
     import json
 
     d = {k: v for k, v in config.to_dict().items() if k != "tracking"}
-    # fields added since: threads (not identity), rmsprop_floor, readout and bidirectional (left out at their defaults)
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads", "rmsprop_floor", "readout")}
+    # fields added since: threads (not identity); rmsprop_floor, readout, stop_below_baseline and bidirectional
+    # (left out at their defaults)
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads", "rmsprop_floor", "readout", "stop_below_baseline")}
     d["model"] = {k: v for k, v in d["model"].items() if k != "bidirectional"}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -19,6 +19,7 @@ import torch
 from conftest import requires_data
 from rnnbench.cells import CELLS
 from rnnbench.config import Config, load_config
+from rnnbench.errors import RnnbenchError
 from rnnbench.training import loop
 from rnnbench.training.population import build
 
@@ -178,3 +179,31 @@ def test_cuda_graphs_give_the_eager_numbers(cell: str, tmp_path: Path) -> None:
         for ra, rb in zip(ha["history"], hb["history"]):
             for key in ra:
                 assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), key
+
+
+def test_a_member_stops_once_its_score_is_far_enough_below_the_baseline(tmp_path: Path) -> None:
+    """train.stop_below_baseline: the member that reaches val_mse < f x val_mse_baseline stops at that epoch
+    (its best weights those of it), the member without the rule trains on, in the same population."""
+    base = ["task.name=adding", "task.seq_len=5", "task.n_train=200", "task.n_val=100", "task.n_test=50", "model.cell=lstm",
+            "model.hidden_size=8", "train.batch_size=10", "train.precision='64'", "train.progress_bar=false",
+            "train.gradient_flow=false", "train.early_stopping_patience=null", "train.max_epochs=12", "train.lr=0.01",
+            f"tracking.checkpoint_dir={tmp_path}"]
+    configs = [load_config(None, base + over) for over in (["train.stop_below_baseline=0.5"], [])]
+    pop, _ = fit(configs)
+    ruled, free = pop.members
+    baseline = ruled.history[0]["val_mse_baseline"]
+    below = [h["val_mse"] < 0.5 * baseline for h in free.history]  # the same member without the rule
+    assert any(below), "the member without the rule never got that far below: make the test's run longer"
+    first = below.index(True)
+    assert ruled.stopped_by == "below_baseline" and len(ruled.history) == first + 1 < len(free.history)
+    assert free.stopped_by == "max_epochs" and len(free.history) == 12
+    assert ruled.history == free.history[: first + 1]  # a member does not depend on its population
+
+
+@requires_data
+def test_a_stop_rule_for_a_task_without_that_baseline_fails_in_one_line(tmp_path: Path, store: str) -> None:
+    from rnnbench.train import train
+
+    with pytest.raises(RnnbenchError, match="task jsb has no nll_baseline to stop below") as e:
+        train(load_config(None, TINY + ["train.stop_below_baseline=0.1", f"tracking.checkpoint_dir={tmp_path}"]))
+    assert "\n" not in str(e.value)

@@ -34,7 +34,7 @@ from rnnbench.training.recorder import RunRecorder, standard_tags
 # Keys in which the members of one population may differ (each is a (K,) tensor or a per-member rule);
 # every other key (cell, task, size, batch size, optimizer kind, precision, ...) is the population's.
 MEMBER_KEYS = ("train.seed", "train.lr", "train.momentum", "train.weight_decay", "train.grad_clip",
-               "train.weight_noise", "train.early_stopping_patience", "train.max_epochs", "train.rmsprop_alpha",
+               "train.weight_noise", "train.early_stopping_patience", "train.stop_below_baseline", "train.max_epochs", "train.rmsprop_alpha",
                "train.rmsprop_floor")
 
 
@@ -97,7 +97,9 @@ class EpochTimer(Callback):
 class MemberStopping(Callback):
     """Per member, at each epoch's end: its record of the epoch; divergence (FAILED); early stopping
     as Lightning's EarlyStopping (mode min, `patience` epochs without a strict improvement, a
-    non-finite score stops), best-validation weights kept; max_epochs; then the pruner, if any."""
+    non-finite score stops), best-validation weights kept; train.stop_below_baseline (a score that
+    far below the task's baseline: solved with a margin, nothing left to learn that counts);
+    max_epochs; then the pruner, if any."""
 
     def __init__(self, timer: EpochTimer, pruner: Pruner | None = None) -> None:
         self.timer, self.pruner = timer, pruner
@@ -130,8 +132,11 @@ class MemberStopping(Callback):
             else:
                 m.wait += 1
             m.epoch += 1
+            below = m.config.train.stop_below_baseline
             if not math.isfinite(score):
                 m.status, m.stopped_by = "stopped", "non_finite_val"
+            elif below is not None and score < below * record[f"{monitor}_baseline"]:
+                m.status, m.stopped_by = "stopped", "below_baseline"
             elif m.patience is not None and m.wait >= m.patience:
                 m.status, m.stopped_by = "stopped", "early_stopping"
             elif m.epoch >= m.config.train.max_epochs:
@@ -258,6 +263,7 @@ def train_population(
         probes = _probe_batches(pop) if t.gradient_flow and not configs[0].model.bidirectional else None
         if probes is not None:
             _probe(pop, recorders, probes, "init", only=fresh)
+        _check_stop_rule(pop)
         setup_seconds = time.perf_counter() - t_setup
         choices = _fit_ridge(pop, recorders) if t.readout == "ridge" else {}
         if t.readout != "ridge":
@@ -290,6 +296,14 @@ def _check_members(configs: list[Config], run_ids: list[str | None], tags: list[
         if population_key(c) != key:
             differ = sorted(set(population_key(c)) ^ set(key))
             raise RnnbenchError(f"train_population: configs differ in {differ[0][0]!r}, which members must share")
+
+
+def _check_stop_rule(pop: Population) -> None:
+    """train.stop_below_baseline needs the task's val_<metric>_baseline (copy, adding): one line if absent."""
+    if any(c.train.stop_below_baseline is not None for c in pop.configs):
+        key = f"{pop.task.primary_metric}_baseline"
+        if key not in pop.task.baselines("val"):
+            raise RnnbenchError(f"train.stop_below_baseline: task {pop.task.name} has no {key} to stop below; set it to null")
 
 
 def _device_and_dtype(config: Config) -> tuple[torch.device, torch.dtype]:
