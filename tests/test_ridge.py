@@ -113,3 +113,15 @@ def test_rnnbench_train_records_a_ridge_run(tmp_path: Path, store: str) -> None:
     assert m["ridge_lambda"] in ridge.LAMBDAS and m["readout_scale"] == 1.0 and m["test_mse"] < m["test_mse_baseline"]
     assert p["train.readout"] == "ridge" and p["n_params_total"] == "41" and m["hidden_size"] == 40
     assert m["epochs"] == 1 and any(k.startswith("gradflow_trained_") for k in m)  # the probe runs on it too
+
+
+def test_the_cost_estimate_counts_one_pass_for_a_ridge_readout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The sweep's estimate: a ridge run costs one pass (fit) and the final scoring, not max_epochs epochs."""
+    from rnnbench.sweep import cost
+
+    monkeypatch.setattr(cost, "_measure", lambda config: (2.0, 1.0, 10, "label"))
+    [ridge_run] = configs(tmp_path, seeds=(0,))
+    by_optimizer = ridge_run.model_copy(deep=True)
+    by_optimizer.train.readout, by_optimizer.train.max_epochs = "optimizer", 5
+    assert cost.estimate([ridge_run]).seconds == 2.0 * 1 + 1.0
+    assert cost.estimate([by_optimizer]).seconds == 2.0 * 5 + 1.0
