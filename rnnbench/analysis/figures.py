@@ -112,6 +112,8 @@ STUDY_CELLS = ("gru", "gru_reset_before", "lstm", "lstm_peephole", "tanh")
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 DASHES = ("-", "--", ":", "-.")
+CURVE_TOP_OVER_REFERENCE = 1.5  # a linear learning-curve axis ends there when the first epochs reach above it
+LINE_DASHES = ("", (5, 2), (1.5, 1.5), (6, 2, 1.5, 2), (3, 1), (8, 2, 1.5, 2, 1.5, 2))  # seaborn's (on, off, ...)
 
 
 def bootstrap_interval(values: Any, confidence: float = 0.95, n_boot: int = N_BOOT, seed: int = SEED) -> tuple[float, float]:
@@ -135,8 +137,9 @@ def _maybe_log(ax: Any, values: pd.Series) -> None:
 
 
 def learning_curves(chosen: pd.DataFrame, histories: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Per task setting x variant: val metric vs updates (mean, 95% bootstrap band) and vs wall-clock seconds,
-    as Chung et al. 2014 Figs. 2-3; against epochs instead where runs predate the `updates` record."""
+    """Per task setting x variant: val metric vs updates (mean, 95% bootstrap band; an X where each cell's
+    runs ended) and vs wall-clock seconds, as Chung et al. 2014 Figs. 2-3; against epochs instead where
+    runs predate the `updates` record."""
     import seaborn as sns
 
     from rnnbench.analysis.runs import wide_histories
@@ -159,14 +162,24 @@ def learning_curves(chosen: pd.DataFrame, histories: pd.DataFrame, out_dir: Path
             pal = _palette(list(data["cell"].unique()))
             fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))  # one y range below, each panel labelled
             x = "updates" if "updates" in data and data["updates"].notna().all() else "epoch"
-            sns.lineplot(data=data, x=x, y=key, hue="cell", palette=pal, errorbar=("ci", 95),
-                         n_boot=N_BOOT, seed=SEED, ax=axes[0])
+            # a dash pattern per cell as well as a colour: cells stuck on the same plateau overlap
+            dashes = {c: LINE_DASHES[i % len(LINE_DASHES)] for i, c in enumerate(sorted(pal))}
+            sns.lineplot(data=data, x=x, y=key, hue="cell", palette=pal, style="cell", dashes=dashes, errorbar=("ci", 95),
+                         n_boot=N_BOOT, seed=SEED, lw=1.3, ax=axes[0])
             if "wall_seconds" in data:
-                sns.lineplot(data=data, x="wall_seconds", y=key, hue="cell", palette=pal, units="seed",
-                             estimator=None, alpha=0.7, legend=False, ax=axes[1])
+                sns.lineplot(data=data, x="wall_seconds", y=key, hue="cell", palette=pal, style="cell", dashes=dashes,
+                             units="seed", estimator=None, alpha=0.7, lw=1.1, legend=False, ax=axes[1])
+            # where each cell's runs ended (the last seed's last record): curves that stopped on a plateau
+            # beside another cell's stay findable
+            for cell, c in data.groupby("cell", sort=True):
+                last = c[c[x] == c[x].max()]
+                axes[0].plot([c[x].max()], [last[key].mean()], marker="X", ms=7, color=pal[cell], mec="white", mew=0.6,
+                             ls="none", zorder=5)
+            refs = []
             for col in sorted(c for c in g.columns if re.fullmatch(rf"final_val_{metric}_[A-Za-z0-9]+", c)):
                 ref = g[col].astype(float).mean()
                 if math.isfinite(ref):
+                    refs.append(ref)
                     for ax in axes:
                         ax.axhline(ref, color="0.4", ls="--", lw=0.8)
                     axes[1].annotate(col.rsplit("_", 1)[1], (1.0, ref), xycoords=("axes fraction", "data"),
@@ -174,10 +187,15 @@ def learning_curves(chosen: pd.DataFrame, histories: pd.DataFrame, out_dir: Path
             _maybe_log(axes[0], data[key])
             axes[1].set_yscale(axes[0].get_yscale())
             lows, highs = zip(axes[0].get_ylim(), axes[1].get_ylim())
+            top = max(highs) * (2.0 if axes[0].get_yscale() == "log" else 1.0)  # room above a plateau at the top
+            cut = ""
+            if axes[0].get_yscale() == "linear" and refs and top > CURVE_TOP_OVER_REFERENCE * max(refs):
+                # the first epochs' values (e.g. 58 nats against references near 10) would flatten the rest
+                top, cut = CURVE_TOP_OVER_REFERENCE * max(refs), f" (y cut at {CURVE_TOP_OVER_REFERENCE:g} x the highest reference)"
             for ax in axes:
-                ax.set_ylim(min(lows), max(highs))
+                ax.set_ylim(min(lows), top)
             title = _title(setting, variant)
-            axes[0].set(xlabel="updates" if x == "updates" else "epoch", ylabel=f"validation {metric}",
+            axes[0].set(xlabel="updates" if x == "updates" else "epoch", ylabel=f"validation {metric}{cut}",
                         title=f"{title}: mean and 95% bootstrap band over seeds")
             axes[1].set(xlabel="wall-clock seconds (training)", ylabel=f"validation {metric}",
                         title=f"{title}: each seed against time")
