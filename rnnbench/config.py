@@ -239,6 +239,8 @@ def identity_from_params(params: dict[str, str]) -> str | None:
         section, _, name = key.partition(".")
         if section == "task" and name not in options:
             continue  # another task's option name, or a describe() fact
+        if text == "None" and key in ADDED_DEFAULTS:
+            continue  # a run logged before the key existed (an export's empty column): its default
         raw.setdefault(section, {})[name] = None if text == "None" else text
     try:
         return Config.from_dict(raw).config_hash()

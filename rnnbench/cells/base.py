@@ -38,6 +38,7 @@ class Cell:
     state_size: ClassVar[int] = 1  # 1: (h,); 2: (h, c); more where a cell carries more (lstm_fgr: its gates)
     loops: ClassVar[dict[str, Loop]] = {}  # fast implementations of the time loop, by name
     frozen: ClassVar[tuple[str, ...]] = ()  # weights drawn at init and never trained (not counted as trained)
+    structure: ClassVar[tuple[str, ...]] = ()  # frozen tensors that hold structure, not parameters (never counted)
 
     @classmethod
     def weight_shapes(cls, input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:  # pragma: no cover
@@ -86,7 +87,7 @@ class Cell:
         directions = 2 if bidirectional else 1
         sizes = [input_size] + [directions * hidden_size] * (num_layers - 1)
         return directions * sum(math.prod(s) for d in sizes for n, s in cls.weight_shapes(d, hidden_size).items()
-                                if not (trained and n in cls.frozen))
+                                if not (trained and n in cls.frozen) and n not in cls.structure)
 
 
 def recurrent_product(h: torch.Tensor, w_hh: torch.Tensor, add: torch.Tensor) -> torch.Tensor:

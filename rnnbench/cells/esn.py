@@ -40,6 +40,7 @@ class EchoState(Cell):
     gates = ()
     state_size = 1
     frozen = ("weight_ih", "weight_hh", "index_hh", "bias")
+    structure = ("index_hh",)  # W's columns: counted nowhere
     spectral_radius = 0.95  # below 1: the echo-state property in practice (Lukoševičius 2012, 3.2.1)
     leak_rate = 0.5
     input_scale = 1.0
@@ -54,16 +55,6 @@ class EchoState(Cell):
     def weight_shapes(cls, input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
         H, C = hidden_size, cls.fan_in(hidden_size)
         return {"weight_ih": (H, input_size), "weight_hh": (H, C), "index_hh": (H, C), "bias": (H,)}
-
-    @classmethod
-    def count_params(cls, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False,
-                     trained: bool = True) -> int:
-        """0 trained; with trained=False the reservoir's scalars, W's non-zeros but not their index."""
-        if trained:
-            return 0
-        H, C, directions = hidden_size, cls.fan_in(hidden_size), 2 if bidirectional else 1
-        sizes = [input_size] + [directions * hidden_size] * (num_layers - 1)
-        return directions * sum(H * d + H + H * C for d in sizes)
 
     @classmethod
     def hidden_size_of(cls, w: Weights) -> int:
@@ -122,12 +113,13 @@ class EchoState(Cell):
     def recurrent(w: Weights, h: torch.Tensor) -> torch.Tensor:
         """W h for K members, h (K, B, H): one sparse product with the K reservoirs as the blocks of a
         block-diagonal CSR matrix (a gather of every unit's C inputs was 4-6x slower at 20,000 units),
-        differentiable in h (the gradient-flow probe follows it)."""
+        differentiable in h (the gradient-flow probe follows it), never in W (frozen)."""
         K, B, H = h.shape
         C = w["weight_hh"].shape[-1]
         columns = (w["index_hh"].long() + (torch.arange(K, device=h.device) * H).view(K, 1, 1)).reshape(-1)
         rows = torch.arange(0, K * H * C + 1, C, device=h.device)
         with warnings.catch_warnings():  # torch calls its CSR support beta
             warnings.simplefilter("ignore", UserWarning)
-            W = torch.sparse_csr_tensor(rows, columns, w["weight_hh"].reshape(-1).to(h.dtype), (K * H, K * H))
+            # the values detached: frozen, and torch's CSR product has no exact gradient for them
+            W = torch.sparse_csr_tensor(rows, columns, w["weight_hh"].detach().reshape(-1).to(h.dtype), (K * H, K * H))
         return (W @ h.transpose(1, 2).reshape(K * H, B)).view(K, H, B).transpose(1, 2)
