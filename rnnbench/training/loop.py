@@ -265,8 +265,10 @@ def train_population(
             _probe(pop, recorders, probes, "init", only=fresh)
         _check_stop_rule(pop)
         setup_seconds = time.perf_counter() - t_setup
-        choices = _fit_ridge(pop, recorders) if t.readout == "ridge" else {}
-        if t.readout != "ridge":
+        choices: dict[int, dict[str, float]] = {}
+        if t.readout == "ridge":
+            choices = _fit_ridge(pop, recorders)
+        else:
             _fit(pop, recorders, pruner)
         done = [i for i, m in enumerate(members) if m.status == "stopped"]
         final = _score(pop, done, setup_seconds, counts, hidden)
