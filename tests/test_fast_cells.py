@@ -204,18 +204,23 @@ def test_compiled_loops_without_blas_symbols() -> None:
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
-def test_many_ops_refuse_bad_input_in_one_line() -> None:
+def test_stacked_ops_refuse_bad_input_in_one_line() -> None:
     _require_cpp()
     g = torch.Generator().manual_seed(3)
-    xw, h0, whh = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((4, B, 3 * H), (B, H), (3 * H, H)))
-    with pytest.raises(RuntimeError, match="one tensor per model"):
-        torch.ops.rnnbench_fast.gru_reset_before_fwd_many([xw, xw], [h0], [whh, whh])
+    xw, h0, whh = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 4, B, 3 * H), (2, B, H), (2, 3 * H, H)))
+    op = torch.ops.rnnbench_fast.gru_reset_before_fwd_stacked
+    with pytest.raises(RuntimeError, match="one length per model"):
+        op(xw, [4], h0, whh)
+    with pytest.raises(RuntimeError, match="lengths must lie in 1..T"):
+        op(xw, [4, 5], h0, whh)
+    with pytest.raises(RuntimeError, match="one contiguous row per model"):
+        op(xw, [4, 4], h0[:1], whh)
     # an error inside one model's loop, on a worker thread, reaches the caller as an exception
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with pytest.raises(RuntimeError, match="gru_reset_before_fwd: shapes"):
-            torch.ops.rnnbench_fast.gru_reset_before_fwd_many([xw, xw[..., :-1].contiguous()], [h0, h0], [whh, whh])
+            op(xw, [4, 4], h0[..., :-1].contiguous(), whh[..., :-1].contiguous())
     finally:
         torch.set_num_threads(old)
 

@@ -12,10 +12,9 @@ reset-before GRU), single-threaded (BLAS threads cost more than these products),
 pass over the gates (-march=native). Where a step's product is large (gates*H*H >= 16384) the forward
 loop runs the batch's rows in chunks of 16 in parallel over torch's intra-op threads.
 
-The ops *_many take lists of K models' tensors (lengths may differ) and run the K loops in parallel
-over those threads: `member_loop(op, ...)` hands them member k's first steps[k] steps, xw[:steps[k], k],
-and views w[k] of the stacked weights (autograd then gives each row of a stacked weight its own
-gradient), and pads the outputs back to T with zeros. Without a compiler (or RNNBENCH_FAST_EXT=0) the
+The ops *_stacked take K models' tensors stacked member-major, with each member's own number of
+steps, and run the K loops in parallel over those threads, each on views of its own rows: member k runs
+its first steps[k] steps, and its outputs after them are zeros. Without a compiler (or RNNBENCH_FAST_EXT=0) the
 extension does not load, after one RuntimeWarning, and the dispatch (loops.py) runs the reference.
 """
 
@@ -142,24 +141,14 @@ def cpp_eligible(device: torch.device | str, dtype: torch.dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64)
 
 
-def _c(*ts: torch.Tensor) -> list[torch.Tensor]:
-    return [t.contiguous() for t in ts]
-
-
-def _outputs(hbuf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hs (slots 1..T) and the final state (a copy) of a (T+1, B, H) state buffer."""
-    return hbuf[1:], hbuf[-1].clone()
-
-
 class ManyCppLoops(torch.autograd.Function):
-    """K independent one-model compiled loops (`op`_fwd / `op`_bwd) over STACKED tensors, run in
-    parallel over the CPU threads by the ops `op`_fwd_many / `op`_bwd_many: the same numbers as K
-    calls of the one-model loop.
+    """K independent one-model compiled loops over STACKED tensors, run in parallel over the CPU threads
+    by the ops `op`_fwd_stacked / `op`_bwd_stacked: the same numbers as K calls of the one-model loop.
 
     apply(op, lengths, xw (T, K, B, G), *states (K, B, H), *weights (K, ...)): member k runs its own
     lengths[k] steps. Returns hs (T, K, B, H) (zeros after each member's end) and the final states
-    (K, B, H), each member's after its own last step. The members are sliced inside forward and
-    backward, where autograd does not see them: gradients come back stacked, one tensor per input
+    (K, B, H), each member's after its own last step. The ops work on views of the stacked tensors, so
+    nothing is sliced or copied per member here, and gradients come back stacked, one tensor per input
     (slicing under autograd would make every member's backward fill and add a whole stacked tensor).
     """
 
@@ -174,63 +163,24 @@ class ManyCppLoops(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, op: str, lengths: tuple[int, ...], xw: torch.Tensor, *rest: torch.Tensor):  # type: ignore[override]
-        n_in, n_states, needed = ManyCppLoops.SPEC[op]
-        K = len(lengths)
-        stacked = (xw, *rest)
-        args = [_c(*(xw[:n, k] for k, n in enumerate(lengths)))]
-        args += [_c(*(t[k] for k in range(K))) for t in rest]
-        results = getattr(torch.ops.rnnbench_fast, op + "_fwd_many")(*args)
-        n_res = len(results) // K
-        T, _, B, _ = xw.shape
-        H = rest[0].shape[-1]
-        if K == 1 and lengths[0] == T:  # one member over the whole length: its own buffers, no copy
-            hbuf = results[0]
-            ctx.save_for_backward(*[args[i][0] for i in needed], *results)
-            ctx.op, ctx.lengths, ctx.per_model = op, lengths, len(needed) + n_res
-            ctx.shapes = [t.shape for t in stacked]
-            finals1 = [results[0][-1].unsqueeze(0)] + ([results[1][-1].unsqueeze(0)] if n_states == 2 else [])
-            return (hbuf[1:].unsqueeze(1), *[f.clone() for f in finals1])
-        # member-major storage (each member's block one contiguous copy), handed out time-major
-        hs = xw.new_empty(K, T, B, H)
-        finals = [xw.new_empty(K, B, H) for _ in range(n_states)]
-        saved = []
-        for k, n in enumerate(lengths):
-            res = results[k * n_res : (k + 1) * n_res]
-            hs[k, :n] = res[0][1:]
-            hs[k, n:] = 0
-            finals[0][k] = res[0][-1]
-            if n_states == 2:
-                finals[1][k] = res[1][-1]
-            saved += [args[i][k] for i in needed] + list(res)
-        ctx.save_for_backward(*saved)
-        ctx.op, ctx.lengths, ctx.per_model = op, lengths, len(needed) + n_res
-        ctx.shapes = [t.shape for t in stacked]
-        return (hs.transpose(0, 1), *finals)
+        _, n_states, needed = ManyCppLoops.SPEC[op]
+        inputs = (xw.transpose(0, 1).contiguous(), *(t.contiguous() for t in rest))  # member-major: no copy from `project`
+        results = getattr(torch.ops.rnnbench_fast, op + "_fwd_stacked")(inputs[0], list(lengths), *inputs[1:])
+        ctx.save_for_backward(*(inputs[i] for i in needed), *results)
+        ctx.op, ctx.lengths = op, lengths
+        # final states: each member's buffer slot after its own last step (the buffers hold h0 in slot 0)
+        last = torch.tensor(lengths, device=xw.device)
+        members = torch.arange(len(lengths), device=xw.device)
+        finals = [results[i][members, last] for i in range(n_states)]
+        return (results[0][:, 1:].transpose(0, 1), *finals)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dhs: torch.Tensor, *dfinals: torch.Tensor):  # type: ignore[override]
-        op, lengths, m = ctx.op, ctx.lengths, ctx.per_model
-        n_in, n_states, _ = ManyCppLoops.SPEC[op]
-        K = len(lengths)
-        saved = ctx.saved_tensors
-        lists = [_c(*(dhs[:n, k] for k, n in enumerate(lengths)))]
-        lists += [_c(*(d[k] for k in range(K))) for d in dfinals]
-        lists += [list(saved[j::m]) for j in range(m)]
-        results = getattr(torch.ops.rnnbench_fast, op + "_bwd_many")(*lists)
-        # results: member after member, n_in gradients each; stacked back into one tensor per input
-        T, _, B, G = ctx.shapes[0]
-        if K == 1 and lengths[0] == T:  # the op's own gradients, viewed as stacked: no copy
-            return None, None, results[0].unsqueeze(1), *[r.unsqueeze(0) for r in results[1:n_in]]
-        dxw = dhs.new_empty(K, T, B, G)  # member-major, as the projection that made xw
-        grads = [dhs.new_empty(shape) for shape in ctx.shapes[1:]]
-        for k, n in enumerate(lengths):
-            mine = results[k * n_in : (k + 1) * n_in]
-            dxw[k, :n] = mine[0]
-            dxw[k, n:] = 0
-            for g, r in zip(grads, mine[1:]):
-                g[k] = r
-        return None, None, dxw.transpose(0, 1), *grads
+        n_in = ManyCppLoops.SPEC[ctx.op][0]
+        grads = getattr(torch.ops.rnnbench_fast, ctx.op + "_bwd_stacked")(
+            dhs.transpose(0, 1).contiguous(), list(ctx.lengths), *(d.contiguous() for d in dfinals), *ctx.saved_tensors)
+        return None, None, grads[0].transpose(0, 1), *grads[1:n_in]
 
 
 def member_loop(op: str, *weight_names: str) -> Loop:

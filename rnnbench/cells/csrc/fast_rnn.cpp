@@ -6,7 +6,7 @@
 //   LSTM without peepholes (torch.nn.LSTM)                     ops rnnbench_fast::lstm_{fwd,bwd}
 //   tanh RNN (Elman; torch.nn.RNN)                             ops rnnbench_fast::tanh_rnn_{fwd,bwd}
 //
-// Python (rnnbench/cells/_fast.py) computes the input projection of all steps, xw = x W_ih^T + b, with
+// Python (rnnbench/cells/compiled.py) computes the input projection of all steps, xw = x W_ih^T + b, with
 // one autograd-tracked matmul and hands xw to these loops; the loops return d xw, so autograd does the
 // rest. Per step: one small matrix product (two for the reset-before GRU), then one pass of plain C++
 // over the gates that the compiler vectorises. The gradient of W_hh is one matrix product over all
@@ -17,9 +17,10 @@
 // cell states live in (T+1, B, H) buffers whose slot 0 is the initial state: slot t is step t's
 // previous state, and slots 1..T are the outputs (returned as a view).
 //
-// K models at once (ops *_many, for rnnbench/many_models.py): each argument a list of K tensors, one per
-// model (lengths may differ); the K one-model loops run in parallel over the CPU threads. One step's
-// products are too small to split between threads, but K models' loops are independent.
+// K models at once (ops *_stacked, for rnnbench/cells/compiled.py): every argument stacked on a leading
+// dim of K models, and each model's own number of steps; the K one-model loops run in parallel over the
+// CPU threads, each on views of the stacked tensors. One step's products are too small to split between
+// threads, but K models' loops are independent.
 //
 // float uses a Cephes-style exp (<= 2 ulp) so the gate pass vectorises; double uses std::exp and
 // std::tanh, so float64 results match the step-by-step autograd reference to rounding.
@@ -150,7 +151,7 @@ void gemm(T_* c, int64_t M, int64_t N, const T_* a, int64_t Kd, int64_t lda, con
 // ---- threads ------------------------------------------------------------------------------------
 // Two kinds of independent work run in parallel: the rows of a batch (row b of h_t depends only on row b
 // of h_{t-1}, so a chunk of rows runs its whole time loop without waiting for the others) and, in the
-// *_many ops, K models. The threads are std::threads, as many as torch's intra-op setting
+// *_stacked ops, K models. The threads are std::threads, as many as torch's intra-op setting
 // (torch.set_num_threads): ATen's parallel_for is OpenMP pragmas in a header, which this file (built
 // without -fopenmp, to stay clear of a second OpenMP runtime beside torch's) would run serially. Each
 // thread takes the next item not yet taken (items may differ in size), runs MKL single-threaded and
@@ -221,6 +222,16 @@ void check(std::initializer_list<const Tensor*> ts, const char* op) {
   TORCH_CHECK(st == at::kFloat || st == at::kDouble, "rnnbench_fast::", op, ": float32 or float64 only");
 }
 
+// Output i of a one-model op: a new tensor, or the caller's buffer (`into`: the stacked ops hand each
+// model views of their stacked outputs, so nothing is copied into them afterwards).
+using Outs = std::vector<Tensor>*;
+Tensor out_or(Outs into, size_t i, at::IntArrayRef shape, const at::TensorOptions& o) {
+  if (into == nullptr) return at::empty(shape, o);
+  const Tensor& t = (*into)[i];
+  TORCH_CHECK(t.sizes() == shape && t.is_contiguous(), "rnnbench_fast: output buffer ", i, " has the wrong shape");
+  return t;
+}
+
 // ==== peephole LSTM ================================================================================
 // xw (T,B,4H), gate order i,f,g,o; h0, c0 (B,H); whh (4H,H); wci, wcf, wco (H).
 // Returns hbuf (T+1,B,H) (slot 0 = h0, slots 1..T = h_t), cbuf (T+1,B,H) likewise, gates (T,B,4H) = the
@@ -281,13 +292,13 @@ void lstm_fwd(const Tensor& xw, const Tensor& whh, const Tensor& wci, const Tens
 // The ops of both LSTMs (Peep = false: wci, wcf, wco are not read; the caller passes any tensors).
 template <bool Peep>
 std::vector<Tensor> lstm_forward(const char* op, const Tensor& xw, const Tensor& h0, const Tensor& c0, const Tensor& whh,
-                                 const Tensor& wci, const Tensor& wcf, const Tensor& wco) {
+                                 const Tensor& wci, const Tensor& wcf, const Tensor& wco, Outs into = nullptr) {
   check({&xw, &h0, &c0, &whh, &wci, &wcf, &wco}, op);
   const int64_t T = xw.size(0), B = xw.size(1), H = h0.size(1);
   TORCH_CHECK(xw.dim() == 3 && T >= 1 && xw.size(2) == 4 * H && h0.size(0) == B, op, ": shapes");
   auto o = xw.options();
-  Tensor hbuf = at::empty({T + 1, B, H}, o), cbuf = at::empty({T + 1, B, H}, o);
-  Tensor gates = at::empty({T, B, 4 * H}, o), tcs = at::empty({T, B, H}, o);
+  Tensor hbuf = out_or(into, 0, {T + 1, B, H}, o), cbuf = out_or(into, 1, {T + 1, B, H}, o);
+  Tensor gates = out_or(into, 2, {T, B, 4 * H}, o), tcs = out_or(into, 3, {T, B, H}, o);
   hbuf.select(0, 0).copy_(h0);
   cbuf.select(0, 0).copy_(c0);
   Tensor gh = at::empty({B, 4 * H}, o);
@@ -367,21 +378,26 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
 template <bool Peep>
 std::vector<Tensor> lstm_backward(const char* op, const Tensor& dhs, const Tensor& dhT, const Tensor& dcT,
                                   const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
-                                  const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates, const Tensor& tcs) {
+                                  const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates, const Tensor& tcs,
+                                  Outs into = nullptr) {
   check({&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, op);
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
   auto o = dhs.options();
-  Tensor dxw = at::empty({T, B, 4 * H}, o);
-  Tensor dh = dhT.clone(), dc = dcT.clone();
+  Tensor dxw = out_or(into, 0, {T, B, 4 * H}, o);
+  Tensor dh = out_or(into, 1, {B, H}, o), dc = out_or(into, 2, {B, H}, o);
+  dh.copy_(dhT);
+  dc.copy_(dcT);
   Tensor acc = at::zeros({Peep ? 3 : 0, H}, o.dtype(at::kDouble));
   if (dhs.scalar_type() == at::kFloat)
     lstm_bwd<float, Peep>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
   else
     lstm_bwd<double, Peep>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
-  Tensor dwhh = at::mm(dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
+  Tensor dwhh = out_or(into, 3, {4 * H, H}, o);
+  at::mm_out(dwhh, dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
   if (!Peep) return {dxw, dh, dc, dwhh};
-  Tensor dpeep = acc.to(o.dtype());
-  return {dxw, dh, dc, dwhh, dpeep[0], dpeep[1], dpeep[2]};
+  std::vector<Tensor> grads = {dxw, dh, dc, dwhh};
+  for (int64_t i = 0; i < 3; ++i) grads.push_back(out_or(into, 4 + i, {H}, o).copy_(acc[i]));
+  return grads;
 }
 
 std::vector<Tensor> peephole_lstm_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& dcT, const Tensor& whh,
@@ -419,11 +435,11 @@ void tanh_fwd(const Tensor& xw, const Tensor& whh, Tensor& hbuf, int64_t b0, int
   }
 }
 
-std::vector<Tensor> tanh_rnn_fwd(const Tensor& xw, const Tensor& h0, const Tensor& whh) {
+std::vector<Tensor> tanh_rnn_fwd_into(const Tensor& xw, const Tensor& h0, const Tensor& whh, Outs into) {
   check({&xw, &h0, &whh}, "tanh_rnn_fwd");
   const int64_t T = xw.size(0), B = xw.size(1), H = h0.size(1);
   TORCH_CHECK(xw.dim() == 3 && T >= 1 && xw.size(2) == H && h0.size(0) == B, "tanh_rnn_fwd: shapes");
-  Tensor hbuf = at::empty({T + 1, B, H}, xw.options());
+  Tensor hbuf = out_or(into, 0, {T + 1, B, H}, xw.options());
   hbuf.select(0, 0).copy_(h0);
   over_rows(B, H, H, [&](int64_t b0, int64_t b1) {
     if (xw.scalar_type() == at::kFloat)
@@ -449,17 +465,24 @@ void tanh_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, Tensor& 
   }
 }
 
-std::vector<Tensor> tanh_rnn_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& whh, const Tensor& hbuf) {
+std::vector<Tensor> tanh_rnn_bwd_into(const Tensor& dhs, const Tensor& dhT, const Tensor& whh, const Tensor& hbuf,
+                                      Outs into) {
   check({&dhs, &dhT, &whh, &hbuf}, "tanh_rnn_bwd");
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
-  Tensor dxw = at::empty({T, B, H}, dhs.options());
-  Tensor dh = dhT.clone();
+  Tensor dxw = out_or(into, 0, {T, B, H}, dhs.options());
+  Tensor dh = out_or(into, 1, {B, H}, dhs.options());
+  dh.copy_(dhT);
   if (dhs.scalar_type() == at::kFloat)
     tanh_bwd<float>(dhs, whh, hbuf, dxw, dh);
   else
     tanh_bwd<double>(dhs, whh, hbuf, dxw, dh);
-  Tensor dwhh = at::mm(dxw.view({T * B, H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
+  Tensor dwhh = out_or(into, 2, {H, H}, dhs.options());
+  at::mm_out(dwhh, dxw.view({T * B, H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
   return {dxw, dh, dwhh};
+}
+std::vector<Tensor> tanh_rnn_fwd(const Tensor& xw, const Tensor& h0, const Tensor& whh) { return tanh_rnn_fwd_into(xw, h0, whh, nullptr); }
+std::vector<Tensor> tanh_rnn_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& whh, const Tensor& hbuf) {
+  return tanh_rnn_bwd_into(dhs, dhT, whh, hbuf, nullptr);
 }
 
 // ==== GRU, reset before (Chung et al. 2014) =======================================================
@@ -512,12 +535,12 @@ void grub_fwd(const Tensor& xw, const Tensor& whh, Tensor& hbuf, Tensor& gates, 
   }
 }
 
-std::vector<Tensor> gru_reset_before_fwd(const Tensor& xw, const Tensor& h0, const Tensor& whh) {
+std::vector<Tensor> gru_reset_before_fwd_into(const Tensor& xw, const Tensor& h0, const Tensor& whh, Outs into) {
   check({&xw, &h0, &whh}, "gru_reset_before_fwd");
   const int64_t T = xw.size(0), B = xw.size(1), H = h0.size(1);
   TORCH_CHECK(xw.dim() == 3 && T >= 1 && xw.size(2) == 3 * H && h0.size(0) == B, "gru_reset_before_fwd: shapes");
   auto o = xw.options();
-  Tensor hbuf = at::empty({T + 1, B, H}, o), gates = at::empty({T, B, 3 * H}, o), rh = at::empty({T, B, H}, o);
+  Tensor hbuf = out_or(into, 0, {T + 1, B, H}, o), gates = out_or(into, 1, {T, B, 3 * H}, o), rh = out_or(into, 2, {T, B, H}, o);
   hbuf.select(0, 0).copy_(h0);
   Tensor u_rz = whh.narrow(0, 0, 2 * H), u_h = whh.narrow(0, 2 * H, H);
   Tensor grz = at::empty({B, 2 * H}, o), gh = at::empty({B, H}, o);
@@ -528,6 +551,9 @@ std::vector<Tensor> gru_reset_before_fwd(const Tensor& xw, const Tensor& h0, con
       grub_fwd<double>(xw, whh, hbuf, gates, rh, u_rz, u_h, grz, gh, b0, b1);
   });
   return {hbuf, gates, rh};
+}
+std::vector<Tensor> gru_reset_before_fwd(const Tensor& xw, const Tensor& h0, const Tensor& whh) {
+  return gru_reset_before_fwd_into(xw, h0, whh, nullptr);
 }
 
 template <typename T_>
@@ -578,22 +604,27 @@ void grub_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
   }
 }
 
-std::vector<Tensor> gru_reset_before_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
-                                         const Tensor& hbuf, const Tensor& gates, const Tensor& rh) {
+std::vector<Tensor> gru_reset_before_bwd_into(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
+                                              const Tensor& hbuf, const Tensor& gates, const Tensor& rh, Outs into) {
   check({&dhs, &dhT, &whh, &hbuf, &gates, &rh}, "gru_reset_before_bwd");
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
-  Tensor dxw = at::empty({T, B, 3 * H}, dhs.options());
-  Tensor dh = dhT.clone();
+  Tensor dxw = out_or(into, 0, {T, B, 3 * H}, dhs.options());
+  Tensor dh = out_or(into, 1, {B, H}, dhs.options());
+  dh.copy_(dhT);
   if (dhs.scalar_type() == at::kFloat)
     grub_bwd<float>(dhs, whh, hbuf, gates, dxw, dh);
   else
     grub_bwd<double>(dhs, whh, hbuf, gates, dxw, dh);
   Tensor da = dxw.view({T * B, 3 * H});
-  Tensor dwhh = at::empty({3 * H, H}, dhs.options());
+  Tensor dwhh = out_or(into, 2, {3 * H, H}, dhs.options());
   Tensor top = dwhh.narrow(0, 0, 2 * H), bottom = dwhh.narrow(0, 2 * H, H);
   at::mm_out(top, da.narrow(1, 0, 2 * H).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
   at::mm_out(bottom, da.narrow(1, 2 * H, H).t(), rh.view({T * B, H}));
   return {dxw, dh, dwhh};
+}
+std::vector<Tensor> gru_reset_before_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
+                                         const Tensor& hbuf, const Tensor& gates, const Tensor& rh) {
+  return gru_reset_before_bwd_into(dhs, dhT, whh, hbuf, gates, rh, nullptr);
 }
 
 // ==== GRU, reset after (torch.nn.GRU) ==============================================================
@@ -636,12 +667,13 @@ void grua_fwd(const Tensor& gi, const Tensor& whh, const Tensor& bhh, Tensor& hb
   }
 }
 
-std::vector<Tensor> gru_reset_after_fwd(const Tensor& gi, const Tensor& h0, const Tensor& whh, const Tensor& bhh) {
+std::vector<Tensor> gru_reset_after_fwd_into(const Tensor& gi, const Tensor& h0, const Tensor& whh, const Tensor& bhh,
+                                             Outs into) {
   check({&gi, &h0, &whh, &bhh}, "gru_reset_after_fwd");
   const int64_t T = gi.size(0), B = gi.size(1), H = h0.size(1);
   TORCH_CHECK(gi.dim() == 3 && T >= 1 && gi.size(2) == 3 * H && h0.size(0) == B, "gru_reset_after_fwd: shapes");
   auto o = gi.options();
-  Tensor hbuf = at::empty({T + 1, B, H}, o), gates = at::empty({T, B, 4 * H}, o);
+  Tensor hbuf = out_or(into, 0, {T + 1, B, H}, o), gates = out_or(into, 1, {T, B, 4 * H}, o);
   hbuf.select(0, 0).copy_(h0);
   Tensor gh = at::empty({B, 3 * H}, o);
   over_rows(B, 3 * H, H, [&](int64_t b0, int64_t b1) {
@@ -651,6 +683,9 @@ std::vector<Tensor> gru_reset_after_fwd(const Tensor& gi, const Tensor& h0, cons
       grua_fwd<double>(gi, whh, bhh, hbuf, gates, gh, b0, b1);
   });
   return {hbuf, gates};
+}
+std::vector<Tensor> gru_reset_after_fwd(const Tensor& gi, const Tensor& h0, const Tensor& whh, const Tensor& bhh) {
+  return gru_reset_after_fwd_into(gi, h0, whh, bhh, nullptr);
 }
 
 template <typename T_>
@@ -692,103 +727,172 @@ void grua_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
   }
 }
 
-std::vector<Tensor> gru_reset_after_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
-                                        const Tensor& hbuf, const Tensor& gates) {
+std::vector<Tensor> gru_reset_after_bwd_into(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
+                                             const Tensor& hbuf, const Tensor& gates, Outs into) {
   check({&dhs, &dhT, &whh, &hbuf, &gates}, "gru_reset_after_bwd");
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
   auto o = dhs.options();
-  Tensor dgi = at::empty({T, B, 3 * H}, o), dgh = at::empty({T, B, 3 * H}, o);
-  Tensor dh = dhT.clone();
+  Tensor dgi = out_or(into, 0, {T, B, 3 * H}, o), dgh = at::empty({T, B, 3 * H}, o);
+  Tensor dh = out_or(into, 1, {B, H}, o);
+  dh.copy_(dhT);
   if (dhs.scalar_type() == at::kFloat)
     grua_bwd<float>(dhs, whh, hbuf, gates, dgi, dgh, dh);
   else
     grua_bwd<double>(dhs, whh, hbuf, gates, dgi, dgh, dh);
   Tensor dgh2 = dgh.view({T * B, 3 * H});
-  Tensor dwhh = at::mm(dgh2.t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
-  Tensor dbhh = at::sum(dgh2, {0});
+  Tensor dwhh = out_or(into, 2, {3 * H, H}, o), dbhh = out_or(into, 3, {3 * H}, o);
+  at::mm_out(dwhh, dgh2.t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
+  at::sum_out(dbhh, dgh2, {0});
   return {dgi, dh, dwhh, dbhh};
+}
+std::vector<Tensor> gru_reset_after_bwd(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
+                                        const Tensor& hbuf, const Tensor& gates) {
+  return gru_reset_after_bwd_into(dhs, dhT, whh, hbuf, gates, nullptr);
 }
 
 // ==== K models at once =============================================================================
-// Model k's loop reads and writes only its own tensors, so the K models run in parallel (`in_parallel`
-// above); each model's row chunks then run one after another on its thread.
-// Each *_many op takes, per argument of its one-model op, a list of K tensors (model k's arguments at
-// index k; models may differ in length T_k), runs the one-model op for every model, the models in
-// parallel, and returns the K results one model after another: [model 0's outputs..., model 1's ...].
-template <typename Op>
-std::vector<Tensor> per_model(int64_t K, const Op& op) {
-  std::vector<std::vector<Tensor>> results(K);
-  in_parallel(K, [&](int64_t k) { results[k] = op(k); });
-  std::vector<Tensor> flat;
-  for (auto& r : results) flat.insert(flat.end(), r.begin(), r.end());
-  return flat;
+// The *_stacked ops take K models' tensors stacked on a leading dim, member-major and contiguous: xw
+// (K, T, B, G), states (K, B, H), weights (K, ...), and lengths[k], the steps model k runs (1..T). They
+// return stacked outputs: the buffers (K, T+1, B, H) / (K, T, B, ...) and the per-model gradients
+// (K, ...). Model k's loop reads and writes only its own rows, views of the stacked tensors (nothing is
+// copied in or out), so the K models run in parallel (`in_parallel` above); each model's row chunks run
+// one after another on its thread. The first output's slots after model k's own steps are zeros: hs (the
+// slots 1..T of the first forward output) and d xw are read whole by the layers around the loop.
+Tensor first_steps(const Tensor& t, int64_t k, int64_t n) { return t.select(0, k).narrow(0, 0, n); }
+
+std::vector<Tensor> stacked_empty(int64_t K, std::initializer_list<std::vector<int64_t>> shapes, const at::TensorOptions& o) {
+  std::vector<Tensor> outs;
+  for (const auto& s : shapes) {
+    std::vector<int64_t> full = {K};
+    full.insert(full.end(), s.begin(), s.end());
+    outs.push_back(at::empty(full, o));
+  }
+  return outs;
 }
 
-int64_t models_in(std::initializer_list<at::TensorList> lists, const char* op) {
-  const int64_t K = static_cast<int64_t>(lists.begin()->size());
-  for (const auto& l : lists)
-    TORCH_CHECK(static_cast<int64_t>(l.size()) == K, "rnnbench_fast::", op, ": every list needs one tensor per model");
-  return K;
+// f(k, n, views): model k's loop over its n steps into `views` of `outs` (the first n_timed outputs have a
+// time dim of T or T+1 after K: the view holds the first n or n+1 slots; the others: the whole row k).
+template <typename F>
+std::vector<Tensor> over_models(const char* op, const Tensor& xw, at::IntArrayRef lengths, std::vector<Tensor> outs,
+                                size_t n_timed, std::initializer_list<const Tensor*> stacked, const F& f) {
+  TORCH_CHECK(xw.dim() == 4, "rnnbench_fast::", op, ": xw must be (K, T, B, G)");
+  const int64_t K = xw.size(0), T = xw.size(1);
+  TORCH_CHECK(static_cast<int64_t>(lengths.size()) == K, "rnnbench_fast::", op, ": one length per model");
+  for (int64_t n : lengths) TORCH_CHECK(n >= 1 && n <= T, "rnnbench_fast::", op, ": lengths must lie in 1..T");
+  for (const Tensor* t : stacked)
+    TORCH_CHECK(t->dim() >= 1 && t->size(0) == K && t->is_contiguous(), "rnnbench_fast::", op,
+                ": every tensor needs one contiguous row per model");
+  in_parallel(K, [&](int64_t k) {
+    const int64_t n = lengths[k];
+    std::vector<Tensor> views;
+    for (size_t i = 0; i < outs.size(); ++i)
+      views.push_back(i < n_timed ? first_steps(outs[i], k, n + outs[i].size(1) - T) : outs[i].select(0, k));
+    f(k, n, &views);
+    Tensor mine = outs[0].select(0, k);
+    const int64_t used = n + mine.size(0) - T, slot = mine.stride(0) * mine.element_size();
+    std::memset(static_cast<char*>(mine.data_ptr()) + used * slot, 0, (mine.size(0) - used) * slot);
+  });
+  return outs;
 }
 
-std::vector<Tensor> peephole_lstm_fwd_many(at::TensorList xw, at::TensorList h0, at::TensorList c0, at::TensorList whh,
-                                           at::TensorList wci, at::TensorList wcf, at::TensorList wco) {
-  const int64_t K = models_in({xw, h0, c0, whh, wci, wcf, wco}, "peephole_lstm_fwd_many");
-  return per_model(K, [&](int64_t k) { return peephole_lstm_fwd(xw[k], h0[k], c0[k], whh[k], wci[k], wcf[k], wco[k]); });
-}
-
-std::vector<Tensor> peephole_lstm_bwd_many(at::TensorList dhs, at::TensorList dhT, at::TensorList dcT, at::TensorList whh,
-                                           at::TensorList wci, at::TensorList wcf, at::TensorList wco, at::TensorList hbuf,
-                                           at::TensorList cbuf, at::TensorList gates, at::TensorList tcs) {
-  const int64_t K = models_in({dhs, dhT, dcT, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs}, "peephole_lstm_bwd_many");
-  return per_model(K, [&](int64_t k) {
-    return peephole_lstm_bwd(dhs[k], dhT[k], dcT[k], whh[k], wci[k], wcf[k], wco[k], hbuf[k], cbuf[k], gates[k], tcs[k]);
+std::vector<Tensor> peephole_lstm_fwd_stacked(const Tensor& xw, at::IntArrayRef lengths, const Tensor& h0, const Tensor& c0,
+                                              const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco) {
+  const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(-1);
+  auto outs = stacked_empty(K, {{T + 1, B, H}, {T + 1, B, H}, {T, B, 4 * H}, {T, B, H}}, xw.options());
+  return over_models("peephole_lstm_fwd_stacked", xw, lengths, outs, 4, {&xw, &h0, &c0, &whh, &wci, &wcf, &wco},
+                     [&](int64_t k, int64_t n, Outs into) {
+    lstm_forward<true>("peephole_lstm_fwd", first_steps(xw, k, n), h0[k], c0[k], whh[k], wci[k], wcf[k], wco[k], into);
   });
 }
 
-std::vector<Tensor> gru_reset_before_fwd_many(at::TensorList xw, at::TensorList h0, at::TensorList whh) {
-  const int64_t K = models_in({xw, h0, whh}, "gru_reset_before_fwd_many");
-  return per_model(K, [&](int64_t k) { return gru_reset_before_fwd(xw[k], h0[k], whh[k]); });
-}
-
-std::vector<Tensor> gru_reset_before_bwd_many(at::TensorList dhs, at::TensorList dhT, at::TensorList whh,
-                                              at::TensorList hbuf, at::TensorList gates, at::TensorList rh) {
-  const int64_t K = models_in({dhs, dhT, whh, hbuf, gates, rh}, "gru_reset_before_bwd_many");
-  return per_model(K, [&](int64_t k) { return gru_reset_before_bwd(dhs[k], dhT[k], whh[k], hbuf[k], gates[k], rh[k]); });
-}
-
-std::vector<Tensor> gru_reset_after_fwd_many(at::TensorList gi, at::TensorList h0, at::TensorList whh, at::TensorList bhh) {
-  const int64_t K = models_in({gi, h0, whh, bhh}, "gru_reset_after_fwd_many");
-  return per_model(K, [&](int64_t k) { return gru_reset_after_fwd(gi[k], h0[k], whh[k], bhh[k]); });
-}
-
-std::vector<Tensor> gru_reset_after_bwd_many(at::TensorList dhs, at::TensorList dhT, at::TensorList whh,
-                                             at::TensorList hbuf, at::TensorList gates) {
-  const int64_t K = models_in({dhs, dhT, whh, hbuf, gates}, "gru_reset_after_bwd_many");
-  return per_model(K, [&](int64_t k) { return gru_reset_after_bwd(dhs[k], dhT[k], whh[k], hbuf[k], gates[k]); });
-}
-
-std::vector<Tensor> lstm_fwd_many(at::TensorList xw, at::TensorList h0, at::TensorList c0, at::TensorList whh) {
-  const int64_t K = models_in({xw, h0, c0, whh}, "lstm_fwd_many");
-  return per_model(K, [&](int64_t k) { return lstm_fwd_op(xw[k], h0[k], c0[k], whh[k]); });
-}
-
-std::vector<Tensor> lstm_bwd_many(at::TensorList dhs, at::TensorList dhT, at::TensorList dcT, at::TensorList whh,
-                                  at::TensorList hbuf, at::TensorList cbuf, at::TensorList gates, at::TensorList tcs) {
-  const int64_t K = models_in({dhs, dhT, dcT, whh, hbuf, cbuf, gates, tcs}, "lstm_bwd_many");
-  return per_model(K, [&](int64_t k) {
-    return lstm_bwd_op(dhs[k], dhT[k], dcT[k], whh[k], hbuf[k], cbuf[k], gates[k], tcs[k]);
+std::vector<Tensor> peephole_lstm_bwd_stacked(const Tensor& dhs, at::IntArrayRef lengths, const Tensor& dhT, const Tensor& dcT,
+                                              const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
+                                              const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates, const Tensor& tcs) {
+  const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
+  auto outs = stacked_empty(K, {{T, B, 4 * H}, {B, H}, {B, H}, {4 * H, H}, {H}, {H}, {H}}, dhs.options());
+  return over_models("peephole_lstm_bwd_stacked", dhs, lengths, outs, 1,
+                     {&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, [&](int64_t k, int64_t n, Outs into) {
+    lstm_backward<true>("peephole_lstm_bwd", first_steps(dhs, k, n), dhT[k], dcT[k], whh[k], wci[k], wcf[k], wco[k],
+                        first_steps(hbuf, k, n + 1), first_steps(cbuf, k, n + 1), first_steps(gates, k, n),
+                        first_steps(tcs, k, n), into);
   });
 }
 
-std::vector<Tensor> tanh_rnn_fwd_many(at::TensorList xw, at::TensorList h0, at::TensorList whh) {
-  const int64_t K = models_in({xw, h0, whh}, "tanh_rnn_fwd_many");
-  return per_model(K, [&](int64_t k) { return tanh_rnn_fwd(xw[k], h0[k], whh[k]); });
+std::vector<Tensor> lstm_fwd_stacked(const Tensor& xw, at::IntArrayRef lengths, const Tensor& h0, const Tensor& c0,
+                                     const Tensor& whh) {
+  const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(-1);
+  auto outs = stacked_empty(K, {{T + 1, B, H}, {T + 1, B, H}, {T, B, 4 * H}, {T, B, H}}, xw.options());
+  return over_models("lstm_fwd_stacked", xw, lengths, outs, 4, {&xw, &h0, &c0, &whh}, [&](int64_t k, int64_t n, Outs into) {
+    lstm_forward<false>("lstm_fwd", first_steps(xw, k, n), h0[k], c0[k], whh[k], whh[k], whh[k], whh[k], into);
+  });
 }
 
-std::vector<Tensor> tanh_rnn_bwd_many(at::TensorList dhs, at::TensorList dhT, at::TensorList whh, at::TensorList hbuf) {
-  const int64_t K = models_in({dhs, dhT, whh, hbuf}, "tanh_rnn_bwd_many");
-  return per_model(K, [&](int64_t k) { return tanh_rnn_bwd(dhs[k], dhT[k], whh[k], hbuf[k]); });
+std::vector<Tensor> lstm_bwd_stacked(const Tensor& dhs, at::IntArrayRef lengths, const Tensor& dhT, const Tensor& dcT,
+                                     const Tensor& whh, const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates,
+                                     const Tensor& tcs) {
+  const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
+  auto outs = stacked_empty(K, {{T, B, 4 * H}, {B, H}, {B, H}, {4 * H, H}}, dhs.options());
+  return over_models("lstm_bwd_stacked", dhs, lengths, outs, 1, {&dhs, &dhT, &dcT, &whh, &hbuf, &cbuf, &gates, &tcs},
+                     [&](int64_t k, int64_t n, Outs into) {
+    lstm_backward<false>("lstm_bwd", first_steps(dhs, k, n), dhT[k], dcT[k], whh[k], whh[k], whh[k], whh[k],
+                         first_steps(hbuf, k, n + 1), first_steps(cbuf, k, n + 1), first_steps(gates, k, n),
+                         first_steps(tcs, k, n), into);
+  });
+}
+
+std::vector<Tensor> gru_reset_before_fwd_stacked(const Tensor& xw, at::IntArrayRef lengths, const Tensor& h0, const Tensor& whh) {
+  const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(-1);
+  auto outs = stacked_empty(K, {{T + 1, B, H}, {T, B, 3 * H}, {T, B, H}}, xw.options());
+  return over_models("gru_reset_before_fwd_stacked", xw, lengths, outs, 3, {&xw, &h0, &whh}, [&](int64_t k, int64_t n, Outs into) {
+    gru_reset_before_fwd_into(first_steps(xw, k, n), h0[k], whh[k], into);
+  });
+}
+
+std::vector<Tensor> gru_reset_before_bwd_stacked(const Tensor& dhs, at::IntArrayRef lengths, const Tensor& dhT, const Tensor& whh,
+                                                 const Tensor& hbuf, const Tensor& gates, const Tensor& rh) {
+  const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
+  auto outs = stacked_empty(K, {{T, B, 3 * H}, {B, H}, {3 * H, H}}, dhs.options());
+  return over_models("gru_reset_before_bwd_stacked", dhs, lengths, outs, 1, {&dhs, &dhT, &whh, &hbuf, &gates, &rh},
+                     [&](int64_t k, int64_t n, Outs into) {
+    gru_reset_before_bwd_into(first_steps(dhs, k, n), dhT[k], whh[k], first_steps(hbuf, k, n + 1), first_steps(gates, k, n),
+                              first_steps(rh, k, n), into);
+  });
+}
+
+std::vector<Tensor> gru_reset_after_fwd_stacked(const Tensor& gi, at::IntArrayRef lengths, const Tensor& h0, const Tensor& whh,
+                                                const Tensor& bhh) {
+  const int64_t K = gi.size(0), T = gi.size(1), B = gi.size(2), H = h0.size(-1);
+  auto outs = stacked_empty(K, {{T + 1, B, H}, {T, B, 4 * H}}, gi.options());
+  return over_models("gru_reset_after_fwd_stacked", gi, lengths, outs, 2, {&gi, &h0, &whh, &bhh}, [&](int64_t k, int64_t n, Outs into) {
+    gru_reset_after_fwd_into(first_steps(gi, k, n), h0[k], whh[k], bhh[k], into);
+  });
+}
+
+std::vector<Tensor> gru_reset_after_bwd_stacked(const Tensor& dhs, at::IntArrayRef lengths, const Tensor& dhT, const Tensor& whh,
+                                                const Tensor& hbuf, const Tensor& gates) {
+  const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
+  auto outs = stacked_empty(K, {{T, B, 3 * H}, {B, H}, {3 * H, H}, {3 * H}}, dhs.options());
+  return over_models("gru_reset_after_bwd_stacked", dhs, lengths, outs, 1, {&dhs, &dhT, &whh, &hbuf, &gates},
+                     [&](int64_t k, int64_t n, Outs into) {
+    gru_reset_after_bwd_into(first_steps(dhs, k, n), dhT[k], whh[k], first_steps(hbuf, k, n + 1), first_steps(gates, k, n), into);
+  });
+}
+
+std::vector<Tensor> tanh_rnn_fwd_stacked(const Tensor& xw, at::IntArrayRef lengths, const Tensor& h0, const Tensor& whh) {
+  const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(-1);
+  auto outs = stacked_empty(K, {{T + 1, B, H}}, xw.options());
+  return over_models("tanh_rnn_fwd_stacked", xw, lengths, outs, 1, {&xw, &h0, &whh}, [&](int64_t k, int64_t n, Outs into) {
+    tanh_rnn_fwd_into(first_steps(xw, k, n), h0[k], whh[k], into);
+  });
+}
+
+std::vector<Tensor> tanh_rnn_bwd_stacked(const Tensor& dhs, at::IntArrayRef lengths, const Tensor& dhT, const Tensor& whh,
+                                         const Tensor& hbuf) {
+  const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
+  auto outs = stacked_empty(K, {{T, B, H}, {B, H}, {H, H}}, dhs.options());
+  return over_models("tanh_rnn_bwd_stacked", dhs, lengths, outs, 1, {&dhs, &dhT, &whh, &hbuf}, [&](int64_t k, int64_t n, Outs into) {
+    tanh_rnn_bwd_into(first_steps(dhs, k, n), dhT[k], whh[k], first_steps(hbuf, k, n + 1), into);
+  });
 }
 
 }  // namespace
@@ -804,14 +908,14 @@ TORCH_LIBRARY(rnnbench_fast, m) {
   m.def("lstm_bwd", &lstm_bwd_op);
   m.def("tanh_rnn_fwd", &tanh_rnn_fwd);
   m.def("tanh_rnn_bwd", &tanh_rnn_bwd);
-  m.def("peephole_lstm_fwd_many", &peephole_lstm_fwd_many);
-  m.def("peephole_lstm_bwd_many", &peephole_lstm_bwd_many);
-  m.def("gru_reset_before_fwd_many", &gru_reset_before_fwd_many);
-  m.def("gru_reset_before_bwd_many", &gru_reset_before_bwd_many);
-  m.def("gru_reset_after_fwd_many", &gru_reset_after_fwd_many);
-  m.def("gru_reset_after_bwd_many", &gru_reset_after_bwd_many);
-  m.def("lstm_fwd_many", &lstm_fwd_many);
-  m.def("lstm_bwd_many", &lstm_bwd_many);
-  m.def("tanh_rnn_fwd_many", &tanh_rnn_fwd_many);
-  m.def("tanh_rnn_bwd_many", &tanh_rnn_bwd_many);
+  m.def("peephole_lstm_fwd_stacked", &peephole_lstm_fwd_stacked);
+  m.def("peephole_lstm_bwd_stacked", &peephole_lstm_bwd_stacked);
+  m.def("gru_reset_before_fwd_stacked", &gru_reset_before_fwd_stacked);
+  m.def("gru_reset_before_bwd_stacked", &gru_reset_before_bwd_stacked);
+  m.def("gru_reset_after_fwd_stacked", &gru_reset_after_fwd_stacked);
+  m.def("gru_reset_after_bwd_stacked", &gru_reset_after_bwd_stacked);
+  m.def("lstm_fwd_stacked", &lstm_fwd_stacked);
+  m.def("lstm_bwd_stacked", &lstm_bwd_stacked);
+  m.def("tanh_rnn_fwd_stacked", &tanh_rnn_fwd_stacked);
+  m.def("tanh_rnn_bwd_stacked", &tanh_rnn_bwd_stacked);
 }
