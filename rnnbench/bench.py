@@ -67,6 +67,7 @@ class Options:
     trainer: bool = True
     setup: bool = True
     reference: bool = True
+    cells: list[str] = field(default_factory=list)  # the registry's names to time; empty: every registered cell
 
 
 @dataclass
@@ -106,11 +107,12 @@ def command(
     trainer: Annotated[bool, typer.Option(help="also time the step inside Lightning's Trainer")] = True,
     setup: Annotated[bool, typer.Option(help="also measure train()'s fixed cost (setup_seconds)")] = True,
     reference: Annotated[bool, typer.Option(help="also time the reference loops (slow)")] = True,
+    cells: Annotated[str, typer.Option(help="comma-separated registered cells to time (default: all of them)")] = "",
 ) -> None:
     """Time fused kernels, every cell's loops, the training step and populations side by side; write --out."""
     opts = Options(devices=_devices(device), seq_len=seq_len, batch=batch, input_size=input_size, hidden=_hidden(hidden),
                    repeats=repeats, warmup=warmup, population=population, out=out, tracking_uri=tracking_uri,
-                   threads=threads, trainer=trainer, setup=setup, reference=reference)
+                   threads=threads, trainer=trainer, setup=setup, reference=reference, cells=_cells(cells))
     result = run(opts, echo=typer.echo)
     for dev, path in result["files"].items():
         typer.echo(f"{dev}: {path}.md, {path}.csv")
@@ -137,6 +139,22 @@ def _hidden(text: str) -> list[int]:
     return sizes
 
 
+def _cells(text: str) -> list[str]:
+    from rnnbench.cells import CELLS
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in CELLS]
+    if unknown:
+        raise RnnbenchError(f"--cells: unknown cell(s) {', '.join(unknown)}; registered: {', '.join(CELLS)}")
+    return names
+
+
+def _cell_names(opts: Options) -> list[str]:
+    from rnnbench.cells import CELLS
+
+    return opts.cells or list(CELLS)
+
+
 # ---- the run ----------------------------------------------------------------------------------------
 def run(opts: Options, echo: Callable[[str], Any] = print) -> dict[str, Any]:
     """Measure every device of `opts`, write the files, log one MLflow run. Returns rows, files, run id."""
@@ -161,7 +179,8 @@ def run(opts: Options, echo: Callable[[str], Any] = print) -> dict[str, Any]:
     try:
         params = {"seq_len": opts.seq_len, "batch": opts.batch, "input_size": opts.input_size, "population": opts.population,
                   "hidden": ",".join(map(str, opts.hidden)), "repeats": opts.repeats, "warmup": opts.warmup,
-                  "threads": torch.get_num_threads(), "cpu_model": _cpu_model(), "torch_version": torch.__version__}
+                  "threads": torch.get_num_threads(), "cpu_model": _cpu_model(), "torch_version": torch.__version__,
+                  "cells": ",".join(_cell_names(opts))}
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
         rows: dict[str, list[Row]] = {}
         files: dict[str, Path] = {}
@@ -212,8 +231,9 @@ def _flags(device: str) -> Iterator[None]:
 def _bench_device(dev: str, opts: Options, uri: str, echo: Callable[[str], Any]) -> tuple[list[Row], dict[str, Any]]:
     import torch
 
-    from rnnbench.cells import CELLS, compiled
+    from rnnbench.cells import compiled
 
+    CELLS = _cell_names(opts)
     if dev == "cpu":
         compiled.load_extension()
     info: dict[str, Any] = {"device": _device_name(dev), "torch": torch.__version__, "extension": compiled.extension_info() if dev == "cpu" else {},
@@ -485,13 +505,13 @@ def _populations(dev: str, H: int, opts: Options) -> list[Row]:
     interleaved; before timing, member k's weights after one step compared with its single's."""
     import torch
 
-    from rnnbench.cells import CELLS, implementation
+    from rnnbench.cells import implementation
 
     K, T = opts.population, opts.seq_len
     lengths = [round(T / 4 + (T - T / 4) * k / max(K - 1, 1)) for k in range(K)]
     work = opts.batch * sum(lengths)
     rows: list[Row] = []
-    for cell in CELLS:
+    for cell in _cell_names(opts):
         impl = implementation(cell, dev, torch.float32)
         pair = Row(dev, H, "population", cell, impl, note=f"K={K}, lengths {min(lengths)}-{max(lengths)}")
         seq = Row(dev, H, "sequential", cell, impl, note=f"{K} populations of one, one after another")
@@ -685,4 +705,5 @@ def _command_line(opts: Options) -> str:
              "population": "population", "threads": "threads"}
     parts = [f"--device {'all' if len(opts.devices) > 1 else opts.devices[0]}", f"--hidden {','.join(map(str, opts.hidden))}"]
     parts += [f"--{flag} {getattr(opts, name)}" for name, flag in flags.items() if getattr(opts, name) is not None]
+    parts += [f"--cells {','.join(opts.cells)}"] if opts.cells else []
     return " ".join(["rnnbench bench", *parts] + [f"--no-{f}" for f in ("trainer", "setup", "reference") if not getattr(opts, f)])

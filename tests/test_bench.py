@@ -114,12 +114,24 @@ def test_bench_without_optional_parts(tmp_path: Path, store: str) -> None:
     assert not [r for r in rows if r["impl"] == "reference" and r["kind"] == "loop"]
 
 
+def test_bench_of_chosen_cells(tmp_path: Path, store: str) -> None:
+    args = ["bench", *TINY[:-6], "--hidden", "4", "--repeats", "1", "--warmup", "0", "--population", "2", "--no-trainer",
+            "--no-setup", "--no-reference", "--cells", "tanh,gru", "--out", str(tmp_path / "b")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    rows = _rows(tmp_path / "b" / "bench_cpu.csv")
+    assert {r["cell"] for r in rows if r["kind"] != "fused"} == {"tanh", "gru"}
+    assert {r["kind"] for r in rows if r["cell"] == "gru"} >= {"loop", "step", "population", "sequential"}
+    assert "--cells tanh,gru" in (tmp_path / "b" / "bench_cpu.md").read_text()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--hidden", "36,x"], "--hidden must be comma-separated integers"),
         (["--hidden", "0"], "--hidden must list positive sizes"),
         (["--device", "tpu"], "--device must be cpu, cuda or all"),
+        (["--cells", "lstm,nope"], "--cells: unknown cell(s) nope"),
         pytest.param(["--device", "cuda"], "no CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
     ],
 )
