@@ -447,12 +447,6 @@ def _member_batch(pop: Any, k: int, length: int, seed: int) -> dict[str, Any]:
     return pop.data.tasks[k].collate(rolls)
 
 
-def _on(batch: dict[str, Any], pop: Any) -> dict[str, Any]:
-    """A stacked batch on the population's device and dtype (what Lightning's transfer and precision do)."""
-    dtype = pop.head_weight.dtype
-    return {k: v.to(pop.device, dtype) if v.is_floating_point() else v.to(pop.device) for k, v in batch.items()}
-
-
 def _step(cell: str, dev: str, H: int, opts: Options) -> Cand:
     import torch
 
@@ -461,7 +455,7 @@ def _step(cell: str, dev: str, H: int, opts: Options) -> Cand:
     row = Row(dev, H, "step", cell, implementation(cell, dev, torch.float32))
     try:
         pop = _build(cell, dev, H, opts, [0])
-        batch = _on(pop.task.stack_batches([_member_batch(pop, 0, opts.seq_len, 0)]), pop)
+        batch = pop.on_device(pop.task.stack_batches([_member_batch(pop, 0, opts.seq_len, 0)]))
     except Exception as e:  # noqa: BLE001
         return _failed(row, e)
     return row, lambda: pop.train_step(batch), opts.batch * opts.seq_len
@@ -540,7 +534,7 @@ def _population_and_singles(cell: str, dev: str, H: int, opts: Options, lengths:
     pop = _build(cell, dev, H, opts, list(range(len(lengths))), dtype)
     singles = [_build(cell, dev, H, opts, [k], dtype) for k in range(len(lengths))]
     batches = [_member_batch(pop, k, n, seed=k) for k, n in enumerate(lengths)]
-    return pop, singles, _on(pop.task.stack_batches(batches), pop), [_on(p.task.stack_batches([b]), p) for p, b in zip(singles, batches)]
+    return pop, singles, pop.on_device(pop.task.stack_batches(batches)), [p.on_device(p.task.stack_batches([b])) for p, b in zip(singles, batches)]
 
 
 def _member_diff(cell: str, dev: str, H: int, opts: Options, lengths: list[int], dtype: Any) -> float:

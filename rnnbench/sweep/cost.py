@@ -133,7 +133,7 @@ def _measure(config: Config) -> tuple[float, float, int, str]:
         steps = min(TIMED_STEPS + 1, train_batches)
         seconds: list[float] = []
         for i, batch in zip(range(steps), TrainBatches(pop)):
-            batch = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
+            batch = pop.on_device(batch)
             start = time.perf_counter()
             pop.train_step(batch)
             if use_cuda:

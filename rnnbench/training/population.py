@@ -215,6 +215,14 @@ class Population(L.LightningModule):
         self.noisy = bool((self.noise_std > 0).any())  # any member with weight noise
         self.graphs: Any = None  # StepGraphs on CUDA (rnnbench/training/graphs.py)
 
+    def on_device(self, batch: Batch) -> Batch:
+        """A batch on the population's device, its floats in the population's dtype: what Lightning's
+        transfer and precision do for the steps it drives, for the callers that step without it (the
+        bench, the cost estimate, the ridge readout, the gradient-flow probe)."""
+        dtype = self.head_weight.dtype
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
     # --- the weights --------------------------------------------------------------------------------
     def weights(self) -> list[nn.Parameter]:
         """Every stacked parameter, frozen ones too, in one fixed order (the checkpoints', the best rows')."""

@@ -35,12 +35,6 @@ DUAL_ABOVE = 4096  # features (H + 1) above which the dual form is solved
 DUAL_MAX_ROWS = 10_000  # the dual form keeps every training row (float64): this many at most
 
 
-def _on(pop: Population, batch: Batch) -> Batch:
-    """The batch on the population's device, floats in its dtype (what Lightning does for its steps)."""
-    dtype = pop.head_weight.dtype
-    return {k: (v.to(pop.device, dtype) if v.is_floating_point() else v.to(pop.device)) for k, v in batch.items()}
-
-
 def _features(h: torch.Tensor) -> torch.Tensor:
     """States (..., H) with the constant 1 of the bias appended: (..., H + 1)."""
     return torch.cat([h, torch.ones(*h.shape[:-1], 1, dtype=h.dtype, device=h.device)], dim=-1)
@@ -65,7 +59,7 @@ def fit(pop: Population) -> tuple[dict[int, dict[str, float]], dict[int, dict[st
     rows_y: list[list[torch.Tensor]] = [[] for _ in range(K)]
     time_steps = torch.zeros(K, dtype=torch.int64)
     for raw in EvalBatches(pop, "final_train"):
-        batch = _on(pop, raw)
+        batch = pop.on_device(raw)
         h = pop.states(batch["x"], batch.get("steps"), batch.get("lengths"))
         rows, y = task.readout_targets(batch)
         time_steps += task.time_steps(batch).cpu()
@@ -98,7 +92,7 @@ def fit(pop: Population) -> tuple[dict[int, dict[str, float]], dict[int, dict[st
     scales = SCALES if link == "softmax" else (1.0,)
     sums: dict[tuple[int, int], dict[str, list[torch.Tensor]]] = {}
     for raw in EvalBatches(pop, "val"):
-        batch = _on(pop, raw)
+        batch = pop.on_device(raw)
         h = pop.states(batch["x"], batch.get("steps"), batch.get("lengths"))
         bias = W[:, :, -1].transpose(0, 1)[:, :, None, None, :]  # (L, K, 1, 1, O)
         out = torch.einsum("kbth,klho->lkbto", h, W[:, :, :-1]) + bias  # every penalty's outputs
