@@ -207,3 +207,42 @@ def test_a_stop_rule_for_a_task_without_that_baseline_fails_in_one_line(tmp_path
     with pytest.raises(RnnbenchError, match="task jsb has no nll_baseline to stop below") as e:
         train(load_config(None, TINY + ["train.stop_below_baseline=0.1", f"tracking.checkpoint_dir={tmp_path}"]))
     assert "\n" not in str(e.value)
+
+
+@requires_data
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_packed_rows_give_the_padded_numbers(cell: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A music population's projection over each member's own steps and its output layer and loss over
+    the valid steps only (rows_linear) give the padded computation's loss, sums and gradients."""
+    from rnnbench import cells
+    from rnnbench.cells import loops
+    from rnnbench.training.population import TrainBatches
+
+    if not cells.rows_linear_available("cpu", torch.float64):
+        pytest.skip("the compiled CPU ops did not load")
+    pop = build(member_configs(cell, tmp_path, [["train.seed=0"], ["train.seed=1"], ["train.seed=2"]]),
+                torch.device("cpu"), torch.float64)
+    batch = pop.on_device(next(iter(TrainBatches(pop))))
+    assert len(set(batch["steps"].tolist())) > 1  # members of unequal lengths: some rows are padding
+    weights = pop.trained_weights()
+
+    def scores(packed: bool) -> tuple[Any, ...]:
+        monkeypatch.setattr(loops, "rows_linear_available", lambda d, t: packed)
+        monkeypatch.setattr(cells, "rows_linear_available", lambda d, t: packed)
+        got = pop._packed_scores(batch)
+        if packed:
+            assert got is not None
+            loss, sums = got
+        else:
+            assert got is None
+            loss, sums = pop.task.loss_and_sums(pop(batch["x"], batch["steps"], batch["lengths"]), batch)
+        return loss, sums["nll"], torch.autograd.grad(loss.sum(), weights, allow_unused=True)
+
+    (la, sa, ga), (lb, sb, gb) = scores(True), scores(False)
+    torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sa[0], sb[0], rtol=1e-12, atol=1e-10)
+    assert torch.equal(sa[1], sb[1])
+    for a, b in zip(ga, gb):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -199,3 +199,28 @@ def member_loop(op: str, *weight_names: str) -> Loop:
         return hs, tuple(finals)
 
     return loop
+
+
+class RowsLinear(torch.autograd.Function):
+    """y = x W_k^T + b_k on each member's rows of x (R, D): member k owns rows starts[k] .. starts[k] +
+    counts[k] - 1; rows no member owns are 0 (and pass no gradient). W (K, O, D), b (K, O). One product
+    per member, the members in parallel (op rows_linear_fwd / _bwd)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, starts: list[int], counts: list[int], W: torch.Tensor, b: torch.Tensor):  # type: ignore[override]
+        x, W, b = x.contiguous(), W.contiguous(), b.contiguous()
+        ctx.save_for_backward(x, W)
+        ctx.rows = (starts, counts)
+        return torch.ops.rnnbench_fast.rows_linear_fwd(x, starts, counts, W, b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor):  # type: ignore[override]
+        x, W = ctx.saved_tensors
+        dx, dW, db = torch.ops.rnnbench_fast.rows_linear_bwd(dy.contiguous(), x, *ctx.rows, W)
+        return dx, None, None, dW, db
+
+
+def rows_linear(x: torch.Tensor, starts: list[int], counts: list[int], W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each member's linear map over its own rows of x (R, D) -> (R, O); see RowsLinear."""
+    return RowsLinear.apply(x, list(starts), list(counts), W, b)

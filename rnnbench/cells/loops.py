@@ -184,9 +184,36 @@ def run(
     finals = []
     for l, w in enumerate(layers):
         s0 = _zero_state(cls, h, cls.hidden_size_of(w)) if state is None else tuple(state[l])
-        h, final = _layer(cls, which, w, cls.project(w, h), s0, steps, impl)
+        h, final = _layer(cls, which, w, _project(cls, w, h, steps), s0, steps, impl)
         finals.append(final)
     return h.permute(1, 2, 0, 3), finals
+
+
+def rows_linear_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether `rows_linear` serves tensors of this device and dtype (the compiled CPU ops)."""
+    return compiled.cpp_eligible(device, dtype) and compiled.load_extension()
+
+
+def rows_linear(x: torch.Tensor, starts: list[int], counts: list[int], W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Member k's linear map x W[k]^T + b[k] over its own rows starts[k] .. starts[k] + counts[k] - 1 of
+    x (R, D) -> (R, O), 0 on rows no member owns: one product per member, the members in parallel, with
+    autograd (e.g. the output layer over the packed valid steps). Where `rows_linear_available`."""
+    return compiled.rows_linear(x, starts, counts, W, b)
+
+
+def _project(cls: type[Cell], w: Weights, x: torch.Tensor, steps: torch.Tensor | None) -> torch.Tensor:
+    """The cell's input projection; where members end early (steps) and the compiled ops serve this
+    device and dtype, each member's first steps only (rows_linear), its later steps 0: every loop reads
+    a member's xw only up to its own end (the reference loop computes the later steps and discards them),
+    so the numbers are the same and the padded steps of short members cost nothing."""
+    if (steps is None or cls.project.__func__ is not Cell.project.__func__  # type: ignore[attr-defined]
+            or not rows_linear_available(x.device, x.dtype)):
+        return cls.project(w, x)
+    T, K, B, D = x.shape
+    n = steps.tolist()
+    xk = x.permute(1, 0, 2, 3).reshape(K * T * B, D)  # member-major rows, time-major within a member
+    xw = rows_linear(xk, [k * T * B for k in range(K)], [s * B for s in n], w["weight_ih"], w["bias"])
+    return xw.view(K, T, B, -1).transpose(0, 1)
 
 
 def reverse_within(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

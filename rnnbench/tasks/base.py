@@ -177,6 +177,17 @@ class Task:
         once (the music and speech NLLs are most of a Chung-size model's output-side cost)."""
         return self.loss(out, batch), self.metric_sums(out.detach(), batch)
 
+    def packed_rows(self, batch: Batch) -> torch.Tensor | None:
+        """(K, B, T) bool: the only head outputs the loss and the metrics read, for a task that can score
+        them packed (`packed_loss_and_sums`): the population then runs its output layer and the loss on
+        those rows alone. None (the default): the task scores the whole padded output."""
+        return None
+
+    def packed_loss_and_sums(self, out: torch.Tensor, batch: Batch, counts: torch.Tensor) -> tuple[torch.Tensor, MetricSums]:
+        """`loss_and_sums` from the head's outputs at `packed_rows` only: out (N, output_size), its rows in
+        (member, sequence, step) order; counts (K,) int64, each member's number of rows."""
+        raise NotImplementedError(f"task {self.name} scores its whole padded output")
+
     def readout_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """For a least-squares readout: which head outputs the loss reads, rows (K, B, T) bool, and the
         (K, B, T, output_size) float targets they regress on (one-hot classes for "softmax")."""

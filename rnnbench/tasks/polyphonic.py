@@ -226,6 +226,18 @@ class PolyphonicTask(Task):
         nll, n = self.member_nll(out, batch)
         return nll / n, {"nll": (nll.detach(), n.to(nll.dtype))}
 
+    def packed_rows(self, batch: Batch) -> torch.Tensor:
+        return batch["mask"]
+
+    def packed_loss_and_sums(self, out: torch.Tensor, batch: Batch, counts: torch.Tensor) -> tuple[torch.Tensor, MetricSums]:
+        """The NLL of `loss_and_sums` over the valid steps only (out: their logits, packed)."""
+        mask = batch["mask"]
+        nll_rows = bernoulli_step_nll(out, batch["y"][mask], torch.ones(out.shape[0], dtype=torch.bool, device=out.device))
+        member = torch.repeat_interleave(torch.arange(len(counts), device=out.device), counts.to(out.device))
+        nll = out.new_zeros(len(counts)).index_add_(0, member, nll_rows)
+        n = counts.to(out.device, nll.dtype)
+        return nll / n, {"nll": (nll.detach(), n)}
+
     def baselines(self, split: str) -> dict[str, float]:
         """nll_marginal and nll_markov: fitted on this task's train split, scored on `split`."""
         if split not in self._baselines:

@@ -20,6 +20,7 @@ member's best-validation weights are kept in `best` (rows of the whole populatio
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -284,8 +285,12 @@ class Population(L.LightningModule):
             for p in self.weights():
                 p.grad = None
         noise = self._add_weight_noise()
-        out = self(batch["x"], None if graphed else batch.get("steps"), batch.get("lengths"))
-        loss, sums = self.task.loss_and_sums(out, batch)
+        packed = None if graphed else self._packed_scores(batch)
+        if packed is not None:
+            loss, sums = packed
+        else:
+            out = self(batch["x"], None if graphed else batch.get("steps"), batch.get("lengths"))
+            loss, sums = self.task.loss_and_sums(out, batch)
         # No host sync per step: the first step at which a member's loss is not finite is noted on the
         # device and read at the epoch's end (a diverged member's rows only ever touch its own rows).
         finite = torch.isfinite(loss.detach())
@@ -322,8 +327,27 @@ class Population(L.LightningModule):
 
     # --- evaluation -----------------------------------------------------------------------------------
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        packed = self._packed_scores(batch)
+        if packed is not None:
+            self._add_sums(self.scoring or "val", packed[1])
+            return
         out = self(batch["x"], batch.get("steps"), batch.get("lengths"))
         self._add_sums(self.scoring or "val", self.task.metric_sums(out, batch))
+
+    def _packed_scores(self, batch: Batch) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None:
+        """The task's loss and metric sums with the output layer run on the rows they read only, where the
+        task can score packed rows and `cells.rows_linear` serves this device, else None. On a music
+        population's batch most of the padded (K, B, T) outputs are padding: members' batches differ in
+        length. The same numbers as the padded head and loss, to rounding."""
+        rows = self.task.packed_rows(batch)
+        if rows is None or not cells.rows_linear_available(self.head_weight.device, self.head_weight.dtype):
+            return None
+        h = self.states(batch["x"], batch.get("steps"), batch.get("lengths"))
+        counts = rows.sum((1, 2))
+        n = counts.tolist()
+        starts = [0, *itertools.accumulate(n)][:-1]
+        out = cells.rows_linear(h[rows], starts, n, self.head_weight, self.head_bias)
+        return self.task.packed_loss_and_sums(out, batch, counts)
 
     def _add_sums(self, split: str, sums: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         for name, (s, n) in sums.items():

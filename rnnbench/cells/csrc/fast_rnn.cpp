@@ -895,6 +895,82 @@ std::vector<Tensor> tanh_rnn_bwd_stacked(const Tensor& dhs, at::IntArrayRef leng
   });
 }
 
+// ==== per-model linear maps over rows ===============================================================
+// x (R, D) rows; model k owns rows [starts[k], starts[k] + counts[k]) (disjoint, in any order); W (K, O, D),
+// b (K, O). y (R, O): y_r = W_k x_r + b_k on model k's rows, 0 on rows no model owns. The population's
+// input projection (each model's first steps, padded steps after them not computed) and its output layer
+// (the packed valid steps) use it: one product per model, the models in parallel.
+void check_rows(const Tensor& x, at::IntArrayRef starts, at::IntArrayRef counts, const Tensor& W, const char* op) {
+  check({&x, &W}, op);
+  TORCH_CHECK(x.dim() == 2 && W.dim() == 3 && W.size(2) == x.size(1), "rnnbench_fast::", op, ": shapes");
+  TORCH_CHECK(static_cast<int64_t>(starts.size()) == W.size(0) && static_cast<int64_t>(counts.size()) == W.size(0),
+              "rnnbench_fast::", op, ": one start and one count per model");
+  for (size_t k = 0; k < starts.size(); ++k)
+    TORCH_CHECK(starts[k] >= 0 && counts[k] >= 0 && starts[k] + counts[k] <= x.size(0), "rnnbench_fast::", op,
+                ": rows out of range");
+}
+
+// The workers below use the BLAS (one thread each) and plain loops only: an ATen elementwise op on a
+// worker thread would start its own OpenMP team there.
+template <typename T_>
+void rows_fwd(const Tensor& x, const Tensor& Wk, const Tensor& bk, Tensor& y, int64_t start, int64_t count) {
+  const int64_t D = x.size(1), O = Wk.size(0);
+  T_* __restrict__ py = y.data_ptr<T_>() + start * O;
+  const T_* __restrict__ pb = bk.data_ptr<T_>();
+  for (int64_t r = 0; r < count; ++r) std::memcpy(py + r * O, pb, O * sizeof(T_));
+  gemm<T_>(py, count, O, x.data_ptr<T_>() + start * D, D, D, Wk, true, 1.0);
+}
+
+Tensor rows_linear_fwd(const Tensor& x, at::IntArrayRef starts, at::IntArrayRef counts, const Tensor& W, const Tensor& b) {
+  check_rows(x, starts, counts, W, "rows_linear_fwd");
+  check({&x, &b}, "rows_linear_fwd");
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == W.size(0) && b.size(1) == W.size(1), "rnnbench_fast::rows_linear_fwd: bias shape");
+  Tensor y = at::zeros({x.size(0), W.size(1)}, x.options());
+  in_parallel(W.size(0), [&](int64_t k) {
+    if (counts[k] == 0) return;
+    OneBlasThread one_blas_thread;
+    if (x.scalar_type() == at::kFloat)
+      rows_fwd<float>(x, W[k], b[k], y, starts[k], counts[k]);
+    else
+      rows_fwd<double>(x, W[k], b[k], y, starts[k], counts[k]);
+  });
+  return y;
+}
+
+template <typename T_>
+void rows_bwd(const Tensor& dy, const Tensor& x, const Tensor& Wk, Tensor& dx, Tensor& dWk, Tensor& dbk, int64_t start,
+              int64_t count) {
+  const int64_t D = x.size(1), O = Wk.size(0);
+  const T_* __restrict__ g = dy.data_ptr<T_>() + start * O;
+  gemm<T_>(dx.data_ptr<T_>() + start * D, count, D, g, O, O, Wk, false, 0.0);  // dx = dy W_k
+  at::mm_out(dWk, dy.narrow(0, start, count).t(), x.narrow(0, start, count));  // dW_k = dy^T x
+  std::vector<double> acc(O, 0.0);  // db_k = the rows' sum, in double whatever T_ is
+  for (int64_t r = 0; r < count; ++r)
+    for (int64_t o = 0; o < O; ++o) acc[o] += static_cast<double>(g[r * O + o]);
+  T_* __restrict__ pdb = dbk.data_ptr<T_>();
+  for (int64_t o = 0; o < O; ++o) pdb[o] = static_cast<T_>(acc[o]);
+}
+
+// dy (R, O) -> dx (R, D) (0 on rows no model owns), dW (K, O, D), db (K, O).
+std::vector<Tensor> rows_linear_bwd(const Tensor& dy, const Tensor& x, at::IntArrayRef starts, at::IntArrayRef counts,
+                                    const Tensor& W) {
+  check_rows(x, starts, counts, W, "rows_linear_bwd");
+  check({&dy, &x}, "rows_linear_bwd");
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == x.size(0) && dy.size(1) == W.size(1), "rnnbench_fast::rows_linear_bwd: shapes");
+  Tensor dx = at::zeros({x.size(0), x.size(1)}, x.options()), dW = at::zeros({W.size(0), W.size(1), W.size(2)}, W.options());
+  Tensor db = at::zeros({W.size(0), W.size(1)}, W.options());
+  in_parallel(W.size(0), [&](int64_t k) {
+    if (counts[k] == 0) return;
+    OneBlasThread one_blas_thread;
+    Tensor dWk = dW[k], dbk = db[k];
+    if (x.scalar_type() == at::kFloat)
+      rows_bwd<float>(dy, x, W[k], dx, dWk, dbk, starts[k], counts[k]);
+    else
+      rows_bwd<double>(dy, x, W[k], dx, dWk, dbk, starts[k], counts[k]);
+  });
+  return {dx, dW, db};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnbench_fast, m) {
@@ -908,6 +984,8 @@ TORCH_LIBRARY(rnnbench_fast, m) {
   m.def("lstm_bwd", &lstm_bwd_op);
   m.def("tanh_rnn_fwd", &tanh_rnn_fwd);
   m.def("tanh_rnn_bwd", &tanh_rnn_bwd);
+  m.def("rows_linear_fwd", &rows_linear_fwd);
+  m.def("rows_linear_bwd", &rows_linear_bwd);
   m.def("peephole_lstm_fwd_stacked", &peephole_lstm_fwd_stacked);
   m.def("peephole_lstm_bwd_stacked", &peephole_lstm_bwd_stacked);
   m.def("gru_reset_before_fwd_stacked", &gru_reset_before_fwd_stacked);
