@@ -220,6 +220,9 @@ def test_packed_rows_give_the_padded_numbers(cell: str, tmp_path: Path, monkeypa
 
     if not cells.rows_linear_available("cpu", torch.float64):
         pytest.skip("the compiled CPU ops did not load")
+    from rnnbench.training import population
+
+    monkeypatch.setattr(population, "PACK_BELOW", 1.01)  # pack whatever the padding
     pop = build(member_configs(cell, tmp_path, [["train.seed=0"], ["train.seed=1"], ["train.seed=2"]]),
                 torch.device("cpu"), torch.float64)
     batch = pop.on_device(next(iter(TrainBatches(pop))))
@@ -239,6 +242,9 @@ def test_packed_rows_give_the_padded_numbers(cell: str, tmp_path: Path, monkeypa
         return loss, sums["nll"], torch.autograd.grad(loss.sum(), weights, allow_unused=True)
 
     (la, sa, ga), (lb, sb, gb) = scores(True), scores(False)
+    monkeypatch.setattr(cells, "rows_linear_available", lambda d, t: True)
+    monkeypatch.setattr(population, "PACK_BELOW", 0.0)  # a batch with (almost) no padding is not gathered
+    assert pop._packed_scores(batch) is None
     torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sa[0], sb[0], rtol=1e-12, atol=1e-10)
     assert torch.equal(sa[1], sb[1])

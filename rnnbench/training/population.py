@@ -38,6 +38,9 @@ from rnnbench.training.graphs import StepGraphs, bucket
 from rnnbench.training.optim import StackedOptimizer, clip_grad_norms_, weight_noise
 
 
+PACK_BELOW = 0.9  # `_packed_scores` packs a batch whose valid rows are below this fraction of its padded ones
+
+
 @dataclass
 class Member:
     """What the host keeps for one member: its config, run, progress and per-epoch record."""
@@ -342,9 +345,11 @@ class Population(L.LightningModule):
         rows = self.task.packed_rows(batch)
         if rows is None or not cells.rows_linear_available(self.head_weight.device, self.head_weight.dtype):
             return None
-        h = self.states(batch["x"], batch.get("steps"), batch.get("lengths"))
         counts = rows.sum((1, 2))
         n = counts.tolist()
+        if sum(n) > PACK_BELOW * rows.numel():  # hardly any padding: gathering the rows would cost more
+            return None
+        h = self.states(batch["x"], batch.get("steps"), batch.get("lengths"))
         starts = [0, *itertools.accumulate(n)][:-1]
         out = cells.rows_linear(h[rows], starts, n, self.head_weight, self.head_bias)
         return self.task.packed_loss_and_sums(out, batch, counts)
