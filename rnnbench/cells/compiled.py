@@ -186,7 +186,7 @@ class ManyCppLoops(torch.autograd.Function):
 def member_loop(op: str, *weight_names: str) -> Loop:
     """The cpp Loop of a cell whose one-model op `op` takes (xw, *state, *weights named weight_names).
 
-    Member k runs its own steps[k] steps; all K in one *_many call on the stacked tensors.
+    Member k runs its own steps[k] steps; all K in one *_stacked call on the stacked tensors.
     """
     n_in, n_states, _ = ManyCppLoops.SPEC[op]
     if n_in != 1 + n_states + len(weight_names):
