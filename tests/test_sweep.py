@@ -370,7 +370,7 @@ SLOW_POINTS = {
 def _store_state(db: Path, ckpt_root: Path) -> tuple[list[str], list[str]]:
     """(statuses of child runs, ids of RUNNING child runs that have a checkpoint), read with sqlite3."""
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)  # a loaded machine can hold the write lock for seconds
         rows = con.execute(
             "SELECT r.status, r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
             "WHERE t.key = 'point_id' AND r.lifecycle_stage = 'active'"
