@@ -382,7 +382,7 @@ def tuning_budget_figure(table: pd.DataFrame, out_dir: Path) -> list[Path]:
                     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
                     ax.set_yscale("log")
-                    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 8.0)))
+                    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)))
                     ax.yaxis.set_major_formatter(ScalarFormatter())
                     ax.yaxis.set_minor_formatter(NullFormatter())
             for ax, what in zip(axes, ("validation", "test")):
