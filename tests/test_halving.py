@@ -163,6 +163,14 @@ def test_the_expected_best_of_n_samples_is_the_unbiased_estimator() -> None:
     assert list(table["n_samples"]) == [1, 2, 3, 4, 5] and table["expected_val"].iloc[0] == pytest.approx(values.mean())
     assert table["expected_val"].iloc[-1] == 1.0 and table["expected_test"].iloc[-1] == 2.0  # the best, and its test
 
+    from rnnbench.analysis.tuning_budget import leaders
+
+    assert leaders(table) == []  # one cell: no "same cell / different cell" verdict to draw
+    other = runs.assign(cell="lstm", run_id=list("fghij"), final_val_nll=values[::-1] + 0.5, test_nll=values[::-1] + 1.5)
+    two = tuning_budget_table(pd.concat([runs, other], ignore_index=True), runs.iloc[0:0])
+    said = leaders(two)
+    assert len(said) == 1 and said[0].endswith("gru's (1.0000): the same cell.")
+
 
 def test_fanova_ranks_the_hyperparameter_the_score_depends_on() -> None:
     import numpy as np

@@ -75,7 +75,7 @@ def leaders(table: pd.DataFrame) -> list[str]:
     for (setting, variant), g in table.groupby(["setting", "variant"], sort=True):
         first = g[g["n_samples"] == 1].sort_values(["expected_val", "cell"], kind="mergesort")
         last = g[g["n_samples"] == g["of"]].sort_values(["expected_val", "cell"], kind="mergesort")
-        if first.empty or last.empty:
+        if first.empty or last.empty or g["cell"].nunique() < 2:  # one cell so far: nothing to rank
             continue
         a, b = first.iloc[0], last.iloc[0]
         where = f"{setting}{f' [{variant}]' if variant else ''}"
