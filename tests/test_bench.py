@@ -104,22 +104,23 @@ def test_a_new_cell_gets_every_row_without_a_bench_edit(tmp_path: Path, store: s
     assert all(r["check"] in ("ok", "") for r in rows)
 
 
-def test_bench_without_optional_parts(tmp_path: Path, store: str) -> None:
-    args = ["bench", *TINY[:-6], "--hidden", "4", "--repeats", "1", "--warmup", "0", "--population", "0", "--no-trainer",
-            "--no-setup", "--no-reference", "--threads", "1", "--out", str(tmp_path / "b")]
+def _quick_bench(out: Path, *extra: str) -> list[dict[str, str]]:
+    """`rnnbench bench` at hidden 4, one repeat, without the trainer, setup and reference rows: its CSV rows."""
+    args = ["bench", *TINY[:-6], "--hidden", "4", "--repeats", "1", "--warmup", "0", "--no-trainer", "--no-setup",
+            "--no-reference", *extra, "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, (result.output, result.exception)
-    rows = _rows(tmp_path / "b" / "bench_cpu.csv")
+    return _rows(out / "bench_cpu.csv")
+
+
+def test_bench_without_optional_parts(tmp_path: Path, store: str) -> None:
+    rows = _quick_bench(tmp_path / "b", "--population", "0", "--threads", "1")
     assert {r["kind"] for r in rows} == {"fused", "loop", "step"}
     assert not [r for r in rows if r["impl"] == "reference" and r["kind"] == "loop"]
 
 
 def test_bench_of_chosen_cells(tmp_path: Path, store: str) -> None:
-    args = ["bench", *TINY[:-6], "--hidden", "4", "--repeats", "1", "--warmup", "0", "--population", "2", "--no-trainer",
-            "--no-setup", "--no-reference", "--cells", "tanh,gru", "--out", str(tmp_path / "b")]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, (result.output, result.exception)
-    rows = _rows(tmp_path / "b" / "bench_cpu.csv")
+    rows = _quick_bench(tmp_path / "b", "--population", "2", "--cells", "tanh,gru")
     assert {r["cell"] for r in rows if r["kind"] != "fused"} == {"tanh", "gru"}
     assert {r["kind"] for r in rows if r["cell"] == "gru"} >= {"loop", "step", "population", "sequential"}
     assert "--cells tanh,gru" in (tmp_path / "b" / "bench_cpu.md").read_text()
