@@ -116,6 +116,68 @@ def check_against_reference(cell: str, impl: str, K: int, num_layers: int, **kw)
             torch.testing.assert_close(mine, v, rtol=1e-12, atol=1e-13, msg=lambda m, n=name: f"member {k} {n}: {m}")
 
 
+def sequence_lengths(K: int, batch: int = B, length: int = T, longest_first: bool = True, seed: int = 7) -> torch.Tensor:
+    """(K, batch) lengths in 1..length, each member's longest = length for member 0, shorter for the others."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (K, batch), generator=g)
+    lengths[0, -1] = length
+    return lengths.sort(dim=1, descending=True).values if longest_first else lengths
+
+
+def compute_rows(cell: str, impl: str, layers, x, lengths, state, g_out, g_fin, masked: str = "") -> dict[str, torch.Tensor]:
+    """compute() with each sequence's own length (run's lengths). masked: a loss that reads only the
+    valid steps and no final state (what a task's loss reads), "rows" over run(lengths=), "members"
+    over member-level steps (each member padded to its longest) instead."""
+    w = [{k: v.clone().requires_grad_() for k, v in lw.items()} for lw in layers]
+    xg = x.clone().requires_grad_()
+    s_in = [tuple(s.clone().requires_grad_() for s in st) for st in state]
+    valid = (torch.arange(x.shape[2]) < lengths[:, :, None]).unsqueeze(-1).to(x.dtype)
+    if masked == "members":
+        out, finals = run(cell, w, xg, lengths.max(1).values, impl=impl, state=s_in)
+    else:
+        out, finals = run(cell, w, xg, impl=impl, state=s_in, lengths=lengths)
+    if masked:
+        loss = (out * g_out * valid).sum()
+    else:
+        loss = (out * g_out).sum() + sum((s * gs).sum() for f, gf in zip(finals, g_fin) for s, gs in zip(f, gf))
+    loss.backward()
+    got = {"out": (out * valid).detach() if masked else out.detach(), "grad_x": xg.grad}
+    for l in range(len(layers)):
+        if not masked:
+            got.update({f"final{l}.{i}": s.detach() for i, s in enumerate(finals[l])})
+        got.update({f"grad_state{l}.{i}": s.grad for i, s in enumerate(s_in[l])})
+        got.update({f"grad_{l}.{k}": v.grad for k, v in w[l].items()})
+    return got
+
+
+def check_rows_against_reference(cell: str, impl: str, num_layers: int, longest_first: bool = True, **kw) -> None:
+    """Each sequence at its own length (run's lengths): the fast loop == the reference; its outputs
+    are zero after its end and its final state is the one after its own last step (the sequence run
+    alone, unpadded); and at the valid steps, with a loss that reads only those, the outputs and every
+    gradient equal member-level padding's (what the loops skip changes nothing a task reads)."""
+    K, batch = 3, kw.pop("batch", 4)
+    layers, x, _, state, g_out, g_fin = problem(cell, K, num_layers, batch=batch, **kw)
+    lengths = sequence_lengths(K, batch, x.shape[2], longest_first)
+    x = x * (torch.arange(x.shape[2]) < lengths[:, :, None]).unsqueeze(-1).to(x.dtype)  # zero padding
+    p = (layers, x, lengths, state, g_out, g_fin)
+    fast = compute_rows(cell, impl, *p)
+    assert_same(fast, compute_rows(cell, "reference", *p))
+    mine, padded = compute_rows(cell, impl, *p, masked="rows"), compute_rows(cell, "reference", *p, masked="members")
+    for name, v in padded.items():
+        torch.testing.assert_close(mine[name], v, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n} vs member-level padding: {m}")
+    for k, b in ((0, batch - 1), (1, 0), (2, batch // 2)):
+        n = int(lengths[k, b])
+        one = lambda t: t[k : k + 1, b : b + 1]  # noqa: E731
+        alone = compute(cell, "reference", [{m: v[k : k + 1] for m, v in w.items()} for w in layers], one(x)[:, :, :n],
+                        None, [tuple(map(one, st)) for st in state], one(g_out)[:, :, :n], [list(map(one, gf)) for gf in g_fin])
+        assert torch.count_nonzero(fast["out"][k, b, n:]) == 0  # zeros after the sequence's end
+        torch.testing.assert_close(fast["out"][k : k + 1, b : b + 1, :n], alone["out"], rtol=1e-12, atol=1e-13)
+        for name in alone:
+            if name.startswith("final"):
+                torch.testing.assert_close(one(fast[name]), alone[name], rtol=1e-12, atol=1e-13,
+                                           msg=lambda m, nm=name: f"sequence ({k}, {b}) {nm}: {m}")
+
+
 _TRITON_CHECK = """
 import sys
 sys.path.insert(0, {tests!r})
@@ -140,6 +202,48 @@ def test_fast_loop_equals_reference(cell: str, impl: str, K: int, num_layers: in
         assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
         return
     check_against_reference(cell, impl, K, num_layers)
+
+
+_TRITON_ROWS_CHECK = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_fast_cells import check_rows_against_reference
+check_rows_against_reference({cell!r}, "triton", {num_layers}, {longest_first})
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("longest_first", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize(("cell", "impl"), FAST + [pytest.param("lstm", "reference", id="lstm-reference")])
+def test_each_sequence_stops_at_its_own_length(cell: str, impl: str, num_layers: int, longest_first: bool) -> None:
+    """run(lengths=): the loops skip the steps after each sequence's end (the compiled ones, on rows
+    longest first; an unsorted batch is put in that order and back), for every cell and fast loop."""
+    if impl == "cpp":
+        _require_cpp()
+    elif impl == "triton" and not _triton_here():
+        pytest.importorskip("triton", reason="triton is not installed (torch's CPU wheels come without it)")
+        code = _TRITON_ROWS_CHECK.format(tests=str(Path(__file__).parent), cell=cell, num_layers=num_layers,
+                                         longest_first=longest_first)
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+        return
+    check_rows_against_reference(cell, impl, num_layers, longest_first)
+
+
+@pytest.mark.parametrize("cell", CPP)
+def test_each_sequence_stops_in_parallel_row_chunks(cell: str) -> None:
+    """Sequence lengths at a size where the forward runs 16-row chunks on threads (40 rows: 3 chunks):
+    the reference's numbers on 2 threads."""
+    _require_cpp()
+    hidden = 128 if get_cell(cell).weight_shapes(D, 1)["weight_hh"][0] == 1 else 76
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_rows_against_reference(cell, "cpp", 1, batch=40, hidden=hidden)
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("cell", CPP)
@@ -185,11 +289,12 @@ def test_batch_rows_in_parallel_chunks(cell: str) -> None:
 _NO_BLAS_CHECK = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_fast_cells import CPP, check_against_reference
+from test_fast_cells import CPP, check_against_reference, check_rows_against_reference
 from rnnbench.cells import compiled
 assert compiled.load_extension() and "-DRNNBENCH_NO_BLAS" in compiled.extension_info()["flags"], compiled.extension_info()
 for cell in CPP:
     check_against_reference(cell, "cpp", 3, 2)
+    check_rows_against_reference(cell, "cpp", 2)
 print("ok")
 """
 
@@ -215,6 +320,8 @@ def test_stacked_ops_refuse_bad_input_in_one_line() -> None:
         op(xw, [4, 5], h0, whh)
     with pytest.raises(RuntimeError, match="one contiguous row per model"):
         op(xw, [4, 4], h0[:1], whh)
+    with pytest.raises(RuntimeError, match="sorted longest first"):
+        op(xw, [4, 2, 3] + [4, 4, 1], h0, whh)  # per sequence (K x B), model 0's rows out of order
     # an error inside one model's loop, on a worker thread, reaches the caller as an exception
     old = torch.get_num_threads()
     torch.set_num_threads(2)

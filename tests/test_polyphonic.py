@@ -139,7 +139,9 @@ def test_jsb_batch_shapes_and_shift(data_dir: Path) -> None:
         B, T, D = batch["x"].shape
         assert batch["y"].shape == (B, T, D) and batch["mask"].shape == (B, T) and batch["mask"].dtype == torch.bool
         assert D == 88 and B == 4 and T == max(len(r) for r in rolls) - (first_frame == "skip")
-        for b, r in enumerate(rolls):
+        # the batch holds the items longest first (the recurrent loops drop each at its own end)
+        assert batch["lengths"].tolist() == sorted(batch["lengths"].tolist(), reverse=True)
+        for b, r in enumerate(sorted(rolls, key=len, reverse=True)):
             r = r.float()
             n = int(batch["lengths"][b])
             if first_frame == "zero":

@@ -23,9 +23,10 @@ import torch
 Weights = dict[str, torch.Tensor]
 State = tuple[torch.Tensor, ...]
 # A fast time loop of one layer over stacked weights:
-#   loop(w, xw (T, K, B, G), state, steps (K,) int64 or None) -> (hs (T, K, B, H), final state)
+#   loop(w, xw (T, K, B, G), state, steps (K,) or (K, B) int64 or None) -> (hs (T, K, B, H), final state)
 # member k runs steps[k] steps (all T when None); hs is zero after member k's end and its final
-# state is the state after its own last step.
+# state is the state after its own last step. steps (K, B): the same for each sequence at its own
+# length (the loop may skip the steps after it).
 Loop = Callable[[Weights, torch.Tensor, State, "torch.Tensor | None"], tuple[torch.Tensor, State]]
 
 

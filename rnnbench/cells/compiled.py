@@ -13,8 +13,9 @@ pass over the gates (-march=native). Where a step's product is large (gates*H*H 
 loop runs the batch's rows in chunks of 16 in parallel over torch's intra-op threads.
 
 The ops *_stacked take K models' tensors stacked member-major, with each member's own number of
-steps, and run the K loops in parallel over those threads, each on views of its own rows: member k runs
-its first steps[k] steps, and its outputs after them are zeros. Without a compiler (or RNNBENCH_FAST_EXT=0) the
+steps (or each sequence's, its rows longest first), and run the K loops in parallel over those threads,
+each on views of its own rows: member k runs its first steps[k] steps, each sequence stops at its own
+end, and the outputs after it are zeros. Without a compiler (or RNNBENCH_FAST_EXT=0) the
 extension does not load, after one RuntimeWarning, and the dispatch (loops.py) runs the reference.
 """
 
@@ -145,9 +146,10 @@ class ManyCppLoops(torch.autograd.Function):
     """K independent one-model compiled loops over STACKED tensors, run in parallel over the CPU threads
     by the ops `op`_fwd_stacked / `op`_bwd_stacked: the same numbers as K calls of the one-model loop.
 
-    apply(op, lengths, xw (T, K, B, G), *states (K, B, H), *weights (K, ...)): member k runs its own
-    lengths[k] steps. Returns hs (T, K, B, H) (zeros after each member's end) and the final states
-    (K, B, H), each member's after its own last step. The ops work on views of the stacked tensors, so
+    apply(op, lengths, xw (T, K, B, G), *states (K, B, H), *weights (K, ...)): lengths has K entries
+    (member k runs its own lengths[k] steps) or K x B, member-major (each sequence stops at its own
+    length; each member's rows sorted longest first). Returns hs (T, K, B, H) (zeros after each
+    member's, or sequence's, end) and the final states (K, B, H), each after its own last step. The ops work on views of the stacked tensors, so
     nothing is sliced or copied per member here, and gradients come back stacked, one tensor per input
     (slicing under autograd would make every member's backward fill and add a whole stacked tensor).
     """
@@ -168,10 +170,16 @@ class ManyCppLoops(torch.autograd.Function):
         results = getattr(torch.ops.rnnbench_fast, op + "_fwd_stacked")(inputs[0], list(lengths), *inputs[1:])
         ctx.save_for_backward(*(inputs[i] for i in needed), *results)
         ctx.op, ctx.lengths = op, lengths
-        # final states: each member's buffer slot after its own last step (the buffers hold h0 in slot 0)
+        # final states: each member's (or sequence's) buffer slot after its own last step (slot 0 holds h0)
+        K, B = xw.shape[1], xw.shape[2]
         last = torch.tensor(lengths, device=xw.device)
-        members = torch.arange(len(lengths), device=xw.device)
-        finals = [results[i][members, last] for i in range(n_states)]
+        if len(lengths) == K:
+            members = torch.arange(K, device=xw.device)
+            finals = [results[i][members, last] for i in range(n_states)]
+        else:
+            members = torch.arange(K, device=xw.device).repeat_interleave(B)
+            rows = torch.arange(B, device=xw.device).repeat(K)
+            finals = [results[i][members, last, rows].view(K, B, -1) for i in range(n_states)]
         return (results[0][:, 1:].transpose(0, 1), *finals)
 
     @staticmethod
@@ -183,10 +191,26 @@ class ManyCppLoops(torch.autograd.Function):
         return None, None, grads[0].transpose(0, 1), *grads[1:n_in]
 
 
+def longest_first(lengths: torch.Tensor) -> torch.Tensor | None:
+    """lengths (K, B) -> each member's row order longest first (K, B) (stable), or None when they
+    are in that order already (the tasks' collates sort their batches so)."""
+    if bool((lengths[:, 1:] <= lengths[:, :-1]).all()):
+        return None
+    return torch.sort(lengths.cpu(), dim=1, descending=True, stable=True).indices
+
+
+def _rows(t: torch.Tensor, order: torch.Tensor, dim: int) -> torch.Tensor:
+    """t with each member's rows (dim `dim`, members on the dim before it) in `order` (K, B)."""
+    shape = [1] * t.dim()
+    shape[dim - 1], shape[dim] = order.shape
+    return t.gather(dim, order.to(t.device).view(shape).expand_as(t))
+
+
 def member_loop(op: str, *weight_names: str) -> Loop:
     """The cpp Loop of a cell whose one-model op `op` takes (xw, *state, *weights named weight_names).
 
-    Member k runs its own steps[k] steps; all K in one *_stacked call on the stacked tensors.
+    Member k runs its own steps[k] steps (steps (K,)), or each sequence its own (steps (K, B): the
+    loop skips the steps after a sequence's end); all K in one *_stacked call on the stacked tensors.
     """
     n_in, n_states, _ = ManyCppLoops.SPEC[op]
     if n_in != 1 + n_states + len(weight_names):
@@ -194,8 +218,19 @@ def member_loop(op: str, *weight_names: str) -> Loop:
 
     def loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
         T, K = xw.shape[:2]
-        lengths = (T,) * K if steps is None else tuple(int(s) for s in steps.tolist())
-        hs, *finals = ManyCppLoops.apply(op, lengths, xw, *state, *(w[name] for name in weight_names))
+        weights = [w[name] for name in weight_names]
+        if steps is None or steps.dim() == 1:
+            lengths = (T,) * K if steps is None else tuple(int(s) for s in steps.tolist())
+            hs, *finals = ManyCppLoops.apply(op, lengths, xw, *state, *weights)
+            return hs, tuple(finals)
+        order = longest_first(steps)
+        if order is not None:  # the loops need each member's rows longest first: run them in that order
+            back = order.argsort(dim=1)
+            xw, state = _rows(xw, order, 2), tuple(_rows(s, order, 1) for s in state)
+            steps = steps.gather(1, order.to(steps.device))
+        hs, *finals = ManyCppLoops.apply(op, tuple(steps.flatten().tolist()), xw, *state, *weights)
+        if order is not None:
+            hs, finals = _rows(hs, back, 2), [_rows(s, back, 1) for s in finals]
         return hs, tuple(finals)
 
     return loop
@@ -217,10 +252,40 @@ class RowsLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor):  # type: ignore[override]
         x, W = ctx.saved_tensors
-        dx, dW, db = torch.ops.rnnbench_fast.rows_linear_bwd(dy.contiguous(), x, *ctx.rows, W)
-        return dx, None, None, dW, db
+        need_dx = ctx.needs_input_grad[0]  # not for the input projection of the data
+        dx, dW, db = torch.ops.rnnbench_fast.rows_linear_bwd(dy.contiguous(), x, *ctx.rows, W, need_dx)
+        return dx if need_dx else None, None, None, dW, db
 
 
 def rows_linear(x: torch.Tensor, starts: list[int], counts: list[int], W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Each member's linear map over its own rows of x (R, D) -> (R, O); see RowsLinear."""
     return RowsLinear.apply(x, list(starts), list(counts), W, b)
+
+
+class StepsLinear(torch.autograd.Function):
+    """y[k, t, b] = W_k x[k, t, b] + b_k for each sequence's own steps (t < lengths[k, b]), 0 after:
+    x (K, T, B, D) with a unit last stride (no copy of a permuted input), lengths K x B member-major,
+    W (K, O, D), b (K, O) -> y (K, T, B, O). One strided product per sequence, the members in
+    parallel (op steps_linear_fwd / _bwd): no padded step is computed."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, lengths: list[int], W: torch.Tensor, b: torch.Tensor):  # type: ignore[override]
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        W, b = W.contiguous(), b.contiguous()
+        ctx.save_for_backward(x, W)
+        ctx.lengths = lengths
+        return torch.ops.rnnbench_fast.steps_linear_fwd(x, lengths, W, b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor):  # type: ignore[override]
+        x, W = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]  # not for the input projection of the data
+        dx, dW, db = torch.ops.rnnbench_fast.steps_linear_bwd(dy.contiguous(), x, ctx.lengths, W, need_dx)
+        return dx if need_dx else None, None, dW, db
+
+
+def steps_linear(x: torch.Tensor, lengths: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each member's linear map over each sequence's own steps of x (K, T, B, D); see StepsLinear."""
+    return StepsLinear.apply(x, lengths.flatten().tolist(), W, b)

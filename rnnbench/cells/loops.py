@@ -1,7 +1,7 @@
 """The public API over every cell: draw stacked weights, run layers of K models, trace them step by step.
 
     init_weights(cell, input_size, hidden_size, num_layers, generators, scale, forget_bias, dtype)
-    run(cell, layers, x, steps=None, impl="auto", state=None) -> (out (K, B, T, H), final states per layer)
+    run(cell, layers, x, steps=None, impl="auto", state=None, lengths=None) -> (out (K, B, T, H), final states per layer)
     run_bidirectional(cell, forward, backward, x, lengths, steps=None, impl="auto", last_step=False) -> out (K, B, T, 2H)
     run_steps(cell, layers, x, state=None) -> StepTrace (per-step h tensors and gates; the probes)
     implementation(cell, device, dtype, impl="auto") -> "cpp" | "triton" | "reference"
@@ -124,13 +124,22 @@ def _check_steps(steps: torch.Tensor | None, K: int, T: int) -> torch.Tensor | N
     return None if bool((steps == T).all()) else steps
 
 
+def _check_lengths(lengths: torch.Tensor, K: int, B: int, T: int) -> torch.Tensor:
+    lengths = torch.as_tensor(lengths).to(torch.int64)
+    if lengths.shape != (K, B):
+        raise ValueError(f"lengths must have shape ({K}, {B}), got {tuple(lengths.shape)}")
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+        raise ValueError(f"lengths must lie in 1..{T}")
+    return lengths.cpu()
+
+
 def reference_loop(cls: type[Cell], w: Weights, xw: torch.Tensor, state: State,
                    steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
     """The cell's `step` over time for K models (a Loop): member k's state stops at its steps[k]-th
-    step and its outputs after that are zeros."""
-    T = xw.shape[0]
+    step and its outputs after that are zeros (steps (K, B): each sequence's at its own)."""
+    T, K, B = xw.shape[:3]
     all_run, any_run = (T, T) if steps is None else (int(steps.min()), int(steps.max()))
-    running = None if steps is None else steps.to(xw.device)
+    running = None if steps is None else steps.to(xw.device).view(K, -1)
     outs = []
     for t in range(any_run):
         new, _ = cls.step(w, xw[t], state)
@@ -138,7 +147,7 @@ def reference_loop(cls: type[Cell], w: Weights, xw: torch.Tensor, state: State,
             state = new
             outs.append(new[0])
         else:  # some members have ended: they keep their state and output zeros
-            keep = (t < running).view(-1, 1, 1)
+            keep = (t < running).unsqueeze(-1)  # (K, 1 or B, 1)
             state = tuple(torch.where(keep, n, o) for n, o in zip(new, state))
             outs.append(new[0] * keep.to(new[0].dtype))
     outs += [torch.zeros_like(state[0])] * (T - any_run)
@@ -168,23 +177,31 @@ def run(
     steps: torch.Tensor | None = None,
     impl: str = "auto",
     state: list[State] | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[State]]:
     """K models' stacked layers over x (K, B, T, D) -> (top layer's h_t (K, B, T, H), final state per layer).
 
     steps (K,) int64: member k's own length (1..T); its outputs after that are zeros and its final
     state is the one after its own last step, so with zero padding member k's numbers (and gradients)
-    equal those of its unpadded sequence. state: per layer a tuple of (K, B, H) tensors (zeros when
-    None). Layer l's h_t is layer l+1's x_t.
+    equal those of its unpadded sequence. lengths (K, B) int64, instead: the same for each sequence,
+    at its own length (steps is then each member's longest): the loops skip the padded steps of
+    short sequences, and every output at a valid step is unchanged (the recurrence is causal).
+    state: per layer a tuple of (K, B, H) tensors (zeros when None). Layer l's h_t is layer l+1's x_t.
     """
     cls = get_cell(cell)
     K, B, T, _ = x.shape
     which = implementation(cls, x.device, x.dtype, impl)
+    if lengths is not None:
+        lengths = _check_lengths(lengths, K, B, T)
+        steps = lengths.max(1).values
     steps = _check_steps(steps, K, T)
+    per_row = steps if lengths is None or bool((lengths == lengths[:, :1]).all()) else lengths
     h = x.permute(2, 0, 1, 3)  # (T, K, B, D): time major inside
     finals = []
     for l, w in enumerate(layers):
         s0 = _zero_state(cls, h, cls.hidden_size_of(w)) if state is None else tuple(state[l])
-        h, final = _layer(cls, which, w, _project(cls, w, h, steps), s0, steps, impl)
+        xw = _project(cls, w, h, steps, None if per_row is steps else per_row)
+        h, final = _layer(cls, which, w, xw, s0, per_row, impl)
         finals.append(final)
     return h.permute(1, 2, 0, 3), finals
 
@@ -201,15 +218,19 @@ def rows_linear(x: torch.Tensor, starts: list[int], counts: list[int], W: torch.
     return compiled.rows_linear(x, starts, counts, W, b)
 
 
-def _project(cls: type[Cell], w: Weights, x: torch.Tensor, steps: torch.Tensor | None) -> torch.Tensor:
-    """The cell's input projection; where members end early (steps) and the compiled ops serve this
-    device and dtype, each member's first steps only (rows_linear), its later steps 0: every loop reads
-    a member's xw only up to its own end (the reference loop computes the later steps and discards them),
-    so the numbers are the same and the padded steps of short members cost nothing."""
-    if (steps is None or cls.project.__func__ is not Cell.project.__func__  # type: ignore[attr-defined]
+def _project(cls: type[Cell], w: Weights, x: torch.Tensor, steps: torch.Tensor | None,
+             lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The cell's input projection x (T, K, B, D) -> (T, K, B, G); where sequences end early and the
+    compiled ops serve this device and dtype, their steps only, the padded steps 0: each sequence's own
+    (lengths (K, B), steps_linear) or each member's first steps (steps, rows_linear). Every loop reads a
+    sequence's xw only up to its own end (the reference loop computes the later steps and discards
+    them), so the numbers are the same and the padded steps cost nothing."""
+    if ((steps is None and lengths is None) or cls.project.__func__ is not Cell.project.__func__  # type: ignore[attr-defined]
             or not rows_linear_available(x.device, x.dtype)):
         return cls.project(w, x)
     T, K, B, D = x.shape
+    if lengths is not None:
+        return compiled.steps_linear(x.transpose(0, 1), lengths, w["weight_ih"], w["bias"]).transpose(0, 1)
     n = steps.tolist()
     xk = x.permute(1, 0, 2, 3).reshape(K * T * B, D)  # member-major rows, time-major within a member
     xw = rows_linear(xk, [k * T * B for k in range(K)], [s * B for s in n], w["weight_ih"], w["bias"])

@@ -285,17 +285,22 @@ class GRUBeforeTriton(torch.autograd.Function):
 
 
 def _at_own_end(seq: torch.Tensor, steps: torch.Tensor | None) -> torch.Tensor:
-    """seq (T, K, B, H) -> (K, B, H): member k's entry at its last step, steps[k] - 1."""
+    """seq (T, K, B, H) -> (K, B, H): member k's entry at its last step, steps[k] - 1 (steps (K, B):
+    each sequence's at its own)."""
     if steps is None:
         return seq[-1]
-    return seq[steps.to(seq.device) - 1, torch.arange(seq.shape[1], device=seq.device)]
+    T, K, B = seq.shape[:3]
+    last = (steps.to(seq.device) - 1).view(K, -1).expand(K, B)
+    members = torch.arange(K, device=seq.device).view(K, 1).expand(K, B)
+    return seq[last, members, torch.arange(B, device=seq.device).expand(K, B)]
 
 
 def _zero_after_end(hs: torch.Tensor, steps: torch.Tensor | None) -> torch.Tensor:
     if steps is None:
         return hs
-    valid = torch.arange(hs.shape[0], device=hs.device).unsqueeze(1) < steps.to(hs.device).unsqueeze(0)
-    return hs * valid[:, :, None, None].to(hs.dtype)
+    K = hs.shape[1]
+    valid = torch.arange(hs.shape[0], device=hs.device).view(-1, 1, 1) < steps.to(hs.device).view(1, K, -1)
+    return hs * valid.unsqueeze(-1).to(hs.dtype)
 
 
 def peephole_lstm_loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:

@@ -11,7 +11,8 @@ longest member) or one shared batch is broadcast by `broadcast_batch` (evaluatio
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -68,6 +69,13 @@ def stack_batches(batches: list[Batch], length: int | None = None) -> Batch:
             out[key] = torch.stack(values)
     out["steps"] = torch.tensor(steps, dtype=torch.int64, device=batches[0]["x"].device)
     return out
+
+
+def longest_first(items: list[Any], length: Callable[[Any], int]) -> list[Any]:
+    """A batch's items longest first (stable): the order a task's `collate` gives them in, so that the
+    recurrent loops can drop each sequence at its own end (rnnbench/cells: run's lengths). The order
+    inside a batch changes no member's numbers beyond float rounding (its sums' order)."""
+    return sorted(items, key=length, reverse=True)
 
 
 def broadcast_batch(batch: Batch, K: int) -> Batch:

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from rnnbench.errors import RnnbenchError
 from rnnbench.tasks import register_task
-from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions
+from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions, longest_first
 from rnnbench.tasks.sequences import label_nll
 from rnnbench.tasks.speech import FSDD_SPEAKERS, split_recordings, standardize, waveform
 
@@ -116,6 +116,7 @@ class DigitsTask(Task):
         return torch.from_numpy(w[: n * self.options.frame].reshape(n, self.options.frame).astype(np.float32))
 
     def collate(self, items: list[tuple[torch.Tensor, int]]) -> Batch:
+        items = longest_first(items, lambda item: len(item[0]))
         lengths = torch.tensor([len(f) for f, _ in items])
         B, T = len(items), int(lengths.max())
         x = torch.zeros(B, T, self.options.frame)

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from rnnbench.errors import RnnbenchError
 from rnnbench.tasks import register_task
-from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions
+from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions, longest_first
 
 FirstFrame = Literal["zero", "skip"]
 KEY88_LOWEST_MIDI = 21  # column 0 of a key88 roll
@@ -192,6 +192,7 @@ class PolyphonicTask(Task):
         return {s: RollDataset([r for r in rolls if len(r) >= min_len]) for s, rolls in self.rolls().items()}
 
     def collate(self, items: list[torch.Tensor]) -> Batch:
+        items = longest_first(items, len)
         skip = self.options.first_frame == "skip"
         lengths = torch.tensor([len(r) - skip for r in items])
         B, T, D = len(items), int(lengths.max()), items[0].shape[1]

@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 
 from rnnbench.errors import RnnbenchError
 from rnnbench.tasks import register_task
-from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions
+from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions, longest_first
 from rnnbench.tasks.polyphonic import bernoulli_step_nll
 
 Kind = Literal["binary", "real", "categorical", "label"]
@@ -226,6 +226,7 @@ class SequencesTask(Task):
                 for s in SPLITS}
 
     def collate(self, items: list[tuple[torch.Tensor, int]]) -> Batch:
+        items = longest_first(items, lambda item: len(item[0]))
         lengths = torch.tensor([len(s) for s, _ in items])
         B, T = len(items), int(lengths.max())
         mask = torch.arange(T)[None, :] < lengths[:, None]

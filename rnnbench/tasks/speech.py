@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from rnnbench.errors import RnnbenchError
 from rnnbench.tasks import register_task
-from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions
+from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions, longest_first
 
 if TYPE_CHECKING:
     from rnnbench.datasets import Recording
@@ -259,6 +259,7 @@ class SpeechTask(Task):
         return dict(self._waves)
 
     def collate(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
+        items = longest_first(items, lambda item: len(item[0]))
         lengths = torch.tensor([len(x) for x, _ in items])
         B, T = len(items), int(lengths.max())
         x = torch.zeros(B, T, self.options.frame_in)

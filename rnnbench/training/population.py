@@ -259,7 +259,9 @@ class Population(L.LightningModule):
             backward = [dict(layer.items()) for layer in self.backward_layers]
             h = cells.run_bidirectional(self.cell.name, layers, backward, x, lengths, steps, self.impl, self.last_step)
         else:
-            h, _ = cells.run(self.cell.name, layers, x, steps, impl=self.impl)
+            # Each sequence's own length (not under a CUDA graph, which reads no length: steps None):
+            # the loops skip the steps after a short sequence's end, which no task's loss reads.
+            h, _ = cells.run(self.cell.name, layers, x, steps, impl=self.impl, lengths=None if steps is None else lengths)
         return h
 
     def configure_optimizers(self) -> None:

@@ -222,6 +222,20 @@ void check(std::initializer_list<const Tensor*> ts, const char* op) {
   TORCH_CHECK(st == at::kFloat || st == at::kDouble, "rnnbench_fast::", op, ": float32 or float64 only");
 }
 
+// Rows of a batch that are still running at step t, where sequences end at their own lengths: `act`
+// (nullptr: all B) holds act[t], the number of rows whose length exceeds t, the rows sorted longest
+// first, so the rows still running are always the first act[t]. A loop computes only those; a row's
+// outputs after its end are zeros and its state buffer slots there are zeros too (the final states are
+// read at each row's own end, and a zero slot adds nothing to the weight gradients' products). The
+// backward leaves a finished row's dh (and dc) untouched, so the final-state gradient it starts with
+// enters at that row's own last step.
+inline int64_t rows_at(const int64_t* act, int64_t t, int64_t B) { return act == nullptr ? B : act[t]; }
+
+template <typename T_>
+void zero_rows(T_* base, int64_t r0, int64_t r1, int64_t width) {
+  if (r1 > r0) std::memset(base + r0 * width, 0, (r1 - r0) * width * sizeof(T_));
+}
+
 // Output i of a one-model op: a new tensor, or the caller's buffer (`into`: the stacked ops hand each
 // model views of their stacked outputs, so nothing is copied into them afterwards).
 using Outs = std::vector<Tensor>*;
@@ -240,7 +254,8 @@ Tensor out_or(Outs into, size_t i, at::IntArrayRef shape, const at::TensorOption
 // wci, wcf, wco are not read).
 template <typename T_, bool Peep>
 void lstm_fwd(const Tensor& xw, const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
-              Tensor& hbuf, Tensor& cbuf, Tensor& gates, Tensor& tcs, Tensor& gh, int64_t b0, int64_t b1) {
+              Tensor& hbuf, Tensor& cbuf, Tensor& gates, Tensor& tcs, Tensor& gh, int64_t b0, int64_t b1,
+              const int64_t* act) {
   OneBlasThread one_blas_thread;
   const int64_t T = xw.size(0), B = xw.size(1), H = hbuf.size(2), G = 4 * H, BH = B * H;
   const T_* __restrict__ pci = Peep ? wci.data_ptr<T_>() : nullptr;
@@ -248,14 +263,18 @@ void lstm_fwd(const Tensor& xw, const Tensor& whh, const Tensor& wci, const Tens
   const T_* __restrict__ pco = Peep ? wco.data_ptr<T_>() : nullptr;
   const T_* __restrict__ pgh = gh.data_ptr<T_>();
   for (int64_t t = 0; t < T; ++t) {
-    gemm<T_>(gh.data_ptr<T_>() + b0 * G, b1 - b0, G, hbuf.data_ptr<T_>() + t * BH + b0 * H, H, H, whh, true, 0.0);
+    const int64_t e = std::max(b0, std::min(b1, rows_at(act, t, B)));  // rows [b0, e) still run
+    zero_rows(hbuf.data_ptr<T_>() + (t + 1) * BH, e, b1, H);
+    zero_rows(cbuf.data_ptr<T_>() + (t + 1) * BH, e, b1, H);
+    if (e == b0) continue;
+    gemm<T_>(gh.data_ptr<T_>() + b0 * G, e - b0, G, hbuf.data_ptr<T_>() + t * BH + b0 * H, H, H, whh, true, 0.0);
     const T_* __restrict__ px = xw.data_ptr<T_>() + t * B * G;
     const T_* __restrict__ pcp = cbuf.data_ptr<T_>() + t * BH;
     T_* __restrict__ pc = cbuf.data_ptr<T_>() + (t + 1) * BH;
     T_* __restrict__ ph = hbuf.data_ptr<T_>() + (t + 1) * BH;
     T_* __restrict__ pg = gates.data_ptr<T_>() + t * B * G;
     T_* __restrict__ ptc = tcs.data_ptr<T_>() + t * BH;
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = b0; b < e; ++b) {
       const T_* __restrict__ ax = px + b * G;
       const T_* __restrict__ ah = pgh + b * G;
       const T_* __restrict__ cp = pcp + b * H;
@@ -292,7 +311,8 @@ void lstm_fwd(const Tensor& xw, const Tensor& whh, const Tensor& wci, const Tens
 // The ops of both LSTMs (Peep = false: wci, wcf, wco are not read; the caller passes any tensors).
 template <bool Peep>
 std::vector<Tensor> lstm_forward(const char* op, const Tensor& xw, const Tensor& h0, const Tensor& c0, const Tensor& whh,
-                                 const Tensor& wci, const Tensor& wcf, const Tensor& wco, Outs into = nullptr) {
+                                 const Tensor& wci, const Tensor& wcf, const Tensor& wco, Outs into = nullptr,
+                                 const int64_t* act = nullptr) {
   check({&xw, &h0, &c0, &whh, &wci, &wcf, &wco}, op);
   const int64_t T = xw.size(0), B = xw.size(1), H = h0.size(1);
   TORCH_CHECK(xw.dim() == 3 && T >= 1 && xw.size(2) == 4 * H && h0.size(0) == B, op, ": shapes");
@@ -304,9 +324,9 @@ std::vector<Tensor> lstm_forward(const char* op, const Tensor& xw, const Tensor&
   Tensor gh = at::empty({B, 4 * H}, o);
   over_rows(B, 4 * H, H, [&](int64_t b0, int64_t b1) {
     if (xw.scalar_type() == at::kFloat)
-      lstm_fwd<float, Peep>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1);
+      lstm_fwd<float, Peep>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1, act);
     else
-      lstm_fwd<double, Peep>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1);
+      lstm_fwd<double, Peep>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1, act);
   });
   return {hbuf, cbuf, gates, tcs};
 }
@@ -321,7 +341,7 @@ std::vector<Tensor> peephole_lstm_fwd(const Tensor& xw, const Tensor& h0, const 
 template <typename T_, bool Peep>
 void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
               const Tensor& cbuf, const Tensor& gates, const Tensor& tcs, Tensor& dxw, Tensor& dh, Tensor& dc,
-              Tensor& acc) {
+              Tensor& acc, const int64_t* act) {
   OneBlasThread one_blas_thread;
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), G = 4 * H, BH = B * H;
   const T_* __restrict__ pci = Peep ? wci.data_ptr<T_>() : nullptr;
@@ -340,7 +360,9 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
     const T_* __restrict__ ptc = tcs.data_ptr<T_>() + t * BH;
     const T_* __restrict__ pdo = dhs.data_ptr<T_>() + t * BH;
     T_* __restrict__ pda = dxw.data_ptr<T_>() + t * B * G;
-    for (int64_t b = 0; b < B; ++b) {
+    const int64_t e = rows_at(act, t, B);
+    zero_rows(pda, e, B, G);
+    for (int64_t b = 0; b < e; ++b) {
       const T_* __restrict__ g = pg + b * G;
       const T_* __restrict__ c = pc + b * H;
       const T_* __restrict__ cp = pcp + b * H;
@@ -371,7 +393,7 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
         }
       }
     }
-    gemm<T_>(pdh, B, H, dxw.data_ptr<T_>() + t * B * G, G, G, whh, false, 0.0);  // dh_{t-1} = dA_t W_hh
+    if (e > 0) gemm<T_>(pdh, e, H, dxw.data_ptr<T_>() + t * B * G, G, G, whh, false, 0.0);  // dh_{t-1} = dA_t W_hh
   }
 }
 
@@ -379,7 +401,7 @@ template <bool Peep>
 std::vector<Tensor> lstm_backward(const char* op, const Tensor& dhs, const Tensor& dhT, const Tensor& dcT,
                                   const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
                                   const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates, const Tensor& tcs,
-                                  Outs into = nullptr) {
+                                  Outs into = nullptr, const int64_t* act = nullptr) {
   check({&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, op);
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
   auto o = dhs.options();
@@ -389,9 +411,9 @@ std::vector<Tensor> lstm_backward(const char* op, const Tensor& dhs, const Tenso
   dc.copy_(dcT);
   Tensor acc = at::zeros({Peep ? 3 : 0, H}, o.dtype(at::kDouble));
   if (dhs.scalar_type() == at::kFloat)
-    lstm_bwd<float, Peep>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
+    lstm_bwd<float, Peep>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, act);
   else
-    lstm_bwd<double, Peep>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc);
+    lstm_bwd<double, Peep>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, act);
   Tensor dwhh = out_or(into, 3, {4 * H, H}, o);
   at::mm_out(dwhh, dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
   if (!Peep) return {dxw, dh, dc, dwhh};
@@ -423,19 +445,23 @@ std::vector<Tensor> lstm_bwd_op(const Tensor& dhs, const Tensor& dhT, const Tens
 // xw (T,B,H) = x W_ih^T + b_ih + b_hh; h0 (B,H); whh (H,H).  h_t = tanh(xw_t + W_hh h_{t-1}).
 // Returns hbuf (T+1,B,H); the backward d xw, dh0, d whh.
 template <typename T_>
-void tanh_fwd(const Tensor& xw, const Tensor& whh, Tensor& hbuf, int64_t b0, int64_t b1) {
+void tanh_fwd(const Tensor& xw, const Tensor& whh, Tensor& hbuf, int64_t b0, int64_t b1, const int64_t* act) {
   OneBlasThread one_blas_thread;
   const int64_t T = xw.size(0), B = xw.size(1), H = hbuf.size(2), BH = B * H;
   for (int64_t t = 0; t < T; ++t) {
     T_* __restrict__ ph = hbuf.data_ptr<T_>() + (t + 1) * BH;
-    gemm<T_>(ph + b0 * H, b1 - b0, H, hbuf.data_ptr<T_>() + t * BH + b0 * H, H, H, whh, true, 0.0);  // W_hh h_{t-1}, then in place
+    const int64_t e = std::max(b0, std::min(b1, rows_at(act, t, B)));
+    zero_rows(ph, e, b1, H);
+    if (e == b0) continue;
+    gemm<T_>(ph + b0 * H, e - b0, H, hbuf.data_ptr<T_>() + t * BH + b0 * H, H, H, whh, true, 0.0);  // W_hh h_{t-1}, then in place
     const T_* __restrict__ px = xw.data_ptr<T_>() + t * BH;
 #pragma GCC ivdep
-    for (int64_t j = b0 * H; j < b1 * H; ++j) ph[j] = tanh_(px[j] + ph[j]);
+    for (int64_t j = b0 * H; j < e * H; ++j) ph[j] = tanh_(px[j] + ph[j]);
   }
 }
 
-std::vector<Tensor> tanh_rnn_fwd_into(const Tensor& xw, const Tensor& h0, const Tensor& whh, Outs into) {
+std::vector<Tensor> tanh_rnn_fwd_into(const Tensor& xw, const Tensor& h0, const Tensor& whh, Outs into,
+                                      const int64_t* act = nullptr) {
   check({&xw, &h0, &whh}, "tanh_rnn_fwd");
   const int64_t T = xw.size(0), B = xw.size(1), H = h0.size(1);
   TORCH_CHECK(xw.dim() == 3 && T >= 1 && xw.size(2) == H && h0.size(0) == B, "tanh_rnn_fwd: shapes");
@@ -443,15 +469,15 @@ std::vector<Tensor> tanh_rnn_fwd_into(const Tensor& xw, const Tensor& h0, const 
   hbuf.select(0, 0).copy_(h0);
   over_rows(B, H, H, [&](int64_t b0, int64_t b1) {
     if (xw.scalar_type() == at::kFloat)
-      tanh_fwd<float>(xw, whh, hbuf, b0, b1);
+      tanh_fwd<float>(xw, whh, hbuf, b0, b1, act);
     else
-      tanh_fwd<double>(xw, whh, hbuf, b0, b1);
+      tanh_fwd<double>(xw, whh, hbuf, b0, b1, act);
   });
   return {hbuf};
 }
 
 template <typename T_>
-void tanh_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, Tensor& dxw, Tensor& dh) {
+void tanh_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, Tensor& dxw, Tensor& dh, const int64_t* act) {
   OneBlasThread one_blas_thread;
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), BH = B * H;
   T_* __restrict__ pdh = dh.data_ptr<T_>();
@@ -459,23 +485,25 @@ void tanh_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, Tensor& 
     const T_* __restrict__ h = hbuf.data_ptr<T_>() + (t + 1) * BH;
     const T_* __restrict__ dho = dhs.data_ptr<T_>() + t * BH;
     T_* __restrict__ da = dxw.data_ptr<T_>() + t * BH;
+    const int64_t e = rows_at(act, t, B);
+    zero_rows(da, e, B, H);
 #pragma GCC ivdep
-    for (int64_t j = 0; j < BH; ++j) da[j] = (pdh[j] + dho[j]) * (1 - h[j] * h[j]);
-    gemm<T_>(pdh, B, H, da, H, H, whh, false, 0.0);  // dh_{t-1} = dA_t W_hh
+    for (int64_t j = 0; j < e * H; ++j) da[j] = (pdh[j] + dho[j]) * (1 - h[j] * h[j]);
+    if (e > 0) gemm<T_>(pdh, e, H, da, H, H, whh, false, 0.0);  // dh_{t-1} = dA_t W_hh
   }
 }
 
 std::vector<Tensor> tanh_rnn_bwd_into(const Tensor& dhs, const Tensor& dhT, const Tensor& whh, const Tensor& hbuf,
-                                      Outs into) {
+                                      Outs into, const int64_t* act = nullptr) {
   check({&dhs, &dhT, &whh, &hbuf}, "tanh_rnn_bwd");
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
   Tensor dxw = out_or(into, 0, {T, B, H}, dhs.options());
   Tensor dh = out_or(into, 1, {B, H}, dhs.options());
   dh.copy_(dhT);
   if (dhs.scalar_type() == at::kFloat)
-    tanh_bwd<float>(dhs, whh, hbuf, dxw, dh);
+    tanh_bwd<float>(dhs, whh, hbuf, dxw, dh, act);
   else
-    tanh_bwd<double>(dhs, whh, hbuf, dxw, dh);
+    tanh_bwd<double>(dhs, whh, hbuf, dxw, dh, act);
   Tensor dwhh = out_or(into, 2, {H, H}, dhs.options());
   at::mm_out(dwhh, dxw.view({T * B, H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
   return {dxw, dh, dwhh};
@@ -491,19 +519,23 @@ std::vector<Tensor> tanh_rnn_bwd(const Tensor& dhs, const Tensor& dhT, const Ten
 // Returns hbuf (T+1,B,H), gates (T,B,3H) = r, z, h~, rh (T,B,H) = r_t * h_{t-1}.
 template <typename T_>
 void grub_fwd(const Tensor& xw, const Tensor& whh, Tensor& hbuf, Tensor& gates, Tensor& rh, const Tensor& u_rz,
-              const Tensor& u_h, Tensor& grz, Tensor& gh, int64_t b0, int64_t b1) {
+              const Tensor& u_h, Tensor& grz, Tensor& gh, int64_t b0, int64_t b1, const int64_t* act) {
   OneBlasThread one_blas_thread;
   const int64_t T = xw.size(0), B = xw.size(1), H = hbuf.size(2), G = 3 * H, BH = B * H;
   const T_* __restrict__ pgrz = grz.data_ptr<T_>();
   const T_* __restrict__ pgh = gh.data_ptr<T_>();
   for (int64_t t = 0; t < T; ++t) {
-    gemm<T_>(grz.data_ptr<T_>() + b0 * 2 * H, b1 - b0, 2 * H, hbuf.data_ptr<T_>() + t * BH + b0 * H, H, H, u_rz, true, 0.0);
+    const int64_t e = std::max(b0, std::min(b1, rows_at(act, t, B)));
+    zero_rows(hbuf.data_ptr<T_>() + (t + 1) * BH, e, b1, H);
+    zero_rows(rh.data_ptr<T_>() + t * BH, e, b1, H);  // read whole by the weight gradient's product
+    if (e == b0) continue;
+    gemm<T_>(grz.data_ptr<T_>() + b0 * 2 * H, e - b0, 2 * H, hbuf.data_ptr<T_>() + t * BH + b0 * H, H, H, u_rz, true, 0.0);
     const T_* __restrict__ px = xw.data_ptr<T_>() + t * B * G;
     const T_* __restrict__ php = hbuf.data_ptr<T_>() + t * BH;
     T_* __restrict__ ph = hbuf.data_ptr<T_>() + (t + 1) * BH;
     T_* __restrict__ pg = gates.data_ptr<T_>() + t * B * G;
     T_* __restrict__ prh = rh.data_ptr<T_>() + t * BH;
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = b0; b < e; ++b) {
       const T_* __restrict__ ax = px + b * G;
       const T_* __restrict__ ah = pgrz + b * 2 * H;
       const T_* __restrict__ hp = php + b * H;
@@ -517,8 +549,8 @@ void grub_fwd(const Tensor& xw, const Tensor& whh, Tensor& hbuf, Tensor& gates, 
         r_h[j] = r * hp[j];
       }
     }
-    gemm<T_>(gh.data_ptr<T_>() + b0 * H, b1 - b0, H, rh.data_ptr<T_>() + t * BH + b0 * H, H, H, u_h, true, 0.0);
-    for (int64_t b = b0; b < b1; ++b) {
+    gemm<T_>(gh.data_ptr<T_>() + b0 * H, e - b0, H, rh.data_ptr<T_>() + t * BH + b0 * H, H, H, u_h, true, 0.0);
+    for (int64_t b = b0; b < e; ++b) {
       const T_* __restrict__ ax = px + b * G;
       const T_* __restrict__ ah = pgh + b * H;
       const T_* __restrict__ hp = php + b * H;
@@ -535,7 +567,8 @@ void grub_fwd(const Tensor& xw, const Tensor& whh, Tensor& hbuf, Tensor& gates, 
   }
 }
 
-std::vector<Tensor> gru_reset_before_fwd_into(const Tensor& xw, const Tensor& h0, const Tensor& whh, Outs into) {
+std::vector<Tensor> gru_reset_before_fwd_into(const Tensor& xw, const Tensor& h0, const Tensor& whh, Outs into,
+                                              const int64_t* act = nullptr) {
   check({&xw, &h0, &whh}, "gru_reset_before_fwd");
   const int64_t T = xw.size(0), B = xw.size(1), H = h0.size(1);
   TORCH_CHECK(xw.dim() == 3 && T >= 1 && xw.size(2) == 3 * H && h0.size(0) == B, "gru_reset_before_fwd: shapes");
@@ -546,9 +579,9 @@ std::vector<Tensor> gru_reset_before_fwd_into(const Tensor& xw, const Tensor& h0
   Tensor grz = at::empty({B, 2 * H}, o), gh = at::empty({B, H}, o);
   over_rows(B, 3 * H, H, [&](int64_t b0, int64_t b1) {
     if (xw.scalar_type() == at::kFloat)
-      grub_fwd<float>(xw, whh, hbuf, gates, rh, u_rz, u_h, grz, gh, b0, b1);
+      grub_fwd<float>(xw, whh, hbuf, gates, rh, u_rz, u_h, grz, gh, b0, b1, act);
     else
-      grub_fwd<double>(xw, whh, hbuf, gates, rh, u_rz, u_h, grz, gh, b0, b1);
+      grub_fwd<double>(xw, whh, hbuf, gates, rh, u_rz, u_h, grz, gh, b0, b1, act);
   });
   return {hbuf, gates, rh};
 }
@@ -558,7 +591,7 @@ std::vector<Tensor> gru_reset_before_fwd(const Tensor& xw, const Tensor& h0, con
 
 template <typename T_>
 void grub_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Tensor& gates, Tensor& dxw,
-              Tensor& dh) {
+              Tensor& dh, const int64_t* act) {
   OneBlasThread one_blas_thread;
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), G = 3 * H, BH = B * H;
   Tensor u_rz = whh.narrow(0, 0, 2 * H), u_h = whh.narrow(0, 2 * H, H);
@@ -570,7 +603,10 @@ void grub_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
     const T_* __restrict__ php = hbuf.data_ptr<T_>() + t * BH;
     const T_* __restrict__ pdo = dhs.data_ptr<T_>() + t * BH;
     T_* __restrict__ pda = dxw.data_ptr<T_>() + t * B * G;
-    for (int64_t b = 0; b < B; ++b) {
+    const int64_t e = rows_at(act, t, B);
+    zero_rows(pda, e, B, G);
+    if (e == 0) continue;
+    for (int64_t b = 0; b < e; ++b) {
       const T_* __restrict__ g = pg + b * G;
       const T_* __restrict__ hp = php + b * H;
       const T_* __restrict__ dho = pdo + b * H;
@@ -586,8 +622,8 @@ void grub_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
       }
     }
     T_* pdat = dxw.data_ptr<T_>() + t * B * G;
-    gemm<T_>(drh.data_ptr<T_>(), B, H, pdat + 2 * H, H, G, u_h, false, 0.0);  // d(r h_{t-1}) = dA_h U_h
-    for (int64_t b = 0; b < B; ++b) {
+    gemm<T_>(drh.data_ptr<T_>(), e, H, pdat + 2 * H, H, G, u_h, false, 0.0);  // d(r h_{t-1}) = dA_h U_h
+    for (int64_t b = 0; b < e; ++b) {
       const T_* __restrict__ g = pg + b * G;
       const T_* __restrict__ hp = php + b * H;
       const T_* __restrict__ d = pdrh + b * H;
@@ -600,21 +636,22 @@ void grub_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
         dhb[j] += d[j] * r;
       }
     }
-    gemm<T_>(pdh, B, H, pdat, 2 * H, G, u_rz, false, 1.0);  // + [dA_r, dA_z] [U_r; U_z]
+    gemm<T_>(pdh, e, H, pdat, 2 * H, G, u_rz, false, 1.0);  // + [dA_r, dA_z] [U_r; U_z]
   }
 }
 
 std::vector<Tensor> gru_reset_before_bwd_into(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
-                                              const Tensor& hbuf, const Tensor& gates, const Tensor& rh, Outs into) {
+                                              const Tensor& hbuf, const Tensor& gates, const Tensor& rh, Outs into,
+                                              const int64_t* act = nullptr) {
   check({&dhs, &dhT, &whh, &hbuf, &gates, &rh}, "gru_reset_before_bwd");
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
   Tensor dxw = out_or(into, 0, {T, B, 3 * H}, dhs.options());
   Tensor dh = out_or(into, 1, {B, H}, dhs.options());
   dh.copy_(dhT);
   if (dhs.scalar_type() == at::kFloat)
-    grub_bwd<float>(dhs, whh, hbuf, gates, dxw, dh);
+    grub_bwd<float>(dhs, whh, hbuf, gates, dxw, dh, act);
   else
-    grub_bwd<double>(dhs, whh, hbuf, gates, dxw, dh);
+    grub_bwd<double>(dhs, whh, hbuf, gates, dxw, dh, act);
   Tensor da = dxw.view({T * B, 3 * H});
   Tensor dwhh = out_or(into, 2, {3 * H, H}, dhs.options());
   Tensor top = dwhh.narrow(0, 0, 2 * H), bottom = dwhh.narrow(0, 2 * H, H);
@@ -634,18 +671,21 @@ std::vector<Tensor> gru_reset_before_bwd(const Tensor& dhs, const Tensor& dhT, c
 // Returns hbuf (T+1,B,H), gates (T,B,4H) = r, z, n, hn.
 template <typename T_>
 void grua_fwd(const Tensor& gi, const Tensor& whh, const Tensor& bhh, Tensor& hbuf, Tensor& gates, Tensor& gh,
-              int64_t b0, int64_t b1) {
+              int64_t b0, int64_t b1, const int64_t* act) {
   OneBlasThread one_blas_thread;
   const int64_t T = gi.size(0), B = gi.size(1), H = hbuf.size(2), G = 3 * H, BH = B * H;
   const T_* __restrict__ pgh = gh.data_ptr<T_>();
   const T_* __restrict__ pb = bhh.data_ptr<T_>();
   for (int64_t t = 0; t < T; ++t) {
-    gemm<T_>(gh.data_ptr<T_>() + b0 * G, b1 - b0, G, hbuf.data_ptr<T_>() + t * BH + b0 * H, H, H, whh, true, 0.0);
+    const int64_t e = std::max(b0, std::min(b1, rows_at(act, t, B)));
+    zero_rows(hbuf.data_ptr<T_>() + (t + 1) * BH, e, b1, H);
+    if (e == b0) continue;
+    gemm<T_>(gh.data_ptr<T_>() + b0 * G, e - b0, G, hbuf.data_ptr<T_>() + t * BH + b0 * H, H, H, whh, true, 0.0);
     const T_* __restrict__ px = gi.data_ptr<T_>() + t * B * G;
     const T_* __restrict__ php = hbuf.data_ptr<T_>() + t * BH;
     T_* __restrict__ ph = hbuf.data_ptr<T_>() + (t + 1) * BH;
     T_* __restrict__ pg = gates.data_ptr<T_>() + t * B * 4 * H;
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = b0; b < e; ++b) {
       const T_* __restrict__ ax = px + b * G;
       const T_* __restrict__ ah = pgh + b * G;
       const T_* __restrict__ hp = php + b * H;
@@ -668,7 +708,7 @@ void grua_fwd(const Tensor& gi, const Tensor& whh, const Tensor& bhh, Tensor& hb
 }
 
 std::vector<Tensor> gru_reset_after_fwd_into(const Tensor& gi, const Tensor& h0, const Tensor& whh, const Tensor& bhh,
-                                             Outs into) {
+                                             Outs into, const int64_t* act = nullptr) {
   check({&gi, &h0, &whh, &bhh}, "gru_reset_after_fwd");
   const int64_t T = gi.size(0), B = gi.size(1), H = h0.size(1);
   TORCH_CHECK(gi.dim() == 3 && T >= 1 && gi.size(2) == 3 * H && h0.size(0) == B, "gru_reset_after_fwd: shapes");
@@ -678,9 +718,9 @@ std::vector<Tensor> gru_reset_after_fwd_into(const Tensor& gi, const Tensor& h0,
   Tensor gh = at::empty({B, 3 * H}, o);
   over_rows(B, 3 * H, H, [&](int64_t b0, int64_t b1) {
     if (gi.scalar_type() == at::kFloat)
-      grua_fwd<float>(gi, whh, bhh, hbuf, gates, gh, b0, b1);
+      grua_fwd<float>(gi, whh, bhh, hbuf, gates, gh, b0, b1, act);
     else
-      grua_fwd<double>(gi, whh, bhh, hbuf, gates, gh, b0, b1);
+      grua_fwd<double>(gi, whh, bhh, hbuf, gates, gh, b0, b1, act);
   });
   return {hbuf, gates};
 }
@@ -690,7 +730,7 @@ std::vector<Tensor> gru_reset_after_fwd(const Tensor& gi, const Tensor& h0, cons
 
 template <typename T_>
 void grua_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Tensor& gates, Tensor& dgi,
-              Tensor& dgh, Tensor& dh) {
+              Tensor& dgh, Tensor& dh, const int64_t* act) {
   OneBlasThread one_blas_thread;
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), G = 3 * H, BH = B * H;
   T_* __restrict__ pdh = dh.data_ptr<T_>();
@@ -700,7 +740,11 @@ void grua_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
     const T_* __restrict__ pdo = dhs.data_ptr<T_>() + t * BH;
     T_* __restrict__ pdi = dgi.data_ptr<T_>() + t * B * G;
     T_* __restrict__ pdg = dgh.data_ptr<T_>() + t * B * G;
-    for (int64_t b = 0; b < B; ++b) {
+    const int64_t e = rows_at(act, t, B);
+    zero_rows(pdi, e, B, G);
+    zero_rows(pdg, e, B, G);  // read whole by the weight gradients' product and sum
+    if (e == 0) continue;
+    for (int64_t b = 0; b < e; ++b) {
       const T_* __restrict__ g = pg + b * 4 * H;
       const T_* __restrict__ hp = php + b * H;
       const T_* __restrict__ dho = pdo + b * H;
@@ -723,12 +767,13 @@ void grua_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& hbuf, const Te
         dhb[j] = dht * z;
       }
     }
-    gemm<T_>(pdh, B, H, dgh.data_ptr<T_>() + t * B * G, G, G, whh, false, 1.0);  // + d gh_t W_hh
+    gemm<T_>(pdh, e, H, dgh.data_ptr<T_>() + t * B * G, G, G, whh, false, 1.0);  // + d gh_t W_hh
   }
 }
 
 std::vector<Tensor> gru_reset_after_bwd_into(const Tensor& dhs, const Tensor& dhT, const Tensor& whh,
-                                             const Tensor& hbuf, const Tensor& gates, Outs into) {
+                                             const Tensor& hbuf, const Tensor& gates, Outs into,
+                                             const int64_t* act = nullptr) {
   check({&dhs, &dhT, &whh, &hbuf, &gates}, "gru_reset_after_bwd");
   const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
   auto o = dhs.options();
@@ -736,9 +781,9 @@ std::vector<Tensor> gru_reset_after_bwd_into(const Tensor& dhs, const Tensor& dh
   Tensor dh = out_or(into, 1, {B, H}, o);
   dh.copy_(dhT);
   if (dhs.scalar_type() == at::kFloat)
-    grua_bwd<float>(dhs, whh, hbuf, gates, dgi, dgh, dh);
+    grua_bwd<float>(dhs, whh, hbuf, gates, dgi, dgh, dh, act);
   else
-    grua_bwd<double>(dhs, whh, hbuf, gates, dgi, dgh, dh);
+    grua_bwd<double>(dhs, whh, hbuf, gates, dgi, dgh, dh, act);
   Tensor dgh2 = dgh.view({T * B, 3 * H});
   Tensor dwhh = out_or(into, 2, {3 * H, H}, o), dbhh = out_or(into, 3, {3 * H}, o);
   at::mm_out(dwhh, dgh2.t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
@@ -752,7 +797,9 @@ std::vector<Tensor> gru_reset_after_bwd(const Tensor& dhs, const Tensor& dhT, co
 
 // ==== K models at once =============================================================================
 // The *_stacked ops take K models' tensors stacked on a leading dim, member-major and contiguous: xw
-// (K, T, B, G), states (K, B, H), weights (K, ...), and lengths[k], the steps model k runs (1..T). They
+// (K, T, B, G), states (K, B, H), weights (K, ...), and lengths: either K numbers, lengths[k] the steps
+// model k runs (1..T), or K x B, each sequence's own length (model k's rows sorted longest first; model k
+// runs its longest, and each row stops at its own end: `rows_at`). They
 // return stacked outputs: the buffers (K, T+1, B, H) / (K, T, B, ...) and the per-model gradients
 // (K, ...). Model k's loop reads and writes only its own rows, views of the stacked tensors (nothing is
 // copied in or out), so the K models run in parallel (`in_parallel` above); each model's row chunks run
@@ -770,24 +817,35 @@ std::vector<Tensor> stacked_empty(int64_t K, std::initializer_list<std::vector<i
   return outs;
 }
 
-// f(k, n, views): model k's loop over its n steps into `views` of `outs` (the first n_timed outputs have a
-// time dim of T or T+1 after K: the view holds the first n or n+1 slots; the others: the whole row k).
+// f(k, n, views, act): model k's loop over its n steps into `views` of `outs` (the first n_timed outputs
+// have a time dim of T or T+1 after K: the view holds the first n or n+1 slots; the others: the whole row
+// k), act its rows running at each step (nullptr: all).
 template <typename F>
 std::vector<Tensor> over_models(const char* op, const Tensor& xw, at::IntArrayRef lengths, std::vector<Tensor> outs,
                                 size_t n_timed, std::initializer_list<const Tensor*> stacked, const F& f) {
   TORCH_CHECK(xw.dim() == 4, "rnnbench_fast::", op, ": xw must be (K, T, B, G)");
-  const int64_t K = xw.size(0), T = xw.size(1);
-  TORCH_CHECK(static_cast<int64_t>(lengths.size()) == K, "rnnbench_fast::", op, ": one length per model");
+  const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), L = static_cast<int64_t>(lengths.size());
+  TORCH_CHECK(L == K || L == K * B, "rnnbench_fast::", op, ": give one length per model or one per sequence (K x B)");
   for (int64_t n : lengths) TORCH_CHECK(n >= 1 && n <= T, "rnnbench_fast::", op, ": lengths must lie in 1..T");
+  const bool per_row = L == K * B && B > 1;
+  std::vector<std::vector<int64_t>> act(per_row ? K : 0);
+  for (int64_t k = 0; per_row && k < K; ++k) {
+    const int64_t* rows = lengths.data() + k * B;
+    for (int64_t b = 1; b < B; ++b)
+      TORCH_CHECK(rows[b] <= rows[b - 1], "rnnbench_fast::", op, ": each model's sequence lengths must be sorted longest first");
+    act[k].assign(rows[0], 0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < rows[b]; ++t) ++act[k][t];
+  }
   for (const Tensor* t : stacked)
     TORCH_CHECK(t->dim() >= 1 && t->size(0) == K && t->is_contiguous(), "rnnbench_fast::", op,
                 ": every tensor needs one contiguous row per model");
   in_parallel(K, [&](int64_t k) {
-    const int64_t n = lengths[k];
+    const int64_t n = per_row ? lengths[k * B] : lengths[L == K ? k : k * B];
     std::vector<Tensor> views;
     for (size_t i = 0; i < outs.size(); ++i)
       views.push_back(i < n_timed ? first_steps(outs[i], k, n + outs[i].size(1) - T) : outs[i].select(0, k));
-    f(k, n, &views);
+    f(k, n, &views, per_row ? act[k].data() : nullptr);
     Tensor mine = outs[0].select(0, k);
     const int64_t used = n + mine.size(0) - T, slot = mine.stride(0) * mine.element_size();
     std::memset(static_cast<char*>(mine.data_ptr()) + used * slot, 0, (mine.size(0) - used) * slot);
@@ -800,8 +858,8 @@ std::vector<Tensor> peephole_lstm_fwd_stacked(const Tensor& xw, at::IntArrayRef 
   const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(-1);
   auto outs = stacked_empty(K, {{T + 1, B, H}, {T + 1, B, H}, {T, B, 4 * H}, {T, B, H}}, xw.options());
   return over_models("peephole_lstm_fwd_stacked", xw, lengths, outs, 4, {&xw, &h0, &c0, &whh, &wci, &wcf, &wco},
-                     [&](int64_t k, int64_t n, Outs into) {
-    lstm_forward<true>("peephole_lstm_fwd", first_steps(xw, k, n), h0[k], c0[k], whh[k], wci[k], wcf[k], wco[k], into);
+                     [&](int64_t k, int64_t n, Outs into, const int64_t* act) {
+    lstm_forward<true>("peephole_lstm_fwd", first_steps(xw, k, n), h0[k], c0[k], whh[k], wci[k], wcf[k], wco[k], into, act);
   });
 }
 
@@ -811,10 +869,10 @@ std::vector<Tensor> peephole_lstm_bwd_stacked(const Tensor& dhs, at::IntArrayRef
   const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
   auto outs = stacked_empty(K, {{T, B, 4 * H}, {B, H}, {B, H}, {4 * H, H}, {H}, {H}, {H}}, dhs.options());
   return over_models("peephole_lstm_bwd_stacked", dhs, lengths, outs, 1,
-                     {&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, [&](int64_t k, int64_t n, Outs into) {
+                     {&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, [&](int64_t k, int64_t n, Outs into, const int64_t* act) {
     lstm_backward<true>("peephole_lstm_bwd", first_steps(dhs, k, n), dhT[k], dcT[k], whh[k], wci[k], wcf[k], wco[k],
                         first_steps(hbuf, k, n + 1), first_steps(cbuf, k, n + 1), first_steps(gates, k, n),
-                        first_steps(tcs, k, n), into);
+                        first_steps(tcs, k, n), into, act);
   });
 }
 
@@ -822,8 +880,8 @@ std::vector<Tensor> lstm_fwd_stacked(const Tensor& xw, at::IntArrayRef lengths, 
                                      const Tensor& whh) {
   const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(-1);
   auto outs = stacked_empty(K, {{T + 1, B, H}, {T + 1, B, H}, {T, B, 4 * H}, {T, B, H}}, xw.options());
-  return over_models("lstm_fwd_stacked", xw, lengths, outs, 4, {&xw, &h0, &c0, &whh}, [&](int64_t k, int64_t n, Outs into) {
-    lstm_forward<false>("lstm_fwd", first_steps(xw, k, n), h0[k], c0[k], whh[k], whh[k], whh[k], whh[k], into);
+  return over_models("lstm_fwd_stacked", xw, lengths, outs, 4, {&xw, &h0, &c0, &whh}, [&](int64_t k, int64_t n, Outs into, const int64_t* act) {
+    lstm_forward<false>("lstm_fwd", first_steps(xw, k, n), h0[k], c0[k], whh[k], whh[k], whh[k], whh[k], into, act);
   });
 }
 
@@ -833,18 +891,18 @@ std::vector<Tensor> lstm_bwd_stacked(const Tensor& dhs, at::IntArrayRef lengths,
   const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
   auto outs = stacked_empty(K, {{T, B, 4 * H}, {B, H}, {B, H}, {4 * H, H}}, dhs.options());
   return over_models("lstm_bwd_stacked", dhs, lengths, outs, 1, {&dhs, &dhT, &dcT, &whh, &hbuf, &cbuf, &gates, &tcs},
-                     [&](int64_t k, int64_t n, Outs into) {
+                     [&](int64_t k, int64_t n, Outs into, const int64_t* act) {
     lstm_backward<false>("lstm_bwd", first_steps(dhs, k, n), dhT[k], dcT[k], whh[k], whh[k], whh[k], whh[k],
                          first_steps(hbuf, k, n + 1), first_steps(cbuf, k, n + 1), first_steps(gates, k, n),
-                         first_steps(tcs, k, n), into);
+                         first_steps(tcs, k, n), into, act);
   });
 }
 
 std::vector<Tensor> gru_reset_before_fwd_stacked(const Tensor& xw, at::IntArrayRef lengths, const Tensor& h0, const Tensor& whh) {
   const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(-1);
   auto outs = stacked_empty(K, {{T + 1, B, H}, {T, B, 3 * H}, {T, B, H}}, xw.options());
-  return over_models("gru_reset_before_fwd_stacked", xw, lengths, outs, 3, {&xw, &h0, &whh}, [&](int64_t k, int64_t n, Outs into) {
-    gru_reset_before_fwd_into(first_steps(xw, k, n), h0[k], whh[k], into);
+  return over_models("gru_reset_before_fwd_stacked", xw, lengths, outs, 3, {&xw, &h0, &whh}, [&](int64_t k, int64_t n, Outs into, const int64_t* act) {
+    gru_reset_before_fwd_into(first_steps(xw, k, n), h0[k], whh[k], into, act);
   });
 }
 
@@ -853,9 +911,9 @@ std::vector<Tensor> gru_reset_before_bwd_stacked(const Tensor& dhs, at::IntArray
   const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
   auto outs = stacked_empty(K, {{T, B, 3 * H}, {B, H}, {3 * H, H}}, dhs.options());
   return over_models("gru_reset_before_bwd_stacked", dhs, lengths, outs, 1, {&dhs, &dhT, &whh, &hbuf, &gates, &rh},
-                     [&](int64_t k, int64_t n, Outs into) {
+                     [&](int64_t k, int64_t n, Outs into, const int64_t* act) {
     gru_reset_before_bwd_into(first_steps(dhs, k, n), dhT[k], whh[k], first_steps(hbuf, k, n + 1), first_steps(gates, k, n),
-                              first_steps(rh, k, n), into);
+                              first_steps(rh, k, n), into, act);
   });
 }
 
@@ -863,8 +921,8 @@ std::vector<Tensor> gru_reset_after_fwd_stacked(const Tensor& gi, at::IntArrayRe
                                                 const Tensor& bhh) {
   const int64_t K = gi.size(0), T = gi.size(1), B = gi.size(2), H = h0.size(-1);
   auto outs = stacked_empty(K, {{T + 1, B, H}, {T, B, 4 * H}}, gi.options());
-  return over_models("gru_reset_after_fwd_stacked", gi, lengths, outs, 2, {&gi, &h0, &whh, &bhh}, [&](int64_t k, int64_t n, Outs into) {
-    gru_reset_after_fwd_into(first_steps(gi, k, n), h0[k], whh[k], bhh[k], into);
+  return over_models("gru_reset_after_fwd_stacked", gi, lengths, outs, 2, {&gi, &h0, &whh, &bhh}, [&](int64_t k, int64_t n, Outs into, const int64_t* act) {
+    gru_reset_after_fwd_into(first_steps(gi, k, n), h0[k], whh[k], bhh[k], into, act);
   });
 }
 
@@ -873,16 +931,16 @@ std::vector<Tensor> gru_reset_after_bwd_stacked(const Tensor& dhs, at::IntArrayR
   const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
   auto outs = stacked_empty(K, {{T, B, 3 * H}, {B, H}, {3 * H, H}, {3 * H}}, dhs.options());
   return over_models("gru_reset_after_bwd_stacked", dhs, lengths, outs, 1, {&dhs, &dhT, &whh, &hbuf, &gates},
-                     [&](int64_t k, int64_t n, Outs into) {
-    gru_reset_after_bwd_into(first_steps(dhs, k, n), dhT[k], whh[k], first_steps(hbuf, k, n + 1), first_steps(gates, k, n), into);
+                     [&](int64_t k, int64_t n, Outs into, const int64_t* act) {
+    gru_reset_after_bwd_into(first_steps(dhs, k, n), dhT[k], whh[k], first_steps(hbuf, k, n + 1), first_steps(gates, k, n), into, act);
   });
 }
 
 std::vector<Tensor> tanh_rnn_fwd_stacked(const Tensor& xw, at::IntArrayRef lengths, const Tensor& h0, const Tensor& whh) {
   const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(-1);
   auto outs = stacked_empty(K, {{T + 1, B, H}}, xw.options());
-  return over_models("tanh_rnn_fwd_stacked", xw, lengths, outs, 1, {&xw, &h0, &whh}, [&](int64_t k, int64_t n, Outs into) {
-    tanh_rnn_fwd_into(first_steps(xw, k, n), h0[k], whh[k], into);
+  return over_models("tanh_rnn_fwd_stacked", xw, lengths, outs, 1, {&xw, &h0, &whh}, [&](int64_t k, int64_t n, Outs into, const int64_t* act) {
+    tanh_rnn_fwd_into(first_steps(xw, k, n), h0[k], whh[k], into, act);
   });
 }
 
@@ -890,9 +948,121 @@ std::vector<Tensor> tanh_rnn_bwd_stacked(const Tensor& dhs, at::IntArrayRef leng
                                          const Tensor& hbuf) {
   const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
   auto outs = stacked_empty(K, {{T, B, H}, {B, H}, {H, H}}, dhs.options());
-  return over_models("tanh_rnn_bwd_stacked", dhs, lengths, outs, 1, {&dhs, &dhT, &whh, &hbuf}, [&](int64_t k, int64_t n, Outs into) {
-    tanh_rnn_bwd_into(first_steps(dhs, k, n), dhT[k], whh[k], first_steps(hbuf, k, n + 1), into);
+  return over_models("tanh_rnn_bwd_stacked", dhs, lengths, outs, 1, {&dhs, &dhT, &whh, &hbuf}, [&](int64_t k, int64_t n, Outs into, const int64_t* act) {
+    tanh_rnn_bwd_into(first_steps(dhs, k, n), dhT[k], whh[k], first_steps(hbuf, k, n + 1), into, act);
   });
+}
+
+// ==== per-model linear maps over each sequence's own steps =========================================
+// x (K, T, B, D) with any strides but a unit last one (the layer's input as it is: a permuted view of
+// the batch, or the layer below's outputs), lengths (K x B, member-major): sequence b of model k has
+// lengths[k B + b] steps; W (K, O, D), b (K, O). y (K, T, B, O) contiguous: y[k, t, b] = W_k x[k, t, b]
+// + b_k for t < its length, 0 after. One strided product per sequence (its steps are evenly spaced in
+// both x and y), the models in parallel: the input projection of sequences of unequal lengths computes
+// no padded step and copies no input.
+
+// Row-major C (M, N; row stride ldc) = beta C + op(A) op(Bm): op(A) (M, Kd) from A stored (M, Kd) with row
+// stride lda, or stored (Kd, M) when ta; op(Bm) (Kd, N) likewise (tb: stored (N, Kd)).
+template <typename T_>
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t Kd, const T_* A, int64_t lda, const T_* Bm, int64_t ldb,
+             double beta, T_* C, int64_t ldc, const at::TensorOptions& o) {
+  if (M == 0 || N == 0) return;
+  if (have_blas(C)) {  // column-major C^T = op(Bm)^T op(A)^T
+    blas_gemm(tb ? "T" : "N", ta ? "T" : "N", static_cast<int>(N), static_cast<int>(M), static_cast<int>(Kd), T_(1), Bm,
+              static_cast<int>(ldb), A, static_cast<int>(lda), static_cast<T_>(beta), C, static_cast<int>(ldc));
+    return;
+  }
+  Tensor a = ta ? at::from_blob(const_cast<T_*>(A), {Kd, M}, {lda, 1}, o).t() : at::from_blob(const_cast<T_*>(A), {M, Kd}, {lda, 1}, o);
+  Tensor bm = tb ? at::from_blob(const_cast<T_*>(Bm), {N, Kd}, {ldb, 1}, o).t() : at::from_blob(const_cast<T_*>(Bm), {Kd, N}, {ldb, 1}, o);
+  Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, o);
+  if (beta == 0.0)
+    c.copy_(at::mm(a, bm));
+  else
+    c.add_(at::mm(a, bm));
+}
+
+void check_steps_linear(const Tensor& x, at::IntArrayRef lengths, const Tensor& W, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && W.device().is_cpu(), "rnnbench_fast::", op, ": tensors must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == W.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "rnnbench_fast::", op, ": float32 or float64, one dtype");
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && W.dim() == 3 && W.is_contiguous() && W.size(0) == x.size(0) &&
+                  W.size(2) == x.size(3), "rnnbench_fast::", op, ": shapes");
+  TORCH_CHECK(static_cast<int64_t>(lengths.size()) == x.size(0) * x.size(2), "rnnbench_fast::", op, ": one length per sequence");
+  for (int64_t n : lengths) TORCH_CHECK(n >= 0 && n <= x.size(1), "rnnbench_fast::", op, ": lengths must lie in 0..T");
+}
+
+template <typename T_>
+void steps_fwd(const Tensor& x, at::IntArrayRef lengths, const Tensor& W, const Tensor& bias, Tensor& y, int64_t k) {
+  const int64_t T = x.size(1), B = x.size(2), D = x.size(3), O = W.size(1);
+  const T_* __restrict__ pb = bias.data_ptr<T_>() + k * O;
+  const T_* Wk = W.data_ptr<T_>() + k * O * D;
+  T_* yk = y.data_ptr<T_>() + k * T * B * O;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = lengths[k * B + b];
+    T_* yb = yk + b * O;
+    for (int64_t t = 0; t < L; ++t) std::memcpy(yb + t * B * O, pb, O * sizeof(T_));
+    for (int64_t t = L; t < T; ++t) std::memset(yb + t * B * O, 0, O * sizeof(T_));
+    const T_* xb = x.data_ptr<T_>() + k * x.stride(0) + b * x.stride(2);
+    gemm_rm<T_>(false, true, L, O, D, xb, x.stride(1), Wk, D, 1.0, yb, B * O, x.options());  // + x W_k^T
+  }
+}
+
+Tensor steps_linear_fwd(const Tensor& x, at::IntArrayRef lengths, const Tensor& W, const Tensor& b) {
+  check_steps_linear(x, lengths, W, "steps_linear_fwd");
+  TORCH_CHECK(b.is_contiguous() && b.dim() == 2 && b.size(0) == W.size(0) && b.size(1) == W.size(1) &&
+                  b.scalar_type() == W.scalar_type(), "rnnbench_fast::steps_linear_fwd: bias shape");
+  Tensor y = at::empty({x.size(0), x.size(1), x.size(2), W.size(1)}, x.options());
+  in_parallel(x.size(0), [&](int64_t k) {
+    OneBlasThread one_blas_thread;
+    if (x.scalar_type() == at::kFloat)
+      steps_fwd<float>(x, lengths, W, b, y, k);
+    else
+      steps_fwd<double>(x, lengths, W, b, y, k);
+  });
+  return y;
+}
+
+template <typename T_>
+void steps_bwd(const Tensor& dy, const Tensor& x, at::IntArrayRef lengths, const Tensor& W, Tensor& dx, Tensor& dW,
+               Tensor& db, int64_t k) {
+  const int64_t T = x.size(1), B = x.size(2), D = x.size(3), O = W.size(1);
+  const T_* Wk = W.data_ptr<T_>() + k * O * D;
+  const T_* dyk = dy.data_ptr<T_>() + k * T * B * O;
+  T_* dWk = dW.data_ptr<T_>() + k * O * D;
+  std::vector<double> acc(O, 0.0);  // db_k: the steps' sum, in double whatever T_ is
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = lengths[k * B + b];
+    const T_* g = dyk + b * O;
+    const T_* xb = x.data_ptr<T_>() + k * x.stride(0) + b * x.stride(2);
+    gemm_rm<T_>(true, false, O, D, L, g, B * O, xb, x.stride(1), 1.0, dWk, D, x.options());  // dW_k += dy_b^T x_b
+    if (dx.defined())
+      gemm_rm<T_>(false, false, L, D, O, g, B * O, Wk, D, 0.0, dx.data_ptr<T_>() + k * T * B * D + b * D, B * D,
+                  x.options());  // dx_b = dy_b W_k
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t o = 0; o < O; ++o) acc[o] += static_cast<double>(g[t * B * O + o]);
+  }
+  T_* pdb = db.data_ptr<T_>() + k * O;
+  for (int64_t o = 0; o < O; ++o) pdb[o] = static_cast<T_>(acc[o]);
+}
+
+// dy (K, T, B, O) contiguous -> dx (K, T, B, D) contiguous (0 after each sequence's end; an empty tensor
+// when need_dx is false: x is data), dW (K, O, D), db (K, O).
+std::vector<Tensor> steps_linear_bwd(const Tensor& dy, const Tensor& x, at::IntArrayRef lengths, const Tensor& W,
+                                     bool need_dx) {
+  check_steps_linear(x, lengths, W, "steps_linear_bwd");
+  TORCH_CHECK(dy.is_contiguous() && dy.dim() == 4 && dy.size(0) == x.size(0) && dy.size(1) == x.size(1) &&
+                  dy.size(2) == x.size(2) && dy.size(3) == W.size(1) && dy.scalar_type() == x.scalar_type(),
+              "rnnbench_fast::steps_linear_bwd: shapes");
+  Tensor dx = need_dx ? at::zeros({x.size(0), x.size(1), x.size(2), x.size(3)}, x.options()) : Tensor();
+  Tensor dW = at::zeros({W.size(0), W.size(1), W.size(2)}, W.options()), db = at::empty({W.size(0), W.size(1)}, W.options());
+  in_parallel(x.size(0), [&](int64_t k) {
+    OneBlasThread one_blas_thread;
+    if (x.scalar_type() == at::kFloat)
+      steps_bwd<float>(dy, x, lengths, W, dx, dW, db, k);
+    else
+      steps_bwd<double>(dy, x, lengths, W, dx, dW, db, k);
+  });
+  return {need_dx ? dx : at::empty({0}, x.options()), dW, db};
 }
 
 // ==== per-model linear maps over rows ===============================================================
@@ -910,6 +1080,28 @@ void check_rows(const Tensor& x, at::IntArrayRef starts, at::IntArrayRef counts,
                 ": rows out of range");
 }
 
+// Rows [0, R) that no model owns are zeroed, and only those: the owned ones are written whole.
+template <typename T_>
+void zero_unowned(T_* base, int64_t R, int64_t width, at::IntArrayRef starts, at::IntArrayRef counts) {
+  std::vector<std::pair<int64_t, int64_t>> owned;
+  for (size_t k = 0; k < starts.size(); ++k)
+    if (counts[k] > 0) owned.emplace_back(starts[k], starts[k] + counts[k]);
+  std::sort(owned.begin(), owned.end());
+  int64_t next = 0;
+  for (const auto& [a, b] : owned) {
+    zero_rows(base, next, a, width);
+    next = std::max(next, b);
+  }
+  zero_rows(base, next, R, width);
+}
+
+void zero_unowned_rows(Tensor& y, at::IntArrayRef starts, at::IntArrayRef counts) {
+  if (y.scalar_type() == at::kFloat)
+    zero_unowned<float>(y.data_ptr<float>(), y.size(0), y.size(1), starts, counts);
+  else
+    zero_unowned<double>(y.data_ptr<double>(), y.size(0), y.size(1), starts, counts);
+}
+
 // The workers below use the BLAS (one thread each) and plain loops only: an ATen elementwise op on a
 // worker thread would start its own OpenMP team there.
 template <typename T_>
@@ -925,7 +1117,8 @@ Tensor rows_linear_fwd(const Tensor& x, at::IntArrayRef starts, at::IntArrayRef 
   check_rows(x, starts, counts, W, "rows_linear_fwd");
   check({&x, &b}, "rows_linear_fwd");
   TORCH_CHECK(b.dim() == 2 && b.size(0) == W.size(0) && b.size(1) == W.size(1), "rnnbench_fast::rows_linear_fwd: bias shape");
-  Tensor y = at::zeros({x.size(0), W.size(1)}, x.options());
+  Tensor y = at::empty({x.size(0), W.size(1)}, x.options());
+  zero_unowned_rows(y, starts, counts);
   in_parallel(W.size(0), [&](int64_t k) {
     if (counts[k] == 0) return;
     OneBlasThread one_blas_thread;
@@ -942,7 +1135,7 @@ void rows_bwd(const Tensor& dy, const Tensor& x, const Tensor& Wk, Tensor& dx, T
               int64_t count) {
   const int64_t D = x.size(1), O = Wk.size(0);
   const T_* __restrict__ g = dy.data_ptr<T_>() + start * O;
-  gemm<T_>(dx.data_ptr<T_>() + start * D, count, D, g, O, O, Wk, false, 0.0);  // dx = dy W_k
+  if (dx.defined()) gemm<T_>(dx.data_ptr<T_>() + start * D, count, D, g, O, O, Wk, false, 0.0);  // dx = dy W_k
   at::mm_out(dWk, dy.narrow(0, start, count).t(), x.narrow(0, start, count));  // dW_k = dy^T x
   std::vector<double> acc(O, 0.0);  // db_k = the rows' sum, in double whatever T_ is
   for (int64_t r = 0; r < count; ++r)
@@ -951,13 +1144,19 @@ void rows_bwd(const Tensor& dy, const Tensor& x, const Tensor& Wk, Tensor& dx, T
   for (int64_t o = 0; o < O; ++o) pdb[o] = static_cast<T_>(acc[o]);
 }
 
-// dy (R, O) -> dx (R, D) (0 on rows no model owns), dW (K, O, D), db (K, O).
+// dy (R, O) -> dx (R, D) (0 on rows no model owns; an empty tensor when need_dx is false: x is data),
+// dW (K, O, D), db (K, O).
 std::vector<Tensor> rows_linear_bwd(const Tensor& dy, const Tensor& x, at::IntArrayRef starts, at::IntArrayRef counts,
-                                    const Tensor& W) {
+                                    const Tensor& W, bool need_dx) {
   check_rows(x, starts, counts, W, "rows_linear_bwd");
   check({&dy, &x}, "rows_linear_bwd");
   TORCH_CHECK(dy.dim() == 2 && dy.size(0) == x.size(0) && dy.size(1) == W.size(1), "rnnbench_fast::rows_linear_bwd: shapes");
-  Tensor dx = at::zeros({x.size(0), x.size(1)}, x.options()), dW = at::zeros({W.size(0), W.size(1), W.size(2)}, W.options());
+  Tensor dx;
+  if (need_dx) {
+    dx = at::empty({x.size(0), x.size(1)}, x.options());
+    zero_unowned_rows(dx, starts, counts);
+  }
+  Tensor dW = at::zeros({W.size(0), W.size(1), W.size(2)}, W.options());
   Tensor db = at::zeros({W.size(0), W.size(1)}, W.options());
   in_parallel(W.size(0), [&](int64_t k) {
     if (counts[k] == 0) return;
@@ -968,7 +1167,7 @@ std::vector<Tensor> rows_linear_bwd(const Tensor& dy, const Tensor& x, at::IntAr
     else
       rows_bwd<double>(dy, x, W[k], dx, dWk, dbk, starts[k], counts[k]);
   });
-  return {dx, dW, db};
+  return {need_dx ? dx : at::empty({0}, x.options()), dW, db};
 }
 
 }  // namespace
@@ -986,6 +1185,8 @@ TORCH_LIBRARY(rnnbench_fast, m) {
   m.def("tanh_rnn_bwd", &tanh_rnn_bwd);
   m.def("rows_linear_fwd", &rows_linear_fwd);
   m.def("rows_linear_bwd", &rows_linear_bwd);
+  m.def("steps_linear_fwd", &steps_linear_fwd);
+  m.def("steps_linear_bwd", &steps_linear_bwd);
   m.def("peephole_lstm_fwd_stacked", &peephole_lstm_fwd_stacked);
   m.def("peephole_lstm_bwd_stacked", &peephole_lstm_bwd_stacked);
   m.def("gru_reset_before_fwd_stacked", &gru_reset_before_fwd_stacked);
