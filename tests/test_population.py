@@ -209,11 +209,16 @@ def test_a_stop_rule_for_a_task_without_that_baseline_fails_in_one_line(tmp_path
     assert "\n" not in str(e.value)
 
 
+PACKED = [pytest.param(c, "jsb", id=f"{c}-jsb") for c in sorted(CELLS)] + [
+    pytest.param(c, "fsdd", id=f"{c}-fsdd") for c in ("lstm", "gru_reset_before")]
+
+
 @requires_data
-@pytest.mark.parametrize("cell", sorted(CELLS))
-def test_packed_rows_give_the_padded_numbers(cell: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A music population's projection over each member's own steps and its output layer and loss over
-    the valid steps only (rows_linear) give the padded computation's loss, sums and gradients."""
+@pytest.mark.parametrize(("cell", "task"), PACKED)
+def test_packed_rows_give_the_padded_numbers(cell: str, task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A music (or speech) population's projection over each member's own steps and its output layer
+    and loss over the valid steps only (rows_linear) give the padded computation's loss, sums and
+    gradients."""
     from rnnbench import cells
     from rnnbench.cells import loops
     from rnnbench.training.population import TrainBatches
@@ -223,8 +228,11 @@ def test_packed_rows_give_the_padded_numbers(cell: str, tmp_path: Path, monkeypa
     from rnnbench.training import population
 
     monkeypatch.setattr(population, "PACK_BELOW", 1.01)  # pack whatever the padding
-    pop = build(member_configs(cell, tmp_path, [["train.seed=0"], ["train.seed=1"], ["train.seed=2"]]),
-                torch.device("cpu"), torch.float64)
+    base = TINY if task == "jsb" else [o for o in TINY if not o.startswith("task.")] + [
+        "task.name=fsdd", "task.max_recordings=12", "task.n_components=3"]
+    configs = [load_config(None, base + [f"model.cell={cell}", f"tracking.checkpoint_dir={tmp_path}", f"train.seed={k}"])
+               for k in range(3)]
+    pop = build(configs, torch.device("cpu"), torch.float64)
     batch = pop.on_device(next(iter(TrainBatches(pop))))
     assert len(set(batch["steps"].tolist())) > 1  # members of unequal lengths: some rows are padding
     weights = pop.trained_weights()

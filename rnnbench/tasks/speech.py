@@ -293,6 +293,19 @@ class SpeechTask(Task):
         f, d = frames.to(nll.dtype), nll.detach()
         return nll / frames, {"nll": (d, f), "nll_per_sample": (d, f * self.options.frame_out)}
 
+    def packed_rows(self, batch: Batch) -> torch.Tensor:
+        return batch["mask"]
+
+    def packed_loss_and_sums(self, out: torch.Tensor, batch: Batch, counts: torch.Tensor) -> tuple[torch.Tensor, MetricSums]:
+        """`loss_and_sums` over the valid frames only (out: their mixture parameters, packed)."""
+        nll_rows = mog_step_nll(out, batch["y"][batch["mask"]], torch.ones(out.shape[0], dtype=torch.bool, device=out.device),
+                                self.options.n_components)
+        member = torch.repeat_interleave(torch.arange(len(counts), device=out.device), counts.to(out.device))
+        nll = out.new_zeros(len(counts)).index_add_(0, member, nll_rows)
+        f = counts.to(out.device, nll.dtype)
+        d = nll.detach()
+        return nll / f, {"nll": (d, f), "nll_per_sample": (d, f * self.options.frame_out)}
+
     def baselines(self, split: str) -> dict[str, float]:
         """References fitted on train, scored on `split` with the metric's own code (mog_step_nll, K = 1).
 
