@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from rnnbench.config import Config
-from rnnbench.training.recorder import EPOCH_MARKER, RunRecorder, config_tags, standard_tags
+from rnnbench.training.recorder import EPOCH_MARKER, RESUMED_TAG, RunRecorder, config_tags, standard_tags
 
 CONFIG = Config.from_dict({
     "model": {"cell": "gru", "hidden_size": 8},
@@ -140,6 +140,23 @@ def test_kill_then_reopen_is_running_again(store: str) -> None:
     assert back.logged_epochs() == {0, 1}
     assert [h[EPOCH_MARKER] for h in back.epoch_history([EPOCH_MARKER, "val_ce"])] == [0.5, 1.5]
     assert back.epoch_history(["val_ce"]) == [{"val_ce": h["val_ce"]} for h in history(2)]
+
+
+def test_a_run_resumed_on_other_code_says_which_and_from_which_epoch(store: str) -> None:
+    from rnnbench.tracking import git_commit
+
+    here = git_commit()
+    rec = RunRecorder.create(store, experiment(store), tags={"git_commit": "0" * 40})
+    rec.log_epochs(history(3))
+    rec.kill()
+    RunRecorder.reopen(store, rec.run_id)
+    assert client(store).get_run(rec.run_id).data.tags[RESUMED_TAG] == f"{here}@3"
+    RunRecorder.reopen(store, rec.run_id)  # again on the same code: nothing added
+    assert client(store).get_run(rec.run_id).data.tags[RESUMED_TAG] == f"{here}@3"
+    same = RunRecorder.create(store, experiment(store), tags={"git_commit": here})
+    same.kill()
+    RunRecorder.reopen(store, same.run_id)
+    assert RESUMED_TAG not in client(store).get_run(same.run_id).data.tags
 
 
 def test_fail_records_one_line_reason_and_removes_the_checkpoint_folder(store: str, tmp_path: Path) -> None:

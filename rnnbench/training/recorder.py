@@ -33,6 +33,9 @@ REASON_MAX_CHARS = 500
 name N is stored as gradient_flow/<tag>_N.csv (the gate statistics: "gates")."""
 
 
+RESUMED_TAG = "resumed_git_commits"  # the code a run was resumed on, where it is not its git_commit
+
+
 def one_line_reason(reason: str) -> str:
     """`reason` as recorded: whitespace runs (newlines too) collapsed to one space, at most
     REASON_MAX_CHARS characters, and never empty (a FAILED run always says something)."""
@@ -121,11 +124,22 @@ class RunRecorder:
     @classmethod
     def reopen(cls, tracking: str | MlflowClient, run_id: str) -> RunRecorder:
         """Continue a stopped run (RUNNING after a kill, or KILLED): status RUNNING again; learns
-        which epochs the store already holds, so `log_epochs` never writes one twice."""
+        which epochs the store already holds, so `log_epochs` never writes one twice. Resumed on other
+        code than the run's `git_commit`, it says so: tag `resumed_git_commits`, "<commit>@<first
+        epoch it trained>" for each such resume, comma-separated."""
+        from rnnbench.tracking import git_commit
+
         client = tracking_client(tracking)
         client.update_run(run_id, status="RUNNING")
         recorder = cls(client, run_id)
-        recorder.logged_epochs()
+        epochs = recorder.logged_epochs()
+        tags = client.get_run(run_id).data.tags
+        commit, started = git_commit(), tags.get("git_commit")
+        if started is not None and commit != started:
+            before = [t for t in tags.get(RESUMED_TAG, "").split(",") if t]
+            entry = f"{commit}@{max(epochs) + 1 if epochs else 0}"
+            if not before or before[-1].split("@")[0] != commit:
+                client.set_tag(run_id, RESUMED_TAG, ",".join([*before, entry]))
         return recorder
 
     # --- reading what the run holds -----------------------------------------------------------------
