@@ -7,6 +7,9 @@ Rows at each hidden size (cells and implementations from the registry, rnnbench/
               `loops` this device serves: cpp on the CPU, triton on CUDA): `cells.run` forward + backward, K = 1.
   step        the training step itself: `Population.train_step` of a population of one, built by
               `rnnbench.training.population.build` as `rnnbench train` builds it.
+  ragged      the step on one batch of sequences of unequal lengths (spread over [seq/4, seq], as in
+              music), each stopping at its own length, and `ragged-padded`: the same batch run to its
+              longest (as without "lengths"); "speedup" = padded time / ragged time, what stopping saves.
   trainer     the same step inside the Lightning Trainer of rnnbench/training/loop.py (`make_trainer`):
               the time between consecutive batch starts (data loading, stacking, hooks included).
   population  one `train_step` of K = --population members on their own batches (lengths spread over
@@ -74,7 +77,7 @@ class Options:
 class Row:
     device: str
     hidden: int
-    kind: str  # fused | loop | step | trainer | population | sequential | setup
+    kind: str  # fused | loop | step | ragged | ragged-padded | trainer | population | sequential | setup
     cell: str
     impl: str
     check: str = ""  # ok | FAIL | "" (nothing to check)
@@ -88,7 +91,7 @@ class Row:
     x_lstm: float = math.nan  # fused nn.LSTM time / this row's time (single-model rows)
     over_loop: float = math.nan  # step / trainer: this time / the cell's loop row of the same impl
     over_step: float = math.nan  # trainer: this time / the step row's
-    speedup: float = math.nan  # population: sequential time / population time
+    speedup: float = math.nan  # population: sequential time / population time; ragged: padded / ragged
     note: str = ""
 
 
@@ -244,6 +247,7 @@ def _bench_device(dev: str, opts: Options, uri: str, echo: Callable[[str], Any])
             echo(f"[{dev}] hidden {H}: checking the fast loops, then fused, loop and step rows round-robin")
             cands = _fused(dev, H, opts) + [c for cell in CELLS for c in _loops(cell, dev, H, opts)]
             cands += [_step(cell, dev, H, opts) for cell in CELLS]
+            cands += [c for cell in CELLS for c in _ragged(cell, dev, H, opts)]
             _time(cands, dev, opts)
             rows += [r for r, _, _ in cands]
             if opts.trainer:
@@ -461,6 +465,32 @@ def _step(cell: str, dev: str, H: int, opts: Options) -> Cand:
     return row, lambda: pop.train_step(batch), opts.batch * opts.seq_len
 
 
+def _spread(n: int, longest: int) -> list[int]:
+    """n lengths evenly spread over [longest / 4, longest], longest first (music batches' spread)."""
+    return [round(longest - (longest - longest / 4) * i / max(n - 1, 1)) for i in range(n)]
+
+
+def _ragged(cell: str, dev: str, H: int, opts: Options) -> list[Cand]:
+    """The step on a batch of unequal lengths, each sequence stopping at its own, and the same batch
+    run to its longest (the batch without "lengths": the recurrence pads each to it)."""
+    import torch
+
+    from rnnbench.cells import implementation
+
+    impl = implementation(cell, dev, torch.float32)
+    rows = [Row(dev, H, "ragged", cell, impl), Row(dev, H, "ragged-padded", cell, impl)]
+    try:
+        pop = _build(cell, dev, H, opts, [0])
+        gen = torch.Generator().manual_seed(0)
+        rolls = [(torch.rand(n, pop.sizes[0], generator=gen) < 0.1).to(torch.uint8) for n in _spread(opts.batch, opts.seq_len)]
+        batch = pop.on_device(pop.task.stack_batches([pop.data.tasks[0].collate(rolls)]))
+    except Exception as e:  # noqa: BLE001
+        return [_failed(r, e) for r in rows]
+    padded = {k: v for k, v in batch.items() if k != "lengths"}
+    work = int(batch["mask"].sum())
+    return [(rows[0], lambda: pop.train_step(batch), work), (rows[1], lambda: pop.train_step(padded), work)]
+
+
 def _trainer_row(cell: str, dev: str, H: int, opts: Options) -> Row:
     """The step in Lightning's Trainer as rnnbench/training/loop.py makes it: the gaps between batch starts."""
     import torch
@@ -592,6 +622,8 @@ def _ratios(rows: list[Row]) -> None:
             r.over_loop = r.ms / loop.ms
         if r.kind == "trainer" and (step := by.get((r.hidden, "step", r.cell, r.impl))):
             r.over_step = r.ms / step.ms
+        if r.kind == "ragged" and (padded := by.get((r.hidden, "ragged-padded", r.cell, r.impl))) and math.isfinite(r.ms):
+            r.speedup = padded.ms / r.ms
 
 
 def _metrics(rows: list[Row]) -> dict[str, float]:
@@ -665,7 +697,7 @@ def _write(dev: str, rows: list[Row], info: dict[str, Any], opts: Options) -> Pa
         "|---:|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        if r.kind not in ("setup", "population", "sequential"):
+        if r.kind not in ("setup", "population", "sequential", "ragged", "ragged-padded"):
             lines.append(f"| {r.hidden} | {r.kind} | {r.cell} | {r.impl} | {r.check} | {_fmt(r.diff_f32)} | {_fmt(r.diff_f64)} |"
                          f" {_fmt(r.ms)} | {_fmt(r.ms_q1)}–{_fmt(r.ms_q3)} | {_fmt(r.steps_per_s, 0)} | {_fmt(r.x_lstm)} |"
                          f" {_fmt(r.over_loop)} | {_fmt(r.over_step)} | {r.note} |")
@@ -682,6 +714,17 @@ def _write(dev: str, rows: list[Row], info: dict[str, Any], opts: Options) -> Pa
             met = [r for r in pops if math.isfinite(r.speedup) and r.speedup >= 1.2]
             lines += ["", f"Target (issue 13, CPU): K = 32 at >= 1.2x the throughput of 32 runs one after another:"
                       f" met by {len(met)} of {len(pops)} rows" + (f" (K here is {opts.population})" if opts.population != 32 else "") + "."]
+    ragged = [r for r in rows if r.kind == "ragged"]
+    if ragged:
+        lines += ["", "## Sequences of unequal length: each stopping at its own vs all run to the longest", "",
+                  f"One step of a population of one on {opts.batch} sequences of {_spread(opts.batch, opts.seq_len)[-1]}"
+                  f" to {opts.seq_len} steps (**steps/s** counts valid steps only); **speedup** = padded / ragged time.", "",
+                  "| hidden | cell | impl | ragged ms | q1–q3 | padded ms | q1–q3 | steps/s | speedup | note |",
+                  "|---:|---|---|---:|---|---:|---|---:|---:|---|"]
+        for r in ragged:
+            p = next(x for x in rows if (x.kind, x.hidden, x.cell, x.impl) == ("ragged-padded", r.hidden, r.cell, r.impl))
+            lines.append(f"| {r.hidden} | {r.cell} | {r.impl} | {_fmt(r.ms)} | {_fmt(r.ms_q1)}–{_fmt(r.ms_q3)} | {_fmt(p.ms)} |"
+                         f" {_fmt(p.ms_q1)}–{_fmt(p.ms_q3)} | {_fmt(r.steps_per_s, 0)} | {_fmt(r.speedup)} | {r.note or p.note} |")
     setup = [r for r in rows if r.kind == "setup"]
     if setup:
         lines += ["", "## Fixed cost per run (rnnbench.train.train on a tiny copy config, `setup_seconds`)", ""]

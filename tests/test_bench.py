@@ -53,7 +53,8 @@ def test_bench_writes_tables_and_one_mlflow_run(tmp_path: Path, store: str) -> N
     md = (out_dir / "bench_cpu.md").read_text()
     rows = _rows(out_dir / "bench_cpu.csv")
     assert "torch" in md and "threads" in md and "shape: seq 6, batch 2, input 3" in md
-    assert {r["kind"] for r in rows} == {"fused", "loop", "step", "trainer", "population", "sequential", "setup"}
+    assert {r["kind"] for r in rows} == {"fused", "loop", "step", "ragged", "ragged-padded", "trainer", "population",
+                                        "sequential", "setup"}
     assert not [r for r in rows if r["check"] == "FAIL"], [(r["kind"], r["cell"], r["impl"], r["note"]) for r in rows if r["check"] == "FAIL"]
     for hidden in ("3", "5"):
         got = {(r["kind"], r["cell"], r["impl"]) for r in rows if r["hidden"] == hidden}
@@ -61,7 +62,7 @@ def test_bench_writes_tables_and_one_mlflow_run(tmp_path: Path, store: str) -> N
         for cell in CELLS:  # every registered cell, every implementation it runs here; the step in its default one
             assert {("loop", cell, impl) for impl in _usable(cell)} <= got, cell
             default = implementation(cell, "cpu", torch.float32)
-            assert {(k, cell, default) for k in ("step", "trainer", "population", "sequential")} <= got, cell
+            assert {(k, cell, default) for k in ("step", "ragged", "ragged-padded", "trainer", "population", "sequential")} <= got, cell
     fast = [r for r in rows if r["kind"] == "loop" and r["impl"] != "reference"]
     assert fast and all(r["check"] == "ok" and float(r["diff_f64"]) < 1e-10 for r in fast)
     pops = [r for r in rows if r["kind"] == "population"]
@@ -73,6 +74,9 @@ def test_bench_writes_tables_and_one_mlflow_run(tmp_path: Path, store: str) -> N
     assert all(float(r["over_loop"]) > 0 for r in rows if r["kind"] in ("step", "trainer"))
     assert all(float(r["over_step"]) > 0 for r in rows if r["kind"] == "trainer")
     assert "3 members in one step vs 3 populations of one" in md
+    ragged = [r for r in rows if r["kind"] == "ragged"]
+    assert len(ragged) == 2 * len(CELLS) and all(float(r["speedup"]) > 0 for r in ragged)
+    assert "each stopping at its own vs all run to the longest" in md and "sequences of 2 to 6 steps" in md
     setup = [r for r in rows if r["kind"] == "setup"]
     assert [r["impl"] for r in setup] == ["first", "second"] and all(float(r["ms"]) > 0 for r in setup)
 
@@ -100,7 +104,7 @@ def test_a_new_cell_gets_every_row_without_a_bench_edit(tmp_path: Path, store: s
     assert result.exit_code == 0, (result.output, result.exception)
     rows = [r for r in _rows(tmp_path / "b" / "bench_cpu.csv") if r["cell"] == "tanh_again"]
     assert {(r["kind"], r["impl"]) for r in rows if r["kind"] == "loop"} == {("loop", i) for i in _usable("tanh")}
-    assert {r["kind"] for r in rows} == {"loop", "step", "population", "sequential"}
+    assert {r["kind"] for r in rows} == {"loop", "step", "ragged", "ragged-padded", "population", "sequential"}
     assert all(r["check"] in ("ok", "") for r in rows)
 
 
@@ -115,7 +119,7 @@ def _quick_bench(out: Path, *extra: str) -> list[dict[str, str]]:
 
 def test_bench_without_optional_parts(tmp_path: Path, store: str) -> None:
     rows = _quick_bench(tmp_path / "b", "--population", "0", "--threads", "1")
-    assert {r["kind"] for r in rows} == {"fused", "loop", "step"}
+    assert {r["kind"] for r in rows} == {"fused", "loop", "step", "ragged", "ragged-padded"}
     assert not [r for r in rows if r["impl"] == "reference" and r["kind"] == "loop"]
 
 
