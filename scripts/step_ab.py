@@ -11,6 +11,9 @@ study_music protocol, their lr 1e-4 * (k + 1)) on the corpus's first 10 training
 ms per step over two passes after two warm-up steps. One JSON line on stdout. Timings only: a
 process alone on the machine, alternated with the other checkout's (a machine shared with other work
 drifts by tens of percent). RNNBENCH_DATA_DIR must hold the corpus for `music`.
+
+It reads the bench's own step builders (private names) on purpose: the old checkout has no public
+way to build its harness step, and timing anything but the bench's step would compare other code.
 """
 
 from __future__ import annotations
