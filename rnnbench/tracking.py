@@ -290,14 +290,16 @@ def runs_page_url(base: str, experiment_id: str) -> str:
 
 
 def git_commit() -> str:
-    """The commit of the working directory's repository (or the package's), 'unknown' outside git."""
-    for where in (Path.cwd(), Path(__file__).resolve().parent):
-        try:
-            out = subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if out.returncode == 0:
-            return out.stdout.strip()
-    return "unknown"
+    """The commit of the rnnbench checkout that runs (the repository that tracks this package's own
+    files), 'unknown' for a copy outside git. Never the working directory's repository: a user's
+    experiment repository, or one a virtual environment sits in, is not the code that ran."""
+    here = Path(__file__).resolve().parent
+    try:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", Path(__file__).name], cwd=here,
+                                 capture_output=True, text=True, timeout=5)
+        if tracked.returncode != 0:
+            return "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"

@@ -304,3 +304,23 @@ def test_ui_on_all_interfaces_says_so(tmp_path: Path, host: str) -> None:
     here = "127.0.0.1" if bind == "0.0.0.0" else "[::1]"
     assert line.rstrip().endswith(f"open http://{here}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
     assert "http://0:" not in line and "http://:" not in line
+
+
+def test_git_commit_is_the_packages_checkout_not_the_working_directorys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from inside another repository (a user's experiments), a run's git_commit is still the
+    commit of the rnnbench checkout that ran."""
+    import rnnbench
+    from rnnbench.tracking import git_commit
+
+    package = Path(rnnbench.__file__).resolve().parent
+    mine = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True)
+    if mine.returncode != 0:
+        pytest.skip("rnnbench runs from a copy outside git here")
+    other = tmp_path / "experiments"
+    other.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], cwd=other, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=other, check=True)
+    theirs = subprocess.run(["git", "rev-parse", "HEAD"], cwd=other, capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.chdir(other)
+    assert git_commit() == mine.stdout.strip() != theirs
