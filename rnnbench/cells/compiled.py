@@ -191,7 +191,7 @@ class ManyCppLoops(torch.autograd.Function):
         return None, None, grads[0].transpose(0, 1), *grads[1:n_in]
 
 
-def longest_first(lengths: torch.Tensor) -> torch.Tensor | None:
+def _longest_first_order(lengths: torch.Tensor) -> torch.Tensor | None:
     """lengths (K, B) -> each member's row order longest first (K, B) (stable), or None when they
     are in that order already (the tasks' collates sort their batches so)."""
     if bool((lengths[:, 1:] <= lengths[:, :-1]).all()):
@@ -223,7 +223,7 @@ def member_loop(op: str, *weight_names: str) -> Loop:
             lengths = (T,) * K if steps is None else tuple(int(s) for s in steps.tolist())
             hs, *finals = ManyCppLoops.apply(op, lengths, xw, *state, *weights)
             return hs, tuple(finals)
-        order = longest_first(steps)
+        order = _longest_first_order(steps)
         if order is not None:  # the loops need each member's rows longest first: run them in that order
             back = order.argsort(dim=1)
             xw, state = _rows(xw, order, 2), tuple(_rows(s, order, 1) for s in state)

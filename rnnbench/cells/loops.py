@@ -195,13 +195,14 @@ def run(
         lengths = _check_lengths(lengths, K, B, T)
         steps = lengths.max(1).values
     steps = _check_steps(steps, K, T)
-    per_row = steps if lengths is None or bool((lengths == lengths[:, :1]).all()) else lengths
+    if lengths is not None and bool((lengths == lengths[:, :1]).all()):
+        lengths = None  # every sequence as long as its member's longest: member-level steps say it all
     h = x.permute(2, 0, 1, 3)  # (T, K, B, D): time major inside
     finals = []
     for l, w in enumerate(layers):
         s0 = _zero_state(cls, h, cls.hidden_size_of(w)) if state is None else tuple(state[l])
-        xw = _project(cls, w, h, steps, None if per_row is steps else per_row)
-        h, final = _layer(cls, which, w, xw, s0, per_row, impl)
+        xw = _project(cls, w, h, steps, lengths)
+        h, final = _layer(cls, which, w, xw, s0, steps if lengths is None else lengths, impl)
         finals.append(final)
     return h.permute(1, 2, 0, 3), finals
 

@@ -78,6 +78,13 @@ def longest_first(items: list[Any], length: Callable[[Any], int]) -> list[Any]:
     return sorted(items, key=length, reverse=True)
 
 
+def member_sums(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(K,) sums of packed per-row values: rows (N,) hold member 0's counts[0] values, then member 1's,
+    ... (the order of `Task.packed_rows`)."""
+    member = torch.repeat_interleave(torch.arange(len(counts), device=rows.device), counts.to(rows.device))
+    return rows.new_zeros(len(counts)).index_add_(0, member, rows)
+
+
 def broadcast_batch(batch: Batch, K: int) -> Batch:
     """One batch shared by K members (evaluation): each tensor as a (K, ...) view (`expand`, no copy),
     and "steps" = T for every member."""

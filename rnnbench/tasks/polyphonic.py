@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from rnnbench.errors import RnnbenchError
 from rnnbench.tasks import register_task
-from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions, longest_first
+from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions, longest_first, member_sums
 
 FirstFrame = Literal["zero", "skip"]
 KEY88_LOWEST_MIDI = 21  # column 0 of a key88 roll
@@ -234,8 +234,7 @@ class PolyphonicTask(Task):
         """The NLL of `loss_and_sums` over the valid steps only (out: their logits, packed)."""
         mask = batch["mask"]
         nll_rows = bernoulli_step_nll(out, batch["y"][mask], torch.ones(out.shape[0], dtype=torch.bool, device=out.device))
-        member = torch.repeat_interleave(torch.arange(len(counts), device=out.device), counts.to(out.device))
-        nll = out.new_zeros(len(counts)).index_add_(0, member, nll_rows)
+        nll = member_sums(nll_rows, counts)
         n = counts.to(out.device, nll.dtype)
         return nll / n, {"nll": (nll.detach(), n)}
 

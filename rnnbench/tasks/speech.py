@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from rnnbench.errors import RnnbenchError
 from rnnbench.tasks import register_task
-from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions, longest_first
+from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions, longest_first, member_sums
 
 if TYPE_CHECKING:
     from rnnbench.datasets import Recording
@@ -300,8 +300,7 @@ class SpeechTask(Task):
         """`loss_and_sums` over the valid frames only (out: their mixture parameters, packed)."""
         nll_rows = mog_step_nll(out, batch["y"][batch["mask"]], torch.ones(out.shape[0], dtype=torch.bool, device=out.device),
                                 self.options.n_components)
-        member = torch.repeat_interleave(torch.arange(len(counts), device=out.device), counts.to(out.device))
-        nll = out.new_zeros(len(counts)).index_add_(0, member, nll_rows)
+        nll = member_sums(nll_rows, counts)
         f = counts.to(out.device, nll.dtype)
         d = nll.detach()
         return nll / f, {"nll": (d, f), "nll_per_sample": (d, f * self.options.frame_out)}
