@@ -163,6 +163,33 @@ def test_holm_by_hand_with_a_known_family() -> None:
     assert _holm_by_hand(p[:4]) == pytest.approx(expected)
 
 
+def test_variants_table_compares_each_registered_variant_with_the_vanilla(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rnnbench.cells import CELLS
+
+    # The variants come from the registry (each cell's variant_of), not from a list in the analysis.
+    assert set(T.variants_of(T.VANILLA)) == {"lstm_nig", "lstm_nfg", "lstm_nog", "lstm_niaf", "lstm_noaf", "lstm",
+                                             "cifg", "lstm_fgr"}
+    assert all(CELLS[c].variant_of == T.VANILLA for c in T.variants_of(T.VANILLA)) and T.VANILLA in CELLS
+    rng = np.random.default_rng(0)
+    means = {"lstm_peephole": 8.3, "lstm_nig": 8.4, "lstm_nfg": 9.5, "cifg": 8.31, "gru": 8.0}  # gru: no variant
+    chosen = pd.DataFrame([{"task": "jsb", "setting": "jsb", "variant": "", "cell": cell, "metric": "nll",
+                            "status": "FINISHED", "test_nll": m + 0.1 * rng.standard_normal()}
+                           for cell, m in means.items() for _ in range(5)])
+    monkeypatch.setattr(T, "chosen_runs", lambda runs, tuned=("train.lr",): chosen)
+    table = T.variants_table(chosen)
+    assert table["cell"].tolist() == [c for c in T.variants_of(T.VANILLA) if c in means]  # registry order, no gru
+    base = chosen[chosen["cell"] == T.VANILLA]["test_nll"].to_numpy()
+    for _, r in table.iterrows():
+        x = chosen[chosen["cell"] == r["cell"]]["test_nll"].to_numpy()
+        assert r["diff"] == pytest.approx(x.mean() - base.mean(), rel=1e-12) and (r["n"], r["n_vanilla"]) == (5, 5)
+        assert r["welch_p"] == pytest.approx(stats.ttest_ind(x, base, equal_var=False).pvalue, rel=1e-12)
+        assert r["mwu_p"] == pytest.approx(stats.mannwhitneyu(x, base, alternative="two-sided").pvalue, rel=1e-12)
+    assert table["welch_p_holm"].tolist() == pytest.approx(_holm_by_hand(table["welch_p"].tolist()))
+    assert table["mwu_p_holm"].tolist() == pytest.approx(_holm_by_hand(table["mwu_p"].tolist()))
+    nfg = table.set_index("cell").loc["lstm_nfg"]
+    assert nfg["welch_p_holm"] < 0.01  # 1.2 nats worse in 5 seeds of sd 0.1: found
+
+
 def test_selection_avoids_failing_candidates() -> None:
     rows = []
     for lr, vals, statuses in ((0.1, [0.5, np.nan], ["FINISHED", "FAILED"]), (0.01, [0.9, 0.8], ["FINISHED"] * 2)):

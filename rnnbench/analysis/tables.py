@@ -562,9 +562,15 @@ def pairwise_table(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -> 
 
 
 VANILLA = "lstm_peephole"
-"""Greff et al. 2015's vanilla LSTM (with peepholes): what each ablation is compared with."""
-GREFF_VARIANTS = ("lstm_nig", "lstm_nfg", "lstm_nog", "lstm_niaf", "lstm_noaf", "lstm", "cifg")
-"""Greff et al.'s variants in the registry (NIG, NFG, NOG, NIAF, NOAF; NP is `lstm`; CIFG here has no peepholes)."""
+"""Greff et al. 2015's vanilla LSTM (with peepholes): what each of its variants is compared with."""
+
+
+def variants_of(cell: str) -> list[str]:
+    """The registry's variants of `cell` (their `variant_of`), in registration order: for VANILLA,
+    Greff et al.'s NIG, NFG, NOG, NIAF, NOAF, NP (`lstm`), CIFG (here without peepholes) and FGR."""
+    from rnnbench.cells import CELLS
+
+    return [name for name, cls in CELLS.items() if cls.variant_of == cell]
 
 
 def variants_table(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -> pd.DataFrame:
@@ -581,7 +587,7 @@ def variants_table(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -> 
             continue
         base = samples[VANILLA]
         family = []
-        for cell in (c for c in GREFF_VARIANTS if c in samples):
+        for cell in (c for c in variants_of(VANILLA) if c in samples):
             x = samples[cell]
             row = dict(zip(["task", "setting", "variant"], key), metric=metric, cell=cell, n=len(x), n_vanilla=len(base),
                        mean=float(x.mean()) if len(x) else math.nan, vanilla_mean=float(base.mean()) if len(base) else math.nan)

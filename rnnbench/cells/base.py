@@ -40,6 +40,7 @@ class Cell:
     loops: ClassVar[dict[str, Loop]] = {}  # fast implementations of the time loop, by name
     frozen: ClassVar[tuple[str, ...]] = ()  # weights drawn at init and never trained (not counted as trained)
     structure: ClassVar[tuple[str, ...]] = ()  # frozen tensors that hold structure, not parameters (never counted)
+    variant_of: ClassVar[str] = ""  # the cell this one is a variant of (Greff et al. 2015's: lstm_peephole); the report compares them
 
     @classmethod
     def weight_shapes(cls, input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:  # pragma: no cover

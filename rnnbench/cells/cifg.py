@@ -39,6 +39,7 @@ class CIFG(Cell):
     """
 
     name = "cifg"
+    variant_of = "lstm_peephole"  # Greff et al. 2015's CIFG
     gates = ("forget", "output")
     state_size = 2
     loops = {"cpp": _as_lstm}

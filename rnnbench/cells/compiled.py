@@ -161,6 +161,8 @@ class ManyCppLoops(torch.autograd.Function):
         "gru_reset_after": (4, 1, (2,)),  # gi, h0, whh, bhh
         "lstm": (4, 2, (3,)),  # xw, h0, c0, whh
         "tanh_rnn": (3, 1, (2,)),  # xw, h0, whh
+        "lstm_niaf": (7, 2, (3, 4, 5, 6)),  # as peephole_lstm, with a linear block input
+        "lstm_noaf": (7, 2, (3, 4, 5, 6)),  # as peephole_lstm, with a linear output activation
     }
 
     @staticmethod

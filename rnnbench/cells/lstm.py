@@ -25,6 +25,7 @@ class LSTM(Cell):
     """
 
     name = "lstm"
+    variant_of = "lstm_peephole"  # Greff et al. 2015's NP
     gates = ("input", "forget", "output")
     state_size = 2
     loops = {"cpp": compiled.member_loop("lstm", "weight_hh")}

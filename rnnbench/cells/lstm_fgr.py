@@ -27,6 +27,7 @@ class FullGateRecurrence(PeepholeLSTM):
     """
 
     name = "lstm_fgr"
+    variant_of = "lstm_peephole"  # Greff et al. 2015's FGR
     state_size = 5
     loops = {}
 

@@ -24,6 +24,7 @@ class NoForgetGate(PeepholeLSTM):
     """
 
     name = "lstm_nfg"
+    variant_of = "lstm_peephole"  # Greff et al. 2015's NFG
     blocks = "igo"
     gates = ("input", "output")
     loops = {"cpp": gates_dropped_loop(blocks)}

@@ -22,6 +22,7 @@ class NoInputGate(PeepholeLSTM):
     """
 
     name = "lstm_nig"
+    variant_of = "lstm_peephole"  # Greff et al. 2015's NIG
     blocks = "fgo"
     gates = ("forget", "output")
     loops = {"cpp": gates_dropped_loop(blocks)}

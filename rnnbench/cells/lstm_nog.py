@@ -22,6 +22,7 @@ class NoOutputGate(PeepholeLSTM):
     """
 
     name = "lstm_nog"
+    variant_of = "lstm_peephole"  # Greff et al. 2015's NOG
     blocks = "ifg"
     gates = ("input", "forget")
     loops = {"cpp": gates_dropped_loop(blocks)}

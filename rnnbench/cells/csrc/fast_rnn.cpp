@@ -4,6 +4,8 @@
 //   GRU, reset gate before W_hh (Cho / Chung et al. 2014)    ops rnnbench_fast::gru_reset_before_{fwd,bwd}
 //   GRU, reset gate after W_hh (cuDNN / torch.nn.GRU)         ops rnnbench_fast::gru_reset_after_{fwd,bwd}
 //   LSTM without peepholes (torch.nn.LSTM)                     ops rnnbench_fast::lstm_{fwd,bwd}
+//   peephole LSTM with a linear block input or output (Greff et al. 2015's NIAF, NOAF)
+//                                                              ops rnnbench_fast::lstm_{niaf,noaf}_*_stacked
 //   tanh RNN (Elman; torch.nn.RNN)                             ops rnnbench_fast::tanh_rnn_{fwd,bwd}
 //
 // Python (rnnbench/cells/compiled.py) computes the input projection of all steps, xw = x W_ih^T + b, with
@@ -251,8 +253,11 @@ Tensor out_or(Outs into, size_t i, at::IntArrayRef shape, const at::TensorOption
 // Returns hbuf (T+1,B,H) (slot 0 = h0, slots 1..T = h_t), cbuf (T+1,B,H) likewise, gates (T,B,4H) = the
 // i, f, g, o activations, tcs (T,B,H) = tanh(c_t).
 // Peep = false: the plain LSTM of torch.nn.LSTM (same gate order; the peephole terms are compiled out and
-// wci, wcf, wco are not read).
-template <typename T_, bool Peep>
+// wci, wcf, wco are not read). Act: which of the two tanh activations are the identity instead
+// (Greff et al. 2015's ablations; tcs then holds the output activation's value, c_t itself for NOAF).
+enum Act : int { kTanhBoth = 0, kLinearInput = 1, kLinearOutput = 2 };
+
+template <typename T_, bool Peep, int A = kTanhBoth>
 void lstm_fwd(const Tensor& xw, const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
               Tensor& hbuf, Tensor& cbuf, Tensor& gates, Tensor& tcs, Tensor& gh, int64_t b0, int64_t b1,
               const int64_t* act) {
@@ -291,11 +296,12 @@ void lstm_fwd(const Tensor& xw, const Tensor& whh, const Tensor& wci, const Tens
         }
         const T_ i = sigm(ai);
         const T_ f = sigm(af);
-        const T_ gg = tanh_(ax[2 * H + j] + ah[2 * H + j]);
+        const T_ ag = ax[2 * H + j] + ah[2 * H + j];
+        const T_ gg = A == kLinearInput ? ag : tanh_(ag);
         const T_ cn = f * cp[j] + i * gg;
         if (Peep) ao += pco[j] * cn;
         const T_ o = sigm(ao);
-        const T_ tcn = tanh_(cn);
+        const T_ tcn = A == kLinearOutput ? cn : tanh_(cn);
         g[j] = i;
         g[H + j] = f;
         g[2 * H + j] = gg;
@@ -309,7 +315,7 @@ void lstm_fwd(const Tensor& xw, const Tensor& whh, const Tensor& wci, const Tens
 }
 
 // The ops of both LSTMs (Peep = false: wci, wcf, wco are not read; the caller passes any tensors).
-template <bool Peep>
+template <bool Peep, int A = kTanhBoth>
 std::vector<Tensor> lstm_forward(const char* op, const Tensor& xw, const Tensor& h0, const Tensor& c0, const Tensor& whh,
                                  const Tensor& wci, const Tensor& wcf, const Tensor& wco, Outs into = nullptr,
                                  const int64_t* act = nullptr) {
@@ -324,9 +330,9 @@ std::vector<Tensor> lstm_forward(const char* op, const Tensor& xw, const Tensor&
   Tensor gh = at::empty({B, 4 * H}, o);
   over_rows(B, 4 * H, H, [&](int64_t b0, int64_t b1) {
     if (xw.scalar_type() == at::kFloat)
-      lstm_fwd<float, Peep>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1, act);
+      lstm_fwd<float, Peep, A>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1, act);
     else
-      lstm_fwd<double, Peep>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1, act);
+      lstm_fwd<double, Peep, A>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1, act);
   });
   return {hbuf, cbuf, gates, tcs};
 }
@@ -338,7 +344,7 @@ std::vector<Tensor> peephole_lstm_fwd(const Tensor& xw, const Tensor& h0, const 
 
 // dhs (T,B,H) = dL/dh_t from the outputs; dhT, dcT (B,H) from the final state.
 // Returns d xw (T,B,4H), dh0, dc0 (B,H), d whh (4H,H), d wci, d wcf, d wco (H).
-template <typename T_, bool Peep>
+template <typename T_, bool Peep, int A = kTanhBoth>
 void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
               const Tensor& cbuf, const Tensor& gates, const Tensor& tcs, Tensor& dxw, Tensor& dh, Tensor& dc,
               Tensor& acc, const int64_t* act) {
@@ -376,10 +382,10 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
         const T_ i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j];
         const T_ dht = dhb[j] + dho[j];
         const T_ dao = dht * tc[j] * (o * (1 - o));
-        T_ dct = dcb[j] + dht * o * (1 - tc[j] * tc[j]);
+        T_ dct = dcb[j] + dht * o * (A == kLinearOutput ? T_(1) : 1 - tc[j] * tc[j]);
         if (Peep) dct += dao * pco[j];
         const T_ dai = dct * gg * (i * (1 - i));
-        const T_ dag = dct * i * (1 - gg * gg);
+        const T_ dag = dct * i * (A == kLinearInput ? T_(1) : 1 - gg * gg);
         const T_ daf = dct * cp[j] * (f * (1 - f));
         dcb[j] = Peep ? dct * f + dai * pci[j] + daf * pcf[j] : dct * f;
         da[j] = dai;
@@ -397,7 +403,7 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
   }
 }
 
-template <bool Peep>
+template <bool Peep, int A = kTanhBoth>
 std::vector<Tensor> lstm_backward(const char* op, const Tensor& dhs, const Tensor& dhT, const Tensor& dcT,
                                   const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
                                   const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates, const Tensor& tcs,
@@ -411,9 +417,9 @@ std::vector<Tensor> lstm_backward(const char* op, const Tensor& dhs, const Tenso
   dc.copy_(dcT);
   Tensor acc = at::zeros({Peep ? 3 : 0, H}, o.dtype(at::kDouble));
   if (dhs.scalar_type() == at::kFloat)
-    lstm_bwd<float, Peep>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, act);
+    lstm_bwd<float, Peep, A>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, act);
   else
-    lstm_bwd<double, Peep>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, act);
+    lstm_bwd<double, Peep, A>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, act);
   Tensor dwhh = out_or(into, 3, {4 * H, H}, o);
   at::mm_out(dwhh, dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
   if (!Peep) return {dxw, dh, dc, dwhh};
@@ -853,28 +859,52 @@ std::vector<Tensor> over_models(const char* op, const Tensor& xw, at::IntArrayRe
   return outs;
 }
 
-std::vector<Tensor> peephole_lstm_fwd_stacked(const Tensor& xw, at::IntArrayRef lengths, const Tensor& h0, const Tensor& c0,
-                                              const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco) {
+// The peephole LSTM's stacked ops, and those of its linear-activation ablations (A: Act above).
+template <int A>
+std::vector<Tensor> peephole_fwd_stacked(const char* op, const Tensor& xw, at::IntArrayRef lengths, const Tensor& h0,
+                                         const Tensor& c0, const Tensor& whh, const Tensor& wci, const Tensor& wcf,
+                                         const Tensor& wco) {
   const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(-1);
   auto outs = stacked_empty(K, {{T + 1, B, H}, {T + 1, B, H}, {T, B, 4 * H}, {T, B, H}}, xw.options());
-  return over_models("peephole_lstm_fwd_stacked", xw, lengths, outs, 4, {&xw, &h0, &c0, &whh, &wci, &wcf, &wco},
+  return over_models(op, xw, lengths, outs, 4, {&xw, &h0, &c0, &whh, &wci, &wcf, &wco},
                      [&](int64_t k, int64_t n, Outs into, const int64_t* act) {
-    lstm_forward<true>("peephole_lstm_fwd", first_steps(xw, k, n), h0[k], c0[k], whh[k], wci[k], wcf[k], wco[k], into, act);
+    lstm_forward<true, A>(op, first_steps(xw, k, n), h0[k], c0[k], whh[k], wci[k], wcf[k], wco[k], into, act);
   });
 }
 
-std::vector<Tensor> peephole_lstm_bwd_stacked(const Tensor& dhs, at::IntArrayRef lengths, const Tensor& dhT, const Tensor& dcT,
-                                              const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
-                                              const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates, const Tensor& tcs) {
+template <int A>
+std::vector<Tensor> peephole_bwd_stacked(const char* op, const Tensor& dhs, at::IntArrayRef lengths, const Tensor& dhT,
+                                         const Tensor& dcT, const Tensor& whh, const Tensor& wci, const Tensor& wcf,
+                                         const Tensor& wco, const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates,
+                                         const Tensor& tcs) {
   const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
   auto outs = stacked_empty(K, {{T, B, 4 * H}, {B, H}, {B, H}, {4 * H, H}, {H}, {H}, {H}}, dhs.options());
-  return over_models("peephole_lstm_bwd_stacked", dhs, lengths, outs, 1,
+  return over_models(op, dhs, lengths, outs, 1,
                      {&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, [&](int64_t k, int64_t n, Outs into, const int64_t* act) {
-    lstm_backward<true>("peephole_lstm_bwd", first_steps(dhs, k, n), dhT[k], dcT[k], whh[k], wci[k], wcf[k], wco[k],
-                        first_steps(hbuf, k, n + 1), first_steps(cbuf, k, n + 1), first_steps(gates, k, n),
-                        first_steps(tcs, k, n), into, act);
+    lstm_backward<true, A>(op, first_steps(dhs, k, n), dhT[k], dcT[k], whh[k], wci[k], wcf[k], wco[k],
+                           first_steps(hbuf, k, n + 1), first_steps(cbuf, k, n + 1), first_steps(gates, k, n),
+                           first_steps(tcs, k, n), into, act);
   });
 }
+
+// xw (K, T, B, 4H), lengths, h0, c0 (K, B, H), whh (K, 4H, H), wci, wcf, wco (K, H): as peephole_lstm_fwd per model.
+#define RNNBENCH_PEEPHOLE_OPS(name, A)                                                                          \
+  std::vector<Tensor> name##_fwd_stacked(const Tensor& xw, at::IntArrayRef lengths, const Tensor& h0,           \
+                                         const Tensor& c0, const Tensor& whh, const Tensor& wci,                \
+                                         const Tensor& wcf, const Tensor& wco) {                                \
+    return peephole_fwd_stacked<A>(#name "_fwd_stacked", xw, lengths, h0, c0, whh, wci, wcf, wco);              \
+  }                                                                                                             \
+  std::vector<Tensor> name##_bwd_stacked(const Tensor& dhs, at::IntArrayRef lengths, const Tensor& dhT,         \
+                                         const Tensor& dcT, const Tensor& whh, const Tensor& wci,               \
+                                         const Tensor& wcf, const Tensor& wco, const Tensor& hbuf,              \
+                                         const Tensor& cbuf, const Tensor& gates, const Tensor& tcs) {          \
+    return peephole_bwd_stacked<A>(#name "_bwd_stacked", dhs, lengths, dhT, dcT, whh, wci, wcf, wco, hbuf,      \
+                                   cbuf, gates, tcs);                                                          \
+  }
+RNNBENCH_PEEPHOLE_OPS(peephole_lstm, kTanhBoth)
+RNNBENCH_PEEPHOLE_OPS(lstm_niaf, kLinearInput)
+RNNBENCH_PEEPHOLE_OPS(lstm_noaf, kLinearOutput)
+#undef RNNBENCH_PEEPHOLE_OPS
 
 std::vector<Tensor> lstm_fwd_stacked(const Tensor& xw, at::IntArrayRef lengths, const Tensor& h0, const Tensor& c0,
                                      const Tensor& whh) {
@@ -1197,4 +1227,8 @@ TORCH_LIBRARY(rnnbench_fast, m) {
   m.def("lstm_bwd_stacked", &lstm_bwd_stacked);
   m.def("tanh_rnn_fwd_stacked", &tanh_rnn_fwd_stacked);
   m.def("tanh_rnn_bwd_stacked", &tanh_rnn_bwd_stacked);
+  m.def("lstm_niaf_fwd_stacked", &lstm_niaf_fwd_stacked);
+  m.def("lstm_niaf_bwd_stacked", &lstm_niaf_bwd_stacked);
+  m.def("lstm_noaf_fwd_stacked", &lstm_noaf_fwd_stacked);
+  m.def("lstm_noaf_bwd_stacked", &lstm_noaf_bwd_stacked);
 }
