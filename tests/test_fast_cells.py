@@ -257,12 +257,13 @@ def test_cpp_float32_close_on_a_long_sequence(cell: str) -> None:
     exact = compute(cell, "reference", *problem(cell, 2, 1, dtype=torch.float64, **args))
     assert got.keys() == ref.keys() == exact.keys()
     for k in got:
-        if torch.allclose(ref[k].double(), exact[k], rtol=1e-4, atol=1e-5):
-            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
-        else:  # float32 itself cannot hold that here (lstm_nfg: c_t grows without a forget gate), so
-            # the loop must be as near the float64 numbers as float32's reference is
-            err, ref_err = ((t.double() - exact[k]).abs().max() for t in (got[k], ref[k]))
-            assert err <= 2 * ref_err, (k, float(err), float(ref_err))
+        # The loop must be as near the float64 numbers as float32's own reference is: each element's
+        # rounding differs between the two (vectorised exp, another BLAS summation order on another
+        # CPU), so an element-wise tolerance between them fails where values grow (lstm_nfg: c_t grows
+        # without a forget gate, its gradients reach 1e3-1e4), while the error against float64 says
+        # whether the loop loses accuracy.
+        err, ref_err = ((t.double() - exact[k]).abs().max() for t in (got[k], ref[k]))
+        assert err <= max(2 * ref_err, 1e-5), (k, float(err), float(ref_err))
 
 
 @pytest.mark.parametrize("cell", CPP)

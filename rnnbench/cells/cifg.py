@@ -5,21 +5,28 @@ from __future__ import annotations
 import torch
 
 from rnnbench.cells import compiled
-from rnnbench.cells.base import Cell, State, Weights, recurrent_product
+from rnnbench.cells.base import Cell, Loop, State, Weights, recurrent_product
+from rnnbench.cells.lstm_peephole import without_peepholes
 from rnnbench.cells.registry import register_cell
 
-_lstm_cpp = compiled.member_loop("lstm", "weight_hh")
+_LSTM_LOOPS: dict[str, Loop] = {"cpp": compiled.member_loop("lstm", "weight_hh"), "triton": without_peepholes("triton")}
 
 
-def _as_lstm(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
-    """The cpp Loop: the CIFG is the plain LSTM whose input gate reads the negated forget-gate
-    pre-activation, σ(-a_f) = 1 - σ(a_f). So the compiled LSTM loop runs it on [-a_f, a_f, a_g, a_o]
-    and [-W_hf; W_hf; W_hg; W_ho]; autograd carries the gradients back through the two concatenations."""
-    H = w["weight_hh"].shape[-1]
-    xk = xw.transpose(0, 1)  # (K, T, B, 3H): the member-major storage `project` made
-    xw4 = torch.cat([-xk[..., :H], xk], dim=-1).transpose(0, 1)
-    whh = w["weight_hh"]
-    return _lstm_cpp({"weight_hh": torch.cat([-whh[:, :H], whh], dim=1)}, xw4, state, steps)
+def _as_lstm(impl: str) -> Loop:
+    """The `impl` Loop: the CIFG is the plain LSTM whose input gate reads the negated forget-gate
+    pre-activation, σ(-a_f) = 1 - σ(a_f). So the LSTM loop (compiled, or the Triton peephole kernels
+    with zero peepholes) runs it on [-a_f, a_f, a_g, a_o] and [-W_hf; W_hf; W_hg; W_ho]; autograd
+    carries the gradients back through the two concatenations."""
+    base = _LSTM_LOOPS[impl]
+
+    def loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+        H = w["weight_hh"].shape[-1]
+        xk = xw.transpose(0, 1)  # (K, T, B, 3H): the member-major storage `project` made
+        xw4 = torch.cat([-xk[..., :H], xk], dim=-1).transpose(0, 1)
+        whh = w["weight_hh"]
+        return base({"weight_hh": torch.cat([-whh[:, :H], whh], dim=1)}, xw4, state, steps)
+
+    return loop
 
 
 @register_cell
@@ -34,7 +41,7 @@ class CIFG(Cell):
         h_t = o_t ⊙ tanh(c_t)
 
     Weights: weight_ih (3H, D), weight_hh (3H, H), bias (3H). b_f starts at `forget_bias`.
-    Trainable per layer: 3(DH + H² + H). State (h, c). Fast loop: "cpp" (the compiled LSTM loop, see
+    Trainable per layer: 3(DH + H² + H). State (h, c). Fast loops: "cpp" and "triton" (the LSTM's, see
     `_as_lstm`).
     """
 
@@ -42,7 +49,7 @@ class CIFG(Cell):
     variant_of = "lstm_peephole"  # Greff et al. 2015's CIFG
     gates = ("forget", "output")
     state_size = 2
-    loops = {"cpp": _as_lstm}
+    loops = {"cpp": _as_lstm("cpp"), "triton": _as_lstm("triton")}
 
     @classmethod
     def weight_shapes(cls, input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:

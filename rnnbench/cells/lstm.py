@@ -6,6 +6,7 @@ import torch
 
 from rnnbench.cells import compiled
 from rnnbench.cells.base import Cell, State, Weights, recurrent_product
+from rnnbench.cells.lstm_peephole import without_peepholes
 from rnnbench.cells.registry import register_cell
 
 
@@ -21,14 +22,15 @@ class LSTM(Cell):
         h_t = o_t ⊙ tanh(c_t)
 
     Weights: weight_ih (4H, D), weight_hh (4H, H), bias (4H) (torch's b_ih + b_hh as one vector).
-    b_f starts at `forget_bias`. Trainable per layer: 4(DH + H² + H). State (h, c). Fast loop: "cpp".
+    b_f starts at `forget_bias`. Trainable per layer: 4(DH + H² + H). State (h, c). Fast loops: "cpp", and "triton" (the peephole
+    kernels with zero peepholes: lstm_peephole.without_peepholes).
     """
 
     name = "lstm"
     variant_of = "lstm_peephole"  # Greff et al. 2015's NP
     gates = ("input", "forget", "output")
     state_size = 2
-    loops = {"cpp": compiled.member_loop("lstm", "weight_hh")}
+    loops = {"cpp": compiled.member_loop("lstm", "weight_hh"), "triton": without_peepholes("triton")}
 
     @classmethod
     def weight_shapes(cls, input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:

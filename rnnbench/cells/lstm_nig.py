@@ -17,12 +17,12 @@ class NoInputGate(PeepholeLSTM):
 
     Weights as lstm_peephole's without the dropped gate's rows and peephole. Trainable per layer:
     3(DH + H² + H) + 2H. State (h, c). Its step is
-    lstm_peephole's (written once); fast loop "cpp": the compiled peephole loop with the dropped gate
-    held at exactly 1 (lstm_peephole.gates_dropped_loop).
+    lstm_peephole's (written once); fast loops "cpp" and "triton": the peephole loops with the dropped
+    gate held at exactly 1 (lstm_peephole.gates_dropped_loop).
     """
 
     name = "lstm_nig"
     variant_of = "lstm_peephole"  # Greff et al. 2015's NIG
     blocks = "fgo"
     gates = ("forget", "output")
-    loops = {"cpp": gates_dropped_loop(blocks)}
+    loops = {"cpp": gates_dropped_loop(blocks, "cpp"), "triton": gates_dropped_loop(blocks, "triton")}

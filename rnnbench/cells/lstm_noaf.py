@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rnnbench.cells import compiled
+from rnnbench.cells import compiled, triton_steps
 from rnnbench.cells.lstm_peephole import PeepholeLSTM
 from rnnbench.cells.registry import register_cell
 
@@ -19,13 +19,14 @@ class NoOutputActivation(PeepholeLSTM):
         o_t = σ(W_xo x_t + W_ho h_{t-1} + w_co ⊙ c_t + b_o)
         h_t = o_t ⊙ c_t
 
-    Weights and count as lstm_peephole's: 4(DH + H² + H) + 3H per layer. State (h, c). Fast loop
-    "cpp": the compiled peephole loop with the output activation's tanh compiled out (ops lstm_noaf_*_stacked).
+    Weights and count as lstm_peephole's: 4(DH + H² + H) + 3H per layer. State (h, c). Fast loops
+    "cpp" and "triton": the peephole loops with the output activation's tanh compiled out (ops lstm_noaf_*_stacked).
     """
 
     name = "lstm_noaf"
     variant_of = "lstm_peephole"  # Greff et al. 2015's NOAF
-    loops = {"cpp": compiled.member_loop("lstm_noaf", "weight_hh", "w_ci", "w_cf", "w_co")}
+    loops = {"cpp": compiled.member_loop("lstm_noaf", "weight_hh", "w_ci", "w_cf", "w_co"),
+             "triton": triton_steps.peephole_loop(triton_steps.LINEAR_OUTPUT)}
 
     @staticmethod
     def output_activation(c: torch.Tensor) -> torch.Tensor:

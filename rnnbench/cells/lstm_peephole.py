@@ -17,13 +17,15 @@ from rnnbench.cells.registry import register_cell
 
 _peephole_cpp = compiled.member_loop("peephole_lstm", "weight_hh", "w_ci", "w_cf", "w_co")
 SATURATED = 1e4  # σ(1e4) is exactly 1 and σ'(1e4) = σ(1 - σ) exactly 0, in float32 and in float64
+PEEPHOLE_LOOPS: dict[str, Loop] = {"cpp": _peephole_cpp, "triton": triton_steps.peephole_lstm_loop}
 
 
-def gates_dropped_loop(blocks: str) -> Loop:
-    """The "cpp" Loop of an ablation that keeps only `blocks` of i, f, g, o (Greff et al.'s NIG, NFG,
-    NOG): the compiled peephole loop, with each dropped gate's pre-activation the constant SATURATED
-    and its recurrent rows and peephole zero, so that gate is exactly 1 and passes exactly no
-    gradient; autograd carries the gradients of the kept rows back through the concatenations."""
+def gates_dropped_loop(blocks: str, impl: str = "cpp") -> Loop:
+    """The `impl` ("cpp" or "triton") Loop of an ablation that keeps only `blocks` of i, f, g, o
+    (Greff et al.'s NIG, NFG, NOG): the peephole loop, with each dropped gate's pre-activation the
+    constant SATURATED and its recurrent rows and peephole zero, so that gate is exactly 1 and passes
+    exactly no gradient; autograd carries the gradients of the kept rows back through the concatenations."""
+    base = PEEPHOLE_LOOPS[impl]
 
     def loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
         H = w["weight_hh"].shape[-1]
@@ -35,7 +37,20 @@ def gates_dropped_loop(blocks: str) -> Loop:
         xw4 = torch.cat([x_of.get(b, const) for b in "ifgo"], dim=-1).transpose(0, 1)
         whh = torch.cat([hh_of.get(b, w["weight_hh"].new_zeros(K, H, H)) for b in "ifgo"], dim=1)
         peep = {f"w_c{b}": w[f"w_c{b}"] if f"w_c{b}" in w else w["weight_hh"].new_zeros(K, H) for b in "ifo"}
-        return _peephole_cpp({"weight_hh": whh, **peep}, xw4, state, steps)
+        return base({"weight_hh": whh, **peep}, xw4, state, steps)
+
+    return loop
+
+
+def without_peepholes(impl: str) -> Loop:
+    """The `impl` Loop of an LSTM without peepholes (weights weight_hh only, gate order i, f, g, o):
+    the peephole loop with its peepholes zero, which is exactly the plain LSTM (the triton loops of
+    `lstm` and `cifg`)."""
+    base = PEEPHOLE_LOOPS[impl]
+
+    def loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+        zero = w["weight_hh"].new_zeros(w["weight_hh"].shape[0], w["weight_hh"].shape[-1])
+        return base({"weight_hh": w["weight_hh"], "w_ci": zero, "w_cf": zero, "w_co": zero}, xw, state, steps)
 
     return loop
 
@@ -58,8 +73,7 @@ class PeepholeLSTM(Cell):
     name = "lstm_peephole"
     gates = ("input", "forget", "output")
     state_size = 2
-    loops = {"cpp": _peephole_cpp,
-             "triton": triton_steps.peephole_lstm_loop}
+    loops = PEEPHOLE_LOOPS
 
     blocks = "ifgo"  # the gates (and the block input g) this cell has, in the weights' order
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from rnnbench.cells.base import State, Weights
+from rnnbench.cells.base import Loop, State, Weights
 
 try:
     import triton
@@ -38,6 +38,9 @@ def available() -> bool:
 
 
 BLOCK = 256
+# Which of the peephole LSTM's two tanh activations are the identity (Greff et al. 2015's NIAF, NOAF);
+# the values of csrc/fast_rnn.cpp's `Act`.
+TANH_BOTH, LINEAR_INPUT, LINEAR_OUTPUT = 0, 1, 2
 
 if triton is not None:
 
@@ -52,7 +55,7 @@ if triton is not None:
 
     @triton.jit
     def _peephole_fwd_step(a_ptr, cp_ptr, wci_ptr, wcf_ptr, wco_ptr, g_ptr, c_ptr, tc_ptr, h_ptr, H, N, RB,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, ACT: tl.constexpr):
         # a (R, 4H) pre-activations i, f, g, o; cp, c, tc, h (R, H); g (R, 4H) gate activations out;
         # R = K * RB rows, model k's peepholes at w + k H
         n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -68,10 +71,16 @@ if triton is not None:
         cp = tl.load(cp_ptr + n, mask=m)
         i = _sigmoid(a_i + tl.load(wci_ptr + w, mask=m) * cp)
         f = _sigmoid(a_f + tl.load(wcf_ptr + w, mask=m) * cp)
-        g = _tanh(a_g)
+        if ACT == 1:  # LINEAR_INPUT
+            g = a_g
+        else:
+            g = _tanh(a_g)
         c = f * cp + i * g
         o = _sigmoid(a_o + tl.load(wco_ptr + w, mask=m) * c)
-        tc = _tanh(c)
+        if ACT == 2:  # LINEAR_OUTPUT: tc holds the output activation's value, c itself
+            tc = c
+        else:
+            tc = _tanh(c)
         tl.store(g_ptr + row + j, i, mask=m)
         tl.store(g_ptr + row + H + j, f, mask=m)
         tl.store(g_ptr + row + 2 * H + j, g, mask=m)
@@ -82,7 +91,7 @@ if triton is not None:
 
     @triton.jit
     def _peephole_bwd_step(dh_ptr, dhs_ptr, dc_ptr, g_ptr, cp_ptr, c_ptr, tc_ptr, wci_ptr, wcf_ptr, wco_ptr,
-                           da_ptr, dc_out_ptr, H, N, RB, BLOCK: tl.constexpr):
+                           da_ptr, dc_out_ptr, H, N, RB, BLOCK: tl.constexpr, ACT: tl.constexpr):
         # dh (R, H) from step t+1, dhs (R, H) from the output; dc (R, H) carried; da (R, 4H) out
         n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = n < N
@@ -98,10 +107,17 @@ if triton is not None:
         tc = tl.load(tc_ptr + n, mask=m)
         dht = tl.load(dh_ptr + n, mask=m) + tl.load(dhs_ptr + n, mask=m)
         dao = dht * tc * o * (1.0 - o)
-        dct = tl.load(dc_ptr + n, mask=m) + dao * tl.load(wco_ptr + w, mask=m) + dht * o * (1.0 - tc * tc)
+        if ACT == 2:
+            dtc = dht * o
+        else:
+            dtc = dht * o * (1.0 - tc * tc)
+        dct = tl.load(dc_ptr + n, mask=m) + dao * tl.load(wco_ptr + w, mask=m) + dtc
         dai = dct * g * i * (1.0 - i)
         daf = dct * cp * f * (1.0 - f)
-        dag = dct * i * (1.0 - g * g)
+        if ACT == 1:
+            dag = dct * i
+        else:
+            dag = dct * i * (1.0 - g * g)
         tl.store(da_ptr + row + j, dai, mask=m)
         tl.store(da_ptr + row + H + j, daf, mask=m)
         tl.store(da_ptr + row + 2 * H + j, dag, mask=m)
@@ -204,11 +220,12 @@ def _mm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 class PeepholeTriton(torch.autograd.Function):
     """(hs, cs): all steps' h_t and c_t (T, K, B, H) of one peephole LSTM layer of K models; xw (T, K, B, 4H),
-    h0, c0 (K, B, H), whh (K, 4H, H), wci, wcf, wco (K, H). cs is returned so that a member's final
-    c can be read at its own last step; its gradient is added only where something used it."""
+    h0, c0 (K, B, H), whh (K, 4H, H), wci, wcf, wco (K, H); act: TANH_BOTH, LINEAR_INPUT or LINEAR_OUTPUT.
+    cs is returned so that a member's final c can be read at its own last step; its gradient is added
+    only where something used it."""
 
     @staticmethod
-    def forward(ctx: Any, xw, h0, c0, whh, wci, wcf, wco):  # type: ignore[override]
+    def forward(ctx: Any, xw, h0, c0, whh, wci, wcf, wco, act=TANH_BOTH):  # type: ignore[override]
         T, *rows, G = xw.shape  # rows: (B,) or (K, B)
         H = G // 4
         xw, whh, wci, wcf, wco = (t.contiguous() for t in (xw, whh, wci, wcf, wco))
@@ -219,8 +236,9 @@ class PeepholeTriton(torch.autograd.Function):
         for t in range(T):
             _addmm(xw[t], hbuf[t], whh_t, out=a)
             _peephole_fwd_step[_grid(N)](a, cbuf[t], wci, wcf, wco, gates[t], cbuf[t + 1], tcs[t], hbuf[t + 1],
-                                         H, N, RB, BLOCK=BLOCK)
+                                         H, N, RB, BLOCK=BLOCK, ACT=act)
         ctx.save_for_backward(whh, wci, wcf, wco, hbuf, cbuf, gates, tcs)
+        ctx.act = act
         ctx.set_materialize_grads(False)  # an unused cs gets no gradient pass
         return hbuf[1:], cbuf[1:]
 
@@ -237,10 +255,10 @@ class PeepholeTriton(torch.autograd.Function):
             if dcs is not None:
                 dc.add_(dcs[t])
             _peephole_bwd_step[_grid(N)](dh, dhs[t], dc, gates[t], cbuf[t], cbuf[t + 1], tcs[t], wci, wcf, wco,
-                                         da[t], dc_next, H, N, RB, BLOCK=BLOCK)
+                                         da[t], dc_next, H, N, RB, BLOCK=BLOCK, ACT=ctx.act)
             dc, dc_next = dc_next, dc
             _mm(da[t], whh, out=dh)
-        return da, dh, dc, *peephole_weight_grads(da, hbuf, cbuf)
+        return da, dh, dc, *peephole_weight_grads(da, hbuf, cbuf), None
 
 
 class GRUBeforeTriton(torch.autograd.Function):
@@ -303,11 +321,18 @@ def _zero_after_end(hs: torch.Tensor, steps: torch.Tensor | None) -> torch.Tenso
     return hs * valid.unsqueeze(-1).to(hs.dtype)
 
 
-def peephole_lstm_loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
-    """The triton Loop of the peephole LSTM (rnnbench/cells/base.py: Loop)."""
-    h0, c0 = state
-    hs, cs = PeepholeTriton.apply(xw, h0, c0, w["weight_hh"], w["w_ci"], w["w_cf"], w["w_co"])
-    return _zero_after_end(hs, steps), (_at_own_end(hs, steps), _at_own_end(cs, steps))
+def peephole_loop(act: int = TANH_BOTH) -> Loop:
+    """The triton Loop (rnnbench/cells/base.py) of the peephole LSTM whose activations `act` says."""
+
+    def loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+        h0, c0 = state
+        hs, cs = PeepholeTriton.apply(xw, h0, c0, w["weight_hh"], w["w_ci"], w["w_cf"], w["w_co"], act)
+        return _zero_after_end(hs, steps), (_at_own_end(hs, steps), _at_own_end(cs, steps))
+
+    return loop
+
+
+peephole_lstm_loop = peephole_loop(TANH_BOTH)
 
 
 def gru_reset_before_loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
