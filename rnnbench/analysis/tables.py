@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rnnbench.config import NOT_IDENTITY
+from rnnbench.config import ADDED_DEFAULTS, NOT_IDENTITY
 
 # --- Chung et al. 2014 -----------------------------------------------------------------------------
 CHUNG2014_CITATION = (
@@ -332,7 +332,13 @@ def annotate(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -> pd.Dat
     """
     df = runs.copy()
     df["setting"], df["variant"], df["candidate"] = df["task"], "", ""
-    for task, part in df.groupby("task", sort=True):
+    # A key added after some runs were recorded (ADDED_DEFAULTS) is missing from those runs: they ran
+    # at its default, so they are not another variant of the runs that logged the default.
+    known = df.copy()
+    for key, default in ADDED_DEFAULTS.items():
+        if key in known and default is not None:
+            known[key] = known[key].astype(object).where(known[key].notna(), default)
+    for task, part in known.groupby("task", sort=True):
         task_cols = sorted(c for c in part.columns if c.startswith("task.") and c != "task.name")
         setting_cols = _varying(part, task_cols)
         setting = part.apply(lambda r: f"{task} ({_label(r, setting_cols)})" if setting_cols else task, axis=1)
