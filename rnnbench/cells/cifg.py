@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from rnnbench.cells import compiled
 from rnnbench.cells.base import Cell, Loop, State, Weights, recurrent_product
-from rnnbench.cells.lstm_peephole import without_peepholes
+from rnnbench.cells.lstm import LSTM
 from rnnbench.cells.registry import register_cell
-
-_LSTM_LOOPS: dict[str, Loop] = {"cpp": compiled.member_loop("lstm", "weight_hh"), "triton": without_peepholes("triton")}
 
 
 def _as_lstm(impl: str) -> Loop:
@@ -17,7 +14,7 @@ def _as_lstm(impl: str) -> Loop:
     pre-activation, σ(-a_f) = 1 - σ(a_f). So the LSTM loop (compiled, or the Triton peephole kernels
     with zero peepholes) runs it on [-a_f, a_f, a_g, a_o] and [-W_hf; W_hf; W_hg; W_ho]; autograd
     carries the gradients back through the two concatenations."""
-    base = _LSTM_LOOPS[impl]
+    base = LSTM.loops[impl]
 
     def loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
         H = w["weight_hh"].shape[-1]
