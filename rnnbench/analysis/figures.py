@@ -259,7 +259,9 @@ def test_metric_figure(summary: pd.DataFrame, chosen: pd.DataFrame, out_dir: Pat
                     ax.annotate(ref_col[4:], (1.0, ref), xycoords=("axes fraction", "data"), ha="right",
                                 va="bottom", fontsize=7, color="0.3")
             _maybe_log(ax, pd.Series(shown, dtype=float))
-            ax.set_xticks(range(len(cells)), [c.replace("_", "_\n") for c in cells], rotation=0, fontsize=7)
+            crowded = len(cells) > 6  # e.g. JSB with Greff et al.'s variants: names upright would overlap
+            ax.set_xticks(range(len(cells)), cells if crowded else [c.replace("_", "_\n") for c in cells],
+                          rotation=90 if crowded else 0, fontsize=7)
             ax.set_xlim(-0.6, len(cells) - 0.4)
             ax.set(xlabel="", ylabel=f"test {metric}", title=_title(setting, variant))
         for ax in list(axes.flat)[len(panels):]:
