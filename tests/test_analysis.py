@@ -190,6 +190,66 @@ def test_variants_table_compares_each_registered_variant_with_the_vanilla(monkey
     assert nfg["welch_p_holm"] < 0.01  # 1.2 nats worse in 5 seeds of sd 0.1: found
 
 
+def test_architecture_table_contrasts_each_architecture_with_one_unidirectional_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    means = {("gru", 1, False): 0.9, ("gru", 1, True): 0.5, ("gru", 2, False): 0.88, ("gru", 2, True): 0.45,
+             ("lstm", 1, False): 0.7, ("lstm", 1, True): 0.69}
+    rows = []
+    for (cell, layers, bi), m in means.items():
+        for seed in range(5):
+            rows.append({"task": "fsdd_digits", "setting": "fsdd_digits", "cell": cell, "metric": "nll", "status": "FINISHED",
+                         "variant": f"bidirectional={str(bi).lower()}, num_layers={layers}", "seed": seed,
+                         "model.num_layers": layers, "model.bidirectional": None if not bi and cell == "lstm" else bi,
+                         "test_nll": m + 0.05 * rng.standard_normal(), "test_acc": 1 - m / 2 + 0.01 * rng.standard_normal()})
+    chosen = pd.DataFrame(rows)  # lstm's unidirectional runs logged no model.bidirectional (older runs): false
+    monkeypatch.setattr(T, "chosen_runs", lambda runs, tuned=("train.lr",): chosen)
+    table = T.architecture_table(chosen)
+    assert list(zip(table["cell"], table["num_layers"], table["bidirectional"])) == list(means)
+    contrasts = table[table["welch_p"].notna()]
+    assert len(contrasts) == 4 and table.loc[table["welch_p"].isna(), "num_layers"].tolist() == [1, 1]
+    for _, r in table.iterrows():
+        g = chosen[(chosen["cell"] == r["cell"]) & (chosen["variant"] == r["variant"])]
+        base = chosen[(chosen["cell"] == r["cell"]) & (chosen["variant"] == "bidirectional=false, num_layers=1")]
+        x, xb = g["test_nll"].to_numpy(), base["test_nll"].to_numpy()
+        assert r["n"] == 5 and r["mean"] == pytest.approx(x.mean(), rel=1e-12)
+        assert r["ci_half"] == pytest.approx(stats.t.ppf(0.975, 4) * x.std(ddof=1) / math.sqrt(5), rel=1e-9)
+        assert r["acc_mean"] == pytest.approx(g["test_acc"].mean(), rel=1e-12)
+        if r["num_layers"] == 1 and not r["bidirectional"]:
+            continue
+        assert r["diff"] == pytest.approx(x.mean() - xb.mean(), rel=1e-12)
+        assert r["welch_p"] == pytest.approx(stats.ttest_ind(x, xb, equal_var=False).pvalue, rel=1e-12)
+        assert r["mwu_p"] == pytest.approx(stats.mannwhitneyu(x, xb, alternative="two-sided").pvalue, rel=1e-12)
+    assert contrasts["welch_p_holm"].tolist() == pytest.approx(_holm_by_hand(contrasts["welch_p"].tolist()))
+    found = contrasts[contrasts["welch_p_holm"] < 0.05]
+    assert sorted(zip(found["cell"], found["num_layers"], found["bidirectional"])) == [("gru", 1, True), ("gru", 2, True)]
+    # a setting that does not vary the architecture has no rows
+    one = chosen[chosen["variant"] == "bidirectional=false, num_layers=1"].assign(variant="")
+    monkeypatch.setattr(T, "chosen_runs", lambda runs, tuned=("train.lr",): one)
+    assert T.architecture_table(chosen).empty
+
+
+def test_report_compares_stacked_and_bidirectional_models_on_spoken_digits(tmp_path: Path, store: str) -> None:
+    """A real sweep of the many-to-one task (FSDD, a few recordings, 1 epoch): its report has the
+    accuracy beside the cross-entropy and the architectures table, section and figure."""
+    import os
+
+    if not os.environ.get("RNNBENCH_DATA_DIR"):
+        pytest.skip("fsdd_digits needs RNNBENCH_DATA_DIR (point it at the staged data, e.g. /work/shared/data)")
+    (tmp_path / "digits.yaml").write_text(
+        "name: digits_tiny\nbase:\n  model: {budget: 1500, budget_convention: recurrent}\n"
+        "  task: {name: fsdd_digits, max_recordings: 20, max_seconds: 0.1}\n"
+        "  train: {lr: 0.003, batch_size: 10, max_epochs: 1, gradient_flow: false, device: cpu}\n"
+        "grid:\n  model.num_layers: [1, 2]\n  model.bidirectional: [false, true]\n  train.seed: [0, 1]\n"
+        "  model.cell: [gru]\n")
+    _cli(["sweep", "digits.yaml", "--batch-models", "on"], tmp_path)
+    report = build_report(tmp_path / "r", tracking_uri=store, spec_dir=tmp_path / "none").read_text()
+    table = pd.read_csv(tmp_path / "r" / "tables" / "architectures.csv")
+    assert sorted(zip(table["num_layers"], table["bidirectional"])) == [(1, False), (1, True), (2, False), (2, True)]
+    assert (table["n"] == 2).all() and table["acc_mean"].between(0, 1).all() and table["welch_p"].notna().sum() == 3
+    assert "## Stacked and bidirectional models" in report and "| test acc ± 95% CI |" in report
+    assert (tmp_path / "r" / "figures" / "architectures_fsdd-digits.png").is_file()
+
+
 def test_selection_avoids_failing_candidates() -> None:
     rows = []
     for lr, vals, statuses in ((0.1, [0.5, np.nan], ["FINISHED", "FAILED"]), (0.01, [0.9, 0.8], ["FINISHED"] * 2)):

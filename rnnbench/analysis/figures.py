@@ -397,3 +397,75 @@ def tuning_budget_figure(table: pd.DataFrame, out_dir: Path) -> list[Path]:
             fig.tight_layout()
             files += save(fig, out_dir, f"tuning_budget_{slug(setting)}" + (f"_{slug(variant)}" if variant else ""))
     return files
+
+
+def architecture_figure(table: pd.DataFrame, chosen: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Stacked and bidirectional models (tables.architecture_table), one figure per task setting: a panel
+    per test metric (the primary one and e.g. accuracy), the cells along x, each cell's architectures side
+    by side in one colour each; seeds as dots, the mean with a 95% percentile bootstrap interval over seeds
+    (inside the seeds' range, so an accuracy's stays within [0, 1]; the table gives the t-interval);
+    references dashed."""
+    from matplotlib.lines import Line2D
+
+    from rnnbench.analysis.tables import reference_columns
+
+    if table.empty:
+        return []
+    fin = chosen[chosen["status"] == "FINISHED"]
+    paths: list[Path] = []
+    for setting, part in table.groupby("setting", sort=True):
+        metric = str(part["metric"].iloc[0])
+        metrics = [metric] + [c[: -len("_mean")] for c in part.columns if c.endswith("_mean") and c != "base_mean"
+                              and part[c].notna().any()]
+        archs = sorted(set(zip(part["num_layers"], part["bidirectional"])))
+        names = {a: f"{a[0]} layer{'s' if a[0] > 1 else ''}, {'bidirectional' if a[1] else 'unidirectional'}" for a in archs}
+        colours = dict(zip(archs, _arch_colours(len(archs))))
+        cells = sorted(part["cell"].astype(str).unique())
+        runs = fin[fin["setting"] == setting]
+        width = 0.8 / len(archs)
+        with _context():
+            plt = _plt()
+            fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 1.1 * len(cells) + 1.5) * len(metrics) / 1.4, 3.6),
+                                     squeeze=False)
+            for ax, m in zip(axes.flat, metrics):
+                col, mean_col = f"test_{m}", ("mean" if m == metric else f"{m}_mean")
+                for j, a in enumerate(archs):
+                    offset = (j - (len(archs) - 1) / 2) * width
+                    for i, cell in enumerate(cells):
+                        r = part[(part["cell"] == cell) & (part["num_layers"] == a[0]) & (part["bidirectional"] == a[1])]
+                        if r.empty or not math.isfinite(float(r[mean_col].iloc[0])):
+                            continue
+                        seeds = runs[(runs["cell"] == cell) & (runs["variant"] == r["variant"].iloc[0])]
+                        values = seeds[col].astype(float).to_numpy() if col in seeds else np.array([])
+                        values = np.sort(values[np.isfinite(values)])
+                        ax.scatter(np.full(len(values), i + offset), values, s=9, color=colours[a], alpha=0.6, lw=0, zorder=2)
+                        if len(values) == 0:
+                            continue
+                        mean = float(values.mean())
+                        lo, hi = bootstrap_interval(values)
+                        ax.errorbar([i + offset], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", color=colours[a],
+                                    mec="black", ecolor="black", capsize=2, ms=4, zorder=3)
+                for ref, ref_col in sorted(reference_columns(runs, m).items()):
+                    value = float(runs[ref_col].astype(float).mean())
+                    ax.axhline(value, color="0.4", ls="--", lw=0.8)
+                    ax.annotate(ref, (1.0, value), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                                fontsize=7, color="0.3")
+                ax.set_xticks(range(len(cells)), [c.replace("_", "_\n") for c in cells], fontsize=7)
+                ax.set_xlim(-0.6, len(cells) - 0.4)
+                ax.set(xlabel="", ylabel=f"test {m}", title=f"{setting}: test {m}")
+            handles = [Line2D([], [], ls="", marker="o", color=colours[a], mec="black", label=names[a]) for a in archs]
+            fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, 0.0))
+            fig.text(0.5, 1.0, "dots: seeds; marker and bar: mean and 95% percentile bootstrap interval over seeds; "
+                     "dashed: references",
+                     ha="center", va="bottom", fontsize=8, color="0.3")
+            fig.tight_layout(rect=(0, 0.08, 1, 0.98))
+            paths += save(fig, out_dir, f"architectures_{slug(str(setting))}")
+    return paths
+
+
+def _arch_colours(n: int) -> list[Any]:
+    """Blue, orange, green, pink, ... of seaborn's colorblind palette (its two oranges kept apart)."""
+    import seaborn as sns
+
+    base = sns.color_palette("colorblind", n_colors=10)
+    return [base[i] for i in (0, 1, 2, 4, 7, 5, 8, 9, 3, 6)[:n]] if n <= 10 else list(sns.color_palette("husl", n))

@@ -351,6 +351,7 @@ def build_report(
     budget_curves = TB.tuning_budget_table(runs, search)
     importance = I.importance_table(runs, search, tuned)
     variants = T.variants_table(runs, tuned)
+    architectures = T.architecture_table(runs, tuned)
     candidates = T.candidates_table(runs, tuned)
     chosen = T.chosen_runs(runs, tuned)
     summary = T.summary_table(runs, tuned, rules)
@@ -384,7 +385,7 @@ def build_report(
     for name, frame in (("summary", summary), ("pairwise", pairs), ("chung2014", chung), ("candidates", candidates),
                         ("gradient_flow", flow), ("search", search_rows), ("costs", costs), ("cut_while_improving", cut),
                         ("tuning_budget", budget_curves), ("importance", importance),
-                        ("lstm_variants", variants)):
+                        ("lstm_variants", variants), ("architectures", architectures)):
         T.write_csv(frame, tdir / f"{name}.csv")
         (tdir / f"{name}.md").write_text(T.markdown_table(frame, {**T.PAIRWISE_FORMATS, **T.CHUNG_FORMATS}), newline="\n")
 
@@ -398,6 +399,7 @@ def build_report(
             figs["flow"] = F.gradient_flow_figure(curves, chosen, fdir)
         figs["success"] = F.success_figure(success, fdir)
         figs["tuning"] = F.tuning_budget_figure(budget_curves, fdir)
+        figs["architectures"] = F.architecture_figure(architectures, chosen, fdir)
 
     # halving sweeps in progress: cells searched in a setting whose seeds have not landed yet
     compared = set(map(tuple, summary[["setting", "variant", "cell"]].astype(str).to_numpy())) if len(summary) else set()
@@ -407,7 +409,8 @@ def build_report(
             pending.setdefault((str(r.setting), ""), []).append(str(r.cell))
     report = _render(runs, summary, pairs, chung, candidates, flow, success, rules, tuned, figs, out, sweeps, repeats,
                      pending)
-    report += _extra_sections(search_rows, costs, cut, budget_curves, figs.get("tuning", []), out, importance, variants)
+    report += _extra_sections(search_rows, costs, cut, budget_curves, figs.get("tuning", []), out, importance, variants,
+                              architectures, figs.get("architectures", []))
     if (out / "DISCUSSION.md").is_file():  # hand-written reading of these numbers; never generated
         report += ("\n## Discussion\n\nWhy our numbers differ from Chung et al. 2014, and what they do not show: "
                    "[DISCUSSION.md](DISCUSSION.md) (written by hand about the runs exported here).\n")
@@ -536,10 +539,46 @@ def _render(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame, chun
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def architecture_section(table: pd.DataFrame, figs: list[Path], out: Path) -> list[str]:
+    """'Stacked and bidirectional models': per setting, each cell's architectures against its one-layer
+    unidirectional runs (T.architecture_table), the verdicts in words, and the figure."""
+    lines = ["", "## Stacked and bidirectional models", "",
+             "Each cell with 2 layers, both directions, or both, against the same cell with one unidirectional "
+             "layer, at one recurrent-parameter budget (the hidden size follows from each architecture's count), "
+             "at each cell's chosen candidate (`tables/architectures.csv`). Mean ± 95% t-interval over seeds; "
+             "`diff` is the test metric's difference from the one-layer unidirectional mean (positive: worse); "
+             "p-values Holm-corrected over all the contrasts of a setting, every cell's together.", ""]
+    for setting, part in table.groupby("setting", sort=False):
+        metric = str(part["metric"].iloc[0])
+        secondary = [c[: -len("_mean")] for c in part.columns if c.endswith("_mean") and c != "base_mean"
+                     and part[c].notna().any()]
+        shown = pd.DataFrame({
+            "cell": part["cell"], "layers": part["num_layers"], "bidirectional": part["bidirectional"].map(T.label_value),
+            "seeds": part["n"],
+            f"test {metric} ± 95% CI": [T.pm(m, h) for m, h in zip(part["mean"], part["ci_half"])],
+            **{f"test {m} ± 95% CI": [T.pm(a, b) for a, b in zip(part[f"{m}_mean"], part[f"{m}_ci_half"])] for m in secondary},
+            "diff": part["diff"], "welch_p_holm": part["welch_p_holm"], "mwu_p_holm": part["mwu_p_holm"],
+            "hedges_g": part["hedges_g"]})
+        lines += [f"### {setting}", "", T.markdown_table(shown, {"diff": "+.4f", "welch_p_holm": ".3g", "mwu_p_holm": ".3g",
+                                                                 "hedges_g": ".2f"})]
+        found = part[part["welch_p_holm"].astype(float) < 0.05]
+        verdicts = [f"{r.cell} with {r.num_layers} layer{'s' if r.num_layers > 1 else ''}"
+                    f"{', bidirectional' if r.bidirectional else ''} is {'worse' if r.diff > 0 else 'better'} "
+                    f"({r.diff:+.4f} {metric}, Holm-corrected Welch p = {r.welch_p_holm:.3g})" for r in found.itertuples()]
+        n_contrasts = int(part["welch_p"].notna().sum())
+        lines += ["**Findings.** " + (f"Of {n_contrasts} contrasts, {len(found)} differ from the one-layer "
+                                      f"unidirectional model at 0.05 (Welch, Holm): " + "; ".join(verdicts) + "."
+                                      if verdicts else f"None of the {n_contrasts} contrasts differs from the one-layer "
+                                      "unidirectional model at 0.05 (Welch, Holm)."), ""]
+    lines += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in figs if p.suffix == ".png"]
+    return lines
+
+
 def _extra_sections(search: pd.DataFrame, costs: pd.DataFrame, cut: pd.DataFrame, budget_curves: pd.DataFrame,
-                    tuning_figs: list[Path], out: Path, importance: pd.DataFrame, variants: pd.DataFrame) -> str:
-    """The tuning-budget curves, hyperparameter importance, the search's trajectory, the runs cut while
-    improving, the cost of each part."""
+                    tuning_figs: list[Path], out: Path, importance: pd.DataFrame, variants: pd.DataFrame,
+                    architectures: pd.DataFrame, architecture_figs: list[Path]) -> str:
+    """The LSTM variants, stacked and bidirectional models, the tuning-budget curves, hyperparameter
+    importance, the search's trajectory, the runs cut while improving, the cost of each part."""
     from rnnbench.analysis import tuning_budget as TB
 
     lines: list[str] = []
@@ -550,6 +589,8 @@ def _extra_sections(search: pd.DataFrame, costs: pd.DataFrame, cut: pd.DataFrame
                   "is worse.", "",
                   T.markdown_table(variants.drop(columns=["task"]).drop(columns=["variant"] if (variants["variant"] == "").all() else []),
                                    {**T.PAIRWISE_FORMATS, "mean": ".4f", "vanilla_mean": ".4f", "hedges_g": ".2f"})]
+    if not architectures.empty:
+        lines += architecture_section(architectures, architecture_figs, out)
     if not budget_curves.empty:
         lines += ["", "## Tuning budget: the expected best of n learning-rate samples", "",
                   "Per cell, the expected best validation score of n of its learning-rate samples (drawn without "

@@ -458,8 +458,9 @@ def _mean(frame: pd.DataFrame, col: str) -> float:
     return float(v.mean()) if v.notna().any() else math.nan
 
 
-SECONDARY_METRICS = ("recall_acc",)
-"""Test metrics shown beside the primary one in the summary (mean and 95% half-width over seeds)."""
+SECONDARY_METRICS = ("recall_acc", "acc")
+"""Test metrics shown beside the primary one in the summary (mean and 95% half-width over seeds): copy's
+recall accuracy on its last 10 steps, a classification task's accuracy."""
 
 
 def summary_table(
@@ -607,6 +608,73 @@ def variants_table(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -> 
     cols = ["task", "setting", "variant", "metric", "cell", "n", "n_vanilla", "mean", "vanilla_mean", "diff", "welch_p",
             "welch_p_holm", "mwu_p", "mwu_p_holm", "hedges_g"]
     return pd.DataFrame(rows, columns=cols)
+
+
+ARCHITECTURE_KEYS = ("model.num_layers", "model.bidirectional")
+"""The variant keys of the architecture comparison: stacked layers and both directions."""
+
+
+def _architecture(row: pd.Series) -> tuple[int, bool]:
+    """(num_layers, bidirectional) of a run; a key it did not log at its ADDED_DEFAULTS value (1, false)."""
+    layers, bi = (row.get(k) for k in ARCHITECTURE_KEYS)
+    layers = 1 if layers is None or (pd.api.types.is_scalar(layers) and pd.isna(layers)) else int(float(layers))
+    bi = False if bi is None or (pd.api.types.is_scalar(bi) and pd.isna(bi)) else str(bi).strip().lower() == "true"
+    return layers, bi
+
+
+def architecture_table(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -> pd.DataFrame:
+    """Stacked and bidirectional models against the same cell with one unidirectional layer.
+
+    Per task setting whose runs vary `model.num_layers` or `model.bidirectional` (the only variant keys
+    there), one row per cell and architecture at the cell's chosen candidate: the test metric and the
+    secondary ones (accuracy on a classification task) with 95% t-intervals over seeds, and against the
+    cell's one-layer unidirectional runs the difference, Welch's and Mann-Whitney's p-values (Holm over
+    the setting's contrasts, every cell's together) and Hedges' g. The one-layer unidirectional row is
+    the baseline itself (no contrast). Empty where no setting varies the architecture.
+    """
+    base_cols = ["task", "setting", "cell", "num_layers", "bidirectional", "variant", "metric", "n", "mean", "ci_half"]
+    test_cols = ["base_mean", "diff", "welch_p", "welch_p_holm", "mwu_p", "mwu_p_holm", "hedges_g"]
+    chosen = chosen_runs(runs, tuned)
+    fin = chosen[chosen["status"] == "FINISHED"]
+    if fin.empty or not any(k in fin for k in ARCHITECTURE_KEYS):
+        return pd.DataFrame(columns=base_cols + test_cols)
+    arch = fin.apply(_architecture, axis=1, result_type="expand")
+    fin = fin.assign(num_layers=arch[0].astype(int), bidirectional=arch[1].astype(bool))
+    rows = []
+    for (task, setting), part in fin.groupby(["task", "setting"], sort=True):
+        if part[["num_layers", "bidirectional"]].drop_duplicates().shape[0] < 2:
+            continue
+        if part.groupby(["cell", "num_layers", "bidirectional"])["variant"].nunique().max() > 1:
+            continue  # other variant keys vary too: the architectures are not each one group
+        metric = str(part["metric"].iloc[0])
+        secondary = [m for m in SECONDARY_METRICS if m != metric and f"test_{m}" in part and part[f"test_{m}"].notna().any()]
+        family = []
+        for cell, by_cell in part.groupby("cell", sort=True):
+            base = by_cell[(by_cell["num_layers"] == 1) & ~by_cell["bidirectional"]]
+            xb = _clean(base[f"test_{metric}"].to_numpy(float))
+            for (layers, bi), g in by_cell.groupby(["num_layers", "bidirectional"], sort=True):
+                x = _clean(g[f"test_{metric}"].to_numpy(float))
+                mean, _, _, half = t_interval(x)
+                row: dict[str, Any] = dict(task=task, setting=setting, cell=cell, num_layers=int(layers),
+                                           bidirectional=bool(bi), variant=str(g["variant"].iloc[0]), metric=metric,
+                                           n=len(x), mean=mean, ci_half=half)
+                for m in secondary:
+                    row[f"{m}_mean"], _, _, row[f"{m}_ci_half"] = t_interval(g[f"test_{m}"])
+                is_base = layers == 1 and not bi
+                row.update(base_mean=float(xb.mean()) if len(xb) else math.nan)
+                row["diff"] = math.nan if is_base else row["mean"] - row["base_mean"]
+                if not is_base and len(xb):
+                    row.update({k: v for k, v in compare(x, xb).items() if k in ("welch_p", "mwu_p", "hedges_g")})
+                    family.append(row)
+                rows.append(row)
+        if family:
+            for r, pw, pm_ in zip(family, holm([r["welch_p"] for r in family]), holm([r["mwu_p"] for r in family])):
+                r["welch_p_holm"], r["mwu_p_holm"] = float(pw), float(pm_)
+    if not rows:
+        return pd.DataFrame(columns=base_cols + test_cols)
+    table = pd.DataFrame(rows)
+    secondary_cols = [c for c in table.columns if c.endswith(("_mean", "_ci_half")) and c != "base_mean"]
+    return table.reindex(columns=base_cols + secondary_cols + test_cols)
 
 
 def chung_table(summary: pd.DataFrame) -> pd.DataFrame:

@@ -163,6 +163,7 @@ class ManyCppLoops(torch.autograd.Function):
         "tanh_rnn": (3, 1, (2,)),  # xw, h0, whh
         "lstm_niaf": (7, 2, (3, 4, 5, 6)),  # as peephole_lstm, with a linear block input
         "lstm_noaf": (7, 2, (3, 4, 5, 6)),  # as peephole_lstm, with a linear output activation
+        "lstm_fgr": (7, 2, (3, 4, 5, 6)),  # as peephole_lstm over z = [h, i, f, o]: z0 (K, B, 4H), whh (K, 4H, 4H)
     }
 
     @staticmethod

@@ -4,9 +4,29 @@ from __future__ import annotations
 
 import torch
 
-from rnnbench.cells.base import State, Weights, recurrent_product
+from rnnbench.cells import compiled
+from rnnbench.cells.base import Loop, State, Weights, recurrent_product
 from rnnbench.cells.lstm_peephole import PeepholeLSTM
 from rnnbench.cells.registry import register_cell
+
+_wide_peephole_cpp = compiled.member_loop("lstm_fgr", "weight_z", "w_ci", "w_cf", "w_co")
+
+
+def _fgr_cpp(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+    """The compiled loop: the peephole LSTM's, over the state z = [h, i, f, o] (4H wide) and the
+    recurrent matrix [W_hh | R'] (4H, 4H), R' being R with a zero block of rows for the block input g
+    (g reads no gates). autograd carries the gradients back through the concatenations."""
+    h, c, i, f, o = state
+    H = h.shape[-1]
+    w_hh, r = w["weight_hh"], w["weight_gg"]
+    r_wide = torch.cat([r[:, : 2 * H], r.new_zeros(r.shape[0], H, 3 * H), r[:, 2 * H :]], dim=1)  # rows i, f, (g), o
+    weights = {"weight_z": torch.cat([w_hh, r_wide], dim=2), "w_ci": w["w_ci"], "w_cf": w["w_cf"], "w_co": w["w_co"]}
+    zs, (z, c) = _wide_peephole_cpp(weights, xw, (torch.cat([h, i, f, o], dim=-1), c), steps)
+    h, i, f, o = z.split(H, dim=-1)
+    return zs[..., :H], (h, c, i, f, o)
+
+
+FGR_LOOPS: dict[str, Loop] = {"cpp": _fgr_cpp}
 
 
 @register_cell
@@ -23,13 +43,13 @@ class FullGateRecurrence(PeepholeLSTM):
         h_t = o_t ⊙ tanh(c_t)
 
     Weights: lstm_peephole's plus weight_gg (3H, 3H). Trainable per layer: 4(DH + H² + H) + 3H + 9H².
-    State (h, c, i, f, o). Reference step loop only.
+    State (h, c, i, f, o). Fast loop: "cpp" (the peephole loop over z = [h, i, f, o]); no Triton loop.
     """
 
     name = "lstm_fgr"
     variant_of = "lstm_peephole"  # Greff et al. 2015's FGR
     state_size = 5
-    loops = {}
+    loops = FGR_LOOPS
 
     @classmethod
     def weight_shapes(cls, input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:

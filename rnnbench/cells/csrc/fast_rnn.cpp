@@ -6,6 +6,7 @@
 //   LSTM without peepholes (torch.nn.LSTM)                     ops rnnbench_fast::lstm_{fwd,bwd}
 //   peephole LSTM with a linear block input or output (Greff et al. 2015's NIAF, NOAF)
 //                                                              ops rnnbench_fast::lstm_{niaf,noaf}_*_stacked
+//   peephole LSTM with full gate recurrence (Greff et al. 2015's FGR)  ops rnnbench_fast::lstm_fgr_*_stacked
 //   tanh RNN (Elman; torch.nn.RNN)                             ops rnnbench_fast::tanh_rnn_{fwd,bwd}
 //
 // Python (rnnbench/cells/compiled.py) computes the input projection of all steps, xw = x W_ih^T + b, with
@@ -255,28 +256,32 @@ Tensor out_or(Outs into, size_t i, at::IntArrayRef shape, const at::TensorOption
 // Peep = false: the plain LSTM of torch.nn.LSTM (same gate order; the peephole terms are compiled out and
 // wci, wcf, wco are not read). Act: which of the two tanh activations are the identity instead
 // (Greff et al. 2015's ablations; tcs then holds the output activation's value, c_t itself for NOAF).
+// Full = true: Greff et al. 2015's FGR, whose gates also read the previous step's gate values. The
+// recurrent state is then z_t = [h_t, i_t, f_t, o_t] (width Z = 4H instead of H): hbuf is (T+1,B,4H),
+// whh (4H,4H) is [W_hh | R] with R's rows of the block input g zero (the caller builds it), and h0 is
+// z_0. The backward takes and returns gradients of z (dhs (T,B,4H), dhT, dh0 (B,4H)) and dwhh (4H,4H).
 enum Act : int { kTanhBoth = 0, kLinearInput = 1, kLinearOutput = 2 };
 
-template <typename T_, bool Peep, int A = kTanhBoth>
+template <typename T_, bool Peep, int A = kTanhBoth, bool Full = false>
 void lstm_fwd(const Tensor& xw, const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
               Tensor& hbuf, Tensor& cbuf, Tensor& gates, Tensor& tcs, Tensor& gh, int64_t b0, int64_t b1,
               const int64_t* act) {
   OneBlasThread one_blas_thread;
-  const int64_t T = xw.size(0), B = xw.size(1), H = hbuf.size(2), G = 4 * H, BH = B * H;
+  const int64_t T = xw.size(0), B = xw.size(1), H = cbuf.size(2), G = 4 * H, BH = B * H, Z = Full ? G : H;
   const T_* __restrict__ pci = Peep ? wci.data_ptr<T_>() : nullptr;
   const T_* __restrict__ pcf = Peep ? wcf.data_ptr<T_>() : nullptr;
   const T_* __restrict__ pco = Peep ? wco.data_ptr<T_>() : nullptr;
   const T_* __restrict__ pgh = gh.data_ptr<T_>();
   for (int64_t t = 0; t < T; ++t) {
     const int64_t e = std::max(b0, std::min(b1, rows_at(act, t, B)));  // rows [b0, e) still run
-    zero_rows(hbuf.data_ptr<T_>() + (t + 1) * BH, e, b1, H);
+    zero_rows(hbuf.data_ptr<T_>() + (t + 1) * B * Z, e, b1, Z);
     zero_rows(cbuf.data_ptr<T_>() + (t + 1) * BH, e, b1, H);
     if (e == b0) continue;
-    gemm<T_>(gh.data_ptr<T_>() + b0 * G, e - b0, G, hbuf.data_ptr<T_>() + t * BH + b0 * H, H, H, whh, true, 0.0);
+    gemm<T_>(gh.data_ptr<T_>() + b0 * G, e - b0, G, hbuf.data_ptr<T_>() + t * B * Z + b0 * Z, Z, Z, whh, true, 0.0);
     const T_* __restrict__ px = xw.data_ptr<T_>() + t * B * G;
     const T_* __restrict__ pcp = cbuf.data_ptr<T_>() + t * BH;
     T_* __restrict__ pc = cbuf.data_ptr<T_>() + (t + 1) * BH;
-    T_* __restrict__ ph = hbuf.data_ptr<T_>() + (t + 1) * BH;
+    T_* __restrict__ ph = hbuf.data_ptr<T_>() + (t + 1) * B * Z;
     T_* __restrict__ pg = gates.data_ptr<T_>() + t * B * G;
     T_* __restrict__ ptc = tcs.data_ptr<T_>() + t * BH;
     for (int64_t b = b0; b < e; ++b) {
@@ -286,7 +291,7 @@ void lstm_fwd(const Tensor& xw, const Tensor& whh, const Tensor& wci, const Tens
       T_* __restrict__ g = pg + b * G;
       T_* __restrict__ c = pc + b * H;
       T_* __restrict__ tc = ptc + b * H;
-      T_* __restrict__ h = ph + b * H;
+      T_* __restrict__ h = ph + b * Z;
 #pragma GCC ivdep
       for (int64_t j = 0; j < H; ++j) {
         T_ ai = ax[j] + ah[j], af = ax[H + j] + ah[H + j], ao = ax[3 * H + j] + ah[3 * H + j];
@@ -309,30 +314,36 @@ void lstm_fwd(const Tensor& xw, const Tensor& whh, const Tensor& wci, const Tens
         c[j] = cn;
         tc[j] = tcn;
         h[j] = o * tcn;
+        if (Full) {  // the gate values the next step's gates read
+          h[H + j] = i;
+          h[2 * H + j] = f;
+          h[3 * H + j] = o;
+        }
       }
     }
   }
 }
 
 // The ops of both LSTMs (Peep = false: wci, wcf, wco are not read; the caller passes any tensors).
-template <bool Peep, int A = kTanhBoth>
+template <bool Peep, int A = kTanhBoth, bool Full = false>
 std::vector<Tensor> lstm_forward(const char* op, const Tensor& xw, const Tensor& h0, const Tensor& c0, const Tensor& whh,
                                  const Tensor& wci, const Tensor& wcf, const Tensor& wco, Outs into = nullptr,
                                  const int64_t* act = nullptr) {
   check({&xw, &h0, &c0, &whh, &wci, &wcf, &wco}, op);
-  const int64_t T = xw.size(0), B = xw.size(1), H = h0.size(1);
-  TORCH_CHECK(xw.dim() == 3 && T >= 1 && xw.size(2) == 4 * H && h0.size(0) == B, op, ": shapes");
+  const int64_t T = xw.size(0), B = xw.size(1), H = c0.size(1), Z = Full ? 4 * H : H;
+  TORCH_CHECK(xw.dim() == 3 && T >= 1 && xw.size(2) == 4 * H && h0.size(0) == B && h0.size(1) == Z &&
+              whh.size(0) == 4 * H && whh.size(1) == Z, op, ": shapes");
   auto o = xw.options();
-  Tensor hbuf = out_or(into, 0, {T + 1, B, H}, o), cbuf = out_or(into, 1, {T + 1, B, H}, o);
+  Tensor hbuf = out_or(into, 0, {T + 1, B, Z}, o), cbuf = out_or(into, 1, {T + 1, B, H}, o);
   Tensor gates = out_or(into, 2, {T, B, 4 * H}, o), tcs = out_or(into, 3, {T, B, H}, o);
   hbuf.select(0, 0).copy_(h0);
   cbuf.select(0, 0).copy_(c0);
   Tensor gh = at::empty({B, 4 * H}, o);
   over_rows(B, 4 * H, H, [&](int64_t b0, int64_t b1) {
     if (xw.scalar_type() == at::kFloat)
-      lstm_fwd<float, Peep, A>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1, act);
+      lstm_fwd<float, Peep, A, Full>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1, act);
     else
-      lstm_fwd<double, Peep, A>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1, act);
+      lstm_fwd<double, Peep, A, Full>(xw, whh, wci, wcf, wco, hbuf, cbuf, gates, tcs, gh, b0, b1, act);
   });
   return {hbuf, cbuf, gates, tcs};
 }
@@ -344,12 +355,12 @@ std::vector<Tensor> peephole_lstm_fwd(const Tensor& xw, const Tensor& h0, const 
 
 // dhs (T,B,H) = dL/dh_t from the outputs; dhT, dcT (B,H) from the final state.
 // Returns d xw (T,B,4H), dh0, dc0 (B,H), d whh (4H,H), d wci, d wcf, d wco (H).
-template <typename T_, bool Peep, int A = kTanhBoth>
+template <typename T_, bool Peep, int A = kTanhBoth, bool Full = false>
 void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
               const Tensor& cbuf, const Tensor& gates, const Tensor& tcs, Tensor& dxw, Tensor& dh, Tensor& dc,
               Tensor& acc, const int64_t* act) {
   OneBlasThread one_blas_thread;
-  const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2), G = 4 * H, BH = B * H;
+  const int64_t T = dhs.size(0), B = dhs.size(1), H = cbuf.size(2), G = 4 * H, BH = B * H, Z = Full ? G : H;
   const T_* __restrict__ pci = Peep ? wci.data_ptr<T_>() : nullptr;
   const T_* __restrict__ pcf = Peep ? wcf.data_ptr<T_>() : nullptr;
   const T_* __restrict__ pco = Peep ? wco.data_ptr<T_>() : nullptr;
@@ -364,7 +375,7 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
     const T_* __restrict__ pc = cbuf.data_ptr<T_>() + (t + 1) * BH;
     const T_* __restrict__ pcp = cbuf.data_ptr<T_>() + t * BH;
     const T_* __restrict__ ptc = tcs.data_ptr<T_>() + t * BH;
-    const T_* __restrict__ pdo = dhs.data_ptr<T_>() + t * BH;
+    const T_* __restrict__ pdo = dhs.data_ptr<T_>() + t * B * Z;
     T_* __restrict__ pda = dxw.data_ptr<T_>() + t * B * G;
     const int64_t e = rows_at(act, t, B);
     zero_rows(pda, e, B, G);
@@ -373,20 +384,24 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
       const T_* __restrict__ c = pc + b * H;
       const T_* __restrict__ cp = pcp + b * H;
       const T_* __restrict__ tc = ptc + b * H;
-      const T_* __restrict__ dho = pdo + b * H;
+      const T_* __restrict__ dho = pdo + b * Z;
       T_* __restrict__ da = pda + b * G;
-      T_* __restrict__ dhb = pdh + b * H;
+      T_* __restrict__ dhb = pdh + b * Z;
       T_* __restrict__ dcb = pdc + b * H;
 #pragma GCC ivdep
       for (int64_t j = 0; j < H; ++j) {
         const T_ i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j];
         const T_ dht = dhb[j] + dho[j];
-        const T_ dao = dht * tc[j] * (o * (1 - o));
+        // FGR: the gradients of this step's gate values through the next step's gates (and the outputs')
+        const T_ ei = Full ? dhb[H + j] + dho[H + j] : T_(0);
+        const T_ ef = Full ? dhb[2 * H + j] + dho[2 * H + j] : T_(0);
+        const T_ eo = Full ? dhb[3 * H + j] + dho[3 * H + j] : T_(0);
+        const T_ dao = (dht * tc[j] + eo) * (o * (1 - o));
         T_ dct = dcb[j] + dht * o * (A == kLinearOutput ? T_(1) : 1 - tc[j] * tc[j]);
         if (Peep) dct += dao * pco[j];
-        const T_ dai = dct * gg * (i * (1 - i));
+        const T_ dai = (dct * gg + ei) * (i * (1 - i));
         const T_ dag = dct * i * (A == kLinearInput ? T_(1) : 1 - gg * gg);
-        const T_ daf = dct * cp[j] * (f * (1 - f));
+        const T_ daf = (dct * cp[j] + ef) * (f * (1 - f));
         dcb[j] = Peep ? dct * f + dai * pci[j] + daf * pcf[j] : dct * f;
         da[j] = dai;
         da[H + j] = daf;
@@ -399,29 +414,30 @@ void lstm_bwd(const Tensor& dhs, const Tensor& whh, const Tensor& wci, const Ten
         }
       }
     }
-    if (e > 0) gemm<T_>(pdh, e, H, dxw.data_ptr<T_>() + t * B * G, G, G, whh, false, 0.0);  // dh_{t-1} = dA_t W_hh
+    if (e > 0) gemm<T_>(pdh, e, Z, dxw.data_ptr<T_>() + t * B * G, G, G, whh, false, 0.0);  // dh_{t-1} = dA_t W_hh
   }
 }
 
-template <bool Peep, int A = kTanhBoth>
+template <bool Peep, int A = kTanhBoth, bool Full = false>
 std::vector<Tensor> lstm_backward(const char* op, const Tensor& dhs, const Tensor& dhT, const Tensor& dcT,
                                   const Tensor& whh, const Tensor& wci, const Tensor& wcf, const Tensor& wco,
                                   const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates, const Tensor& tcs,
                                   Outs into = nullptr, const int64_t* act = nullptr) {
   check({&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, op);
-  const int64_t T = dhs.size(0), B = dhs.size(1), H = dhs.size(2);
+  const int64_t T = dhs.size(0), B = dhs.size(1), H = dcT.size(1), Z = Full ? 4 * H : H;
+  TORCH_CHECK(dhs.size(2) == Z && dhT.size(1) == Z && hbuf.size(2) == Z, op, ": shapes");
   auto o = dhs.options();
   Tensor dxw = out_or(into, 0, {T, B, 4 * H}, o);
-  Tensor dh = out_or(into, 1, {B, H}, o), dc = out_or(into, 2, {B, H}, o);
+  Tensor dh = out_or(into, 1, {B, Z}, o), dc = out_or(into, 2, {B, H}, o);
   dh.copy_(dhT);
   dc.copy_(dcT);
   Tensor acc = at::zeros({Peep ? 3 : 0, H}, o.dtype(at::kDouble));
   if (dhs.scalar_type() == at::kFloat)
-    lstm_bwd<float, Peep, A>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, act);
+    lstm_bwd<float, Peep, A, Full>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, act);
   else
-    lstm_bwd<double, Peep, A>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, act);
-  Tensor dwhh = out_or(into, 3, {4 * H, H}, o);
-  at::mm_out(dwhh, dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, H}));
+    lstm_bwd<double, Peep, A, Full>(dhs, whh, wci, wcf, wco, cbuf, gates, tcs, dxw, dh, dc, acc, act);
+  Tensor dwhh = out_or(into, 3, {4 * H, Z}, o);
+  at::mm_out(dwhh, dxw.view({T * B, 4 * H}).t(), hbuf.narrow(0, 0, T).reshape({T * B, Z}));
   if (!Peep) return {dxw, dh, dc, dwhh};
   std::vector<Tensor> grads = {dxw, dh, dc, dwhh};
   for (int64_t i = 0; i < 3; ++i) grads.push_back(out_or(into, 4 + i, {H}, o).copy_(acc[i]));
@@ -860,50 +876,52 @@ std::vector<Tensor> over_models(const char* op, const Tensor& xw, at::IntArrayRe
 }
 
 // The peephole LSTM's stacked ops, and those of its linear-activation ablations (A: Act above).
-template <int A>
+template <int A, bool Full = false>
 std::vector<Tensor> peephole_fwd_stacked(const char* op, const Tensor& xw, at::IntArrayRef lengths, const Tensor& h0,
                                          const Tensor& c0, const Tensor& whh, const Tensor& wci, const Tensor& wcf,
                                          const Tensor& wco) {
-  const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = h0.size(-1);
-  auto outs = stacked_empty(K, {{T + 1, B, H}, {T + 1, B, H}, {T, B, 4 * H}, {T, B, H}}, xw.options());
+  const int64_t K = xw.size(0), T = xw.size(1), B = xw.size(2), H = c0.size(-1), Z = h0.size(-1);
+  auto outs = stacked_empty(K, {{T + 1, B, Z}, {T + 1, B, H}, {T, B, 4 * H}, {T, B, H}}, xw.options());
   return over_models(op, xw, lengths, outs, 4, {&xw, &h0, &c0, &whh, &wci, &wcf, &wco},
                      [&](int64_t k, int64_t n, Outs into, const int64_t* act) {
-    lstm_forward<true, A>(op, first_steps(xw, k, n), h0[k], c0[k], whh[k], wci[k], wcf[k], wco[k], into, act);
+    lstm_forward<true, A, Full>(op, first_steps(xw, k, n), h0[k], c0[k], whh[k], wci[k], wcf[k], wco[k], into, act);
   });
 }
 
-template <int A>
+template <int A, bool Full = false>
 std::vector<Tensor> peephole_bwd_stacked(const char* op, const Tensor& dhs, at::IntArrayRef lengths, const Tensor& dhT,
                                          const Tensor& dcT, const Tensor& whh, const Tensor& wci, const Tensor& wcf,
                                          const Tensor& wco, const Tensor& hbuf, const Tensor& cbuf, const Tensor& gates,
                                          const Tensor& tcs) {
-  const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dhs.size(3);
-  auto outs = stacked_empty(K, {{T, B, 4 * H}, {B, H}, {B, H}, {4 * H, H}, {H}, {H}, {H}}, dhs.options());
+  const int64_t K = dhs.size(0), T = dhs.size(1), B = dhs.size(2), H = dcT.size(-1), Z = dhs.size(3);
+  auto outs = stacked_empty(K, {{T, B, 4 * H}, {B, Z}, {B, H}, {4 * H, Z}, {H}, {H}, {H}}, dhs.options());
   return over_models(op, dhs, lengths, outs, 1,
                      {&dhs, &dhT, &dcT, &whh, &wci, &wcf, &wco, &hbuf, &cbuf, &gates, &tcs}, [&](int64_t k, int64_t n, Outs into, const int64_t* act) {
-    lstm_backward<true, A>(op, first_steps(dhs, k, n), dhT[k], dcT[k], whh[k], wci[k], wcf[k], wco[k],
+    lstm_backward<true, A, Full>(op, first_steps(dhs, k, n), dhT[k], dcT[k], whh[k], wci[k], wcf[k], wco[k],
                            first_steps(hbuf, k, n + 1), first_steps(cbuf, k, n + 1), first_steps(gates, k, n),
                            first_steps(tcs, k, n), into, act);
   });
 }
 
 // xw (K, T, B, 4H), lengths, h0, c0 (K, B, H), whh (K, 4H, H), wci, wcf, wco (K, H): as peephole_lstm_fwd per model.
-#define RNNBENCH_PEEPHOLE_OPS(name, A)                                                                          \
+// FGR (Full): h0 (K, B, 4H) is z_0 and whh (K, 4H, 4H) (see lstm_fwd).
+#define RNNBENCH_PEEPHOLE_OPS(name, A, Full)                                                                       \
   std::vector<Tensor> name##_fwd_stacked(const Tensor& xw, at::IntArrayRef lengths, const Tensor& h0,           \
                                          const Tensor& c0, const Tensor& whh, const Tensor& wci,                \
                                          const Tensor& wcf, const Tensor& wco) {                                \
-    return peephole_fwd_stacked<A>(#name "_fwd_stacked", xw, lengths, h0, c0, whh, wci, wcf, wco);              \
+    return peephole_fwd_stacked<A, Full>(#name "_fwd_stacked", xw, lengths, h0, c0, whh, wci, wcf, wco);              \
   }                                                                                                             \
   std::vector<Tensor> name##_bwd_stacked(const Tensor& dhs, at::IntArrayRef lengths, const Tensor& dhT,         \
                                          const Tensor& dcT, const Tensor& whh, const Tensor& wci,               \
                                          const Tensor& wcf, const Tensor& wco, const Tensor& hbuf,              \
                                          const Tensor& cbuf, const Tensor& gates, const Tensor& tcs) {          \
-    return peephole_bwd_stacked<A>(#name "_bwd_stacked", dhs, lengths, dhT, dcT, whh, wci, wcf, wco, hbuf,      \
+    return peephole_bwd_stacked<A, Full>(#name "_bwd_stacked", dhs, lengths, dhT, dcT, whh, wci, wcf, wco, hbuf,      \
                                    cbuf, gates, tcs);                                                          \
   }
-RNNBENCH_PEEPHOLE_OPS(peephole_lstm, kTanhBoth)
-RNNBENCH_PEEPHOLE_OPS(lstm_niaf, kLinearInput)
-RNNBENCH_PEEPHOLE_OPS(lstm_noaf, kLinearOutput)
+RNNBENCH_PEEPHOLE_OPS(peephole_lstm, kTanhBoth, false)
+RNNBENCH_PEEPHOLE_OPS(lstm_niaf, kLinearInput, false)
+RNNBENCH_PEEPHOLE_OPS(lstm_noaf, kLinearOutput, false)
+RNNBENCH_PEEPHOLE_OPS(lstm_fgr, kTanhBoth, true)
 #undef RNNBENCH_PEEPHOLE_OPS
 
 std::vector<Tensor> lstm_fwd_stacked(const Tensor& xw, at::IntArrayRef lengths, const Tensor& h0, const Tensor& c0,
@@ -1231,4 +1249,6 @@ TORCH_LIBRARY(rnnbench_fast, m) {
   m.def("lstm_niaf_bwd_stacked", &lstm_niaf_bwd_stacked);
   m.def("lstm_noaf_fwd_stacked", &lstm_noaf_fwd_stacked);
   m.def("lstm_noaf_bwd_stacked", &lstm_noaf_bwd_stacked);
+  m.def("lstm_fgr_fwd_stacked", &lstm_fgr_fwd_stacked);
+  m.def("lstm_fgr_bwd_stacked", &lstm_fgr_bwd_stacked);
 }
