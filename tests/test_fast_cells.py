@@ -262,8 +262,11 @@ def test_cpp_float32_close_on_a_long_sequence(cell: str) -> None:
         # CPU), so an element-wise tolerance between them fails where values grow (lstm_nfg: c_t grows
         # without a forget gate, its gradients reach 1e3-1e4), while the error against float64 says
         # whether the loop loses accuracy.
+        # The floor is float32's rounding of a sum of this size (6,400 terms for a weight gradient):
+        # where the float32 reference happens to round luckily, twice its error is below it.
         err, ref_err = ((t.double() - exact[k]).abs().max() for t in (got[k], ref[k]))
-        assert err <= max(2 * ref_err, 1e-5), (k, float(err), float(ref_err))
+        scale = max(1.0, float(exact[k].abs().max()))
+        assert err <= max(2 * ref_err, 1e-5 * scale), (k, float(err), float(ref_err), scale)
 
 
 @pytest.mark.parametrize("cell", CPP)
