@@ -4,29 +4,36 @@ from __future__ import annotations
 
 import torch
 
-from rnnbench.cells import compiled
+from rnnbench.cells import compiled, triton_steps
 from rnnbench.cells.base import Loop, State, Weights, recurrent_product
 from rnnbench.cells.lstm_peephole import PeepholeLSTM
 from rnnbench.cells.registry import register_cell
 
-_wide_peephole_cpp = compiled.member_loop("lstm_fgr", "weight_z", "w_ci", "w_cf", "w_co")
+
+def over_gate_state(wide: Loop) -> Loop:
+    """FGR's Loop from `wide`, a peephole LSTM loop that takes the state z = [h, i, f, o] (4H wide) in
+    place of h and the recurrent matrix [W_hh | R'] (4H, 4H), R' being R with a zero block of rows for
+    the block input g (g reads no gates), and returns every step's z: the peephole loop's equations
+    with R's products added. autograd carries the gradients back through the concatenations."""
+
+    def loop(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+        h, c, i, f, o = state
+        H = h.shape[-1]
+        r = w["weight_gg"]
+        r_wide = torch.cat([r[:, : 2 * H], r.new_zeros(r.shape[0], H, 3 * H), r[:, 2 * H :]], dim=1)  # rows i, f, (g), o
+        weights = {"weight_hh": torch.cat([w["weight_hh"], r_wide], dim=2), "w_ci": w["w_ci"], "w_cf": w["w_cf"],
+                   "w_co": w["w_co"]}
+        zs, (z, c) = wide(weights, xw, (torch.cat([h, i, f, o], dim=-1), c), steps)
+        h, i, f, o = z.split(H, dim=-1)
+        return zs[..., :H], (h, c, i, f, o)
+
+    return loop
 
 
-def _fgr_cpp(w: Weights, xw: torch.Tensor, state: State, steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
-    """The compiled loop: the peephole LSTM's, over the state z = [h, i, f, o] (4H wide) and the
-    recurrent matrix [W_hh | R'] (4H, 4H), R' being R with a zero block of rows for the block input g
-    (g reads no gates). autograd carries the gradients back through the concatenations."""
-    h, c, i, f, o = state
-    H = h.shape[-1]
-    w_hh, r = w["weight_hh"], w["weight_gg"]
-    r_wide = torch.cat([r[:, : 2 * H], r.new_zeros(r.shape[0], H, 3 * H), r[:, 2 * H :]], dim=1)  # rows i, f, (g), o
-    weights = {"weight_z": torch.cat([w_hh, r_wide], dim=2), "w_ci": w["w_ci"], "w_cf": w["w_cf"], "w_co": w["w_co"]}
-    zs, (z, c) = _wide_peephole_cpp(weights, xw, (torch.cat([h, i, f, o], dim=-1), c), steps)
-    h, i, f, o = z.split(H, dim=-1)
-    return zs[..., :H], (h, c, i, f, o)
-
-
-FGR_LOOPS: dict[str, Loop] = {"cpp": _fgr_cpp}
+FGR_LOOPS: dict[str, Loop] = {
+    "cpp": over_gate_state(compiled.member_loop("lstm_fgr", "weight_hh", "w_ci", "w_cf", "w_co")),
+    "triton": over_gate_state(triton_steps.peephole_lstm_loop),  # the kernels take z when h0 is 4H wide
+}
 
 
 @register_cell
@@ -43,7 +50,7 @@ class FullGateRecurrence(PeepholeLSTM):
         h_t = o_t ⊙ tanh(c_t)
 
     Weights: lstm_peephole's plus weight_gg (3H, 3H). Trainable per layer: 4(DH + H² + H) + 3H + 9H².
-    State (h, c, i, f, o). Fast loop: "cpp" (the peephole loop over z = [h, i, f, o]); no Triton loop.
+    State (h, c, i, f, o). Fast loops: "cpp" and "triton", the peephole LSTM's over z = [h, i, f, o].
     """
 
     name = "lstm_fgr"

@@ -55,13 +55,18 @@ if triton is not None:
 
     @triton.jit
     def _peephole_fwd_step(a_ptr, cp_ptr, wci_ptr, wcf_ptr, wco_ptr, g_ptr, c_ptr, tc_ptr, h_ptr, H, N, RB,
-                           BLOCK: tl.constexpr, ACT: tl.constexpr):
-        # a (R, 4H) pre-activations i, f, g, o; cp, c, tc, h (R, H); g (R, 4H) gate activations out;
-        # R = K * RB rows, model k's peepholes at w + k H
+                           BLOCK: tl.constexpr, ACT: tl.constexpr, FULL: tl.constexpr):
+        # a (R, 4H) pre-activations i, f, g, o; cp, c, tc (R, H); h (R, H), or with FULL (Greff et al.'s
+        # FGR) z (R, 4H) = [h, i, f, o], the gate values the next step reads; g (R, 4H) gate activations
+        # out; R = K * RB rows, model k's peepholes at w + k H
         n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = n < N
         b = n // H
         j = n % H
+        if FULL:
+            z = b * 4 * H + j
+        else:
+            z = n
         row = b * 4 * H
         w = (b // RB) * H + j
         a_i = tl.load(a_ptr + row + j, mask=m)
@@ -87,16 +92,25 @@ if triton is not None:
         tl.store(g_ptr + row + 3 * H + j, o, mask=m)
         tl.store(c_ptr + n, c, mask=m)
         tl.store(tc_ptr + n, tc, mask=m)
-        tl.store(h_ptr + n, o * tc, mask=m)
+        tl.store(h_ptr + z, o * tc, mask=m)
+        if FULL:
+            tl.store(h_ptr + z + H, i, mask=m)
+            tl.store(h_ptr + z + 2 * H, f, mask=m)
+            tl.store(h_ptr + z + 3 * H, o, mask=m)
 
     @triton.jit
     def _peephole_bwd_step(dh_ptr, dhs_ptr, dc_ptr, g_ptr, cp_ptr, c_ptr, tc_ptr, wci_ptr, wcf_ptr, wco_ptr,
-                           da_ptr, dc_out_ptr, H, N, RB, BLOCK: tl.constexpr, ACT: tl.constexpr):
-        # dh (R, H) from step t+1, dhs (R, H) from the output; dc (R, H) carried; da (R, 4H) out
+                           da_ptr, dc_out_ptr, H, N, RB, BLOCK: tl.constexpr, ACT: tl.constexpr, FULL: tl.constexpr):
+        # dh (R, H) from step t+1, dhs (R, H) from the output (FULL: both (R, 4H), gradients of z);
+        # dc (R, H) carried; da (R, 4H) out
         n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = n < N
         b = n // H
         j = n % H
+        if FULL:
+            z = b * 4 * H + j
+        else:
+            z = n
         row = b * 4 * H
         w = (b // RB) * H + j
         i = tl.load(g_ptr + row + j, mask=m)
@@ -105,15 +119,23 @@ if triton is not None:
         o = tl.load(g_ptr + row + 3 * H + j, mask=m)
         cp = tl.load(cp_ptr + n, mask=m)
         tc = tl.load(tc_ptr + n, mask=m)
-        dht = tl.load(dh_ptr + n, mask=m) + tl.load(dhs_ptr + n, mask=m)
-        dao = dht * tc * o * (1.0 - o)
+        dht = tl.load(dh_ptr + z, mask=m) + tl.load(dhs_ptr + z, mask=m)
+        if FULL:  # the gradients of this step's gate values through the next step's gates
+            ei = tl.load(dh_ptr + z + H, mask=m) + tl.load(dhs_ptr + z + H, mask=m)
+            ef = tl.load(dh_ptr + z + 2 * H, mask=m) + tl.load(dhs_ptr + z + 2 * H, mask=m)
+            eo = tl.load(dh_ptr + z + 3 * H, mask=m) + tl.load(dhs_ptr + z + 3 * H, mask=m)
+        else:
+            ei = 0.0
+            ef = 0.0
+            eo = 0.0
+        dao = (dht * tc + eo) * o * (1.0 - o)
         if ACT == 2:
             dtc = dht * o
         else:
             dtc = dht * o * (1.0 - tc * tc)
         dct = tl.load(dc_ptr + n, mask=m) + dao * tl.load(wco_ptr + w, mask=m) + dtc
-        dai = dct * g * i * (1.0 - i)
-        daf = dct * cp * f * (1.0 - f)
+        dai = (dct * g + ei) * i * (1.0 - i)
+        daf = (dct * cp + ef) * f * (1.0 - f)
         if ACT == 1:
             dag = dct * i
         else:
@@ -222,21 +244,22 @@ class PeepholeTriton(torch.autograd.Function):
     """(hs, cs): all steps' h_t and c_t (T, K, B, H) of one peephole LSTM layer of K models; xw (T, K, B, 4H),
     h0, c0 (K, B, H), whh (K, 4H, H), wci, wcf, wco (K, H); act: TANH_BOTH, LINEAR_INPUT or LINEAR_OUTPUT.
     cs is returned so that a member's final c can be read at its own last step; its gradient is added
-    only where something used it."""
+    only where something used it. Greff et al.'s FGR: h0 (K, B, 4H) is z_0 = [h, i, f, o] and whh
+    (K, 4H, 4H) = [W_hh | R] (lstm_fgr.py); hs is then every step's z_t (T, K, B, 4H)."""
 
     @staticmethod
     def forward(ctx: Any, xw, h0, c0, whh, wci, wcf, wco, act=TANH_BOTH):  # type: ignore[override]
         T, *rows, G = xw.shape  # rows: (B,) or (K, B)
-        H = G // 4
+        H, Z = G // 4, h0.shape[-1]
         xw, whh, wci, wcf, wco = (t.contiguous() for t in (xw, whh, wci, wcf, wco))
-        hbuf, cbuf = xw.new_empty(T + 1, *rows, H), xw.new_empty(T + 1, *rows, H)
+        hbuf, cbuf = xw.new_empty(T + 1, *rows, Z), xw.new_empty(T + 1, *rows, H)
         gates, tcs, a = xw.new_empty(T, *rows, G), xw.new_empty(T, *rows, H), xw.new_empty(*rows, G)
         hbuf[0], cbuf[0] = h0, c0
-        whh_t, N, RB = whh.transpose(-1, -2), hbuf[0].numel(), rows[-1]
+        whh_t, N, RB = whh.transpose(-1, -2), cbuf[0].numel(), rows[-1]
         for t in range(T):
             _addmm(xw[t], hbuf[t], whh_t, out=a)
             _peephole_fwd_step[_grid(N)](a, cbuf[t], wci, wcf, wco, gates[t], cbuf[t + 1], tcs[t], hbuf[t + 1],
-                                         H, N, RB, BLOCK=BLOCK, ACT=act)
+                                         H, N, RB, BLOCK=BLOCK, ACT=act, FULL=Z != H)
         ctx.save_for_backward(whh, wci, wcf, wco, hbuf, cbuf, gates, tcs)
         ctx.act = act
         ctx.set_materialize_grads(False)  # an unused cs gets no gradient pass
@@ -247,15 +270,16 @@ class PeepholeTriton(torch.autograd.Function):
     def backward(ctx: Any, dhs, dcs):  # type: ignore[override]
         whh, wci, wcf, wco, hbuf, cbuf, gates, tcs = ctx.saved_tensors
         T, *rows, H = tcs.shape
-        dhs = torch.zeros_like(tcs) if dhs is None else dhs.contiguous()
+        Z = hbuf.shape[-1]
+        dhs = torch.zeros_like(hbuf[1:]) if dhs is None else dhs.contiguous()
         da = gates.new_empty(T, *rows, 4 * H)
-        dh, dc, dc_next = gates.new_zeros(*rows, H), gates.new_zeros(*rows, H), gates.new_empty(*rows, H)
-        N, RB = dh.numel(), rows[-1]
+        dh, dc, dc_next = gates.new_zeros(*rows, Z), gates.new_zeros(*rows, H), gates.new_empty(*rows, H)
+        N, RB = dc.numel(), rows[-1]
         for t in range(T - 1, -1, -1):
             if dcs is not None:
                 dc.add_(dcs[t])
             _peephole_bwd_step[_grid(N)](dh, dhs[t], dc, gates[t], cbuf[t], cbuf[t + 1], tcs[t], wci, wcf, wco,
-                                         da[t], dc_next, H, N, RB, BLOCK=BLOCK, ACT=ctx.act)
+                                         da[t], dc_next, H, N, RB, BLOCK=BLOCK, ACT=ctx.act, FULL=Z != H)
             dc, dc_next = dc_next, dc
             _mm(da[t], whh, out=dh)
         return da, dh, dc, *peephole_weight_grads(da, hbuf, cbuf), None
