@@ -89,6 +89,31 @@ def test_step_nll_matches_the_bernoulli_formula_and_ignores_padding() -> None:
     torch.testing.assert_close(bernoulli_step_nll(logits, y, mask), by_hand)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_fused_bernoulli_nll_equals_torchs_values_and_gradients(dtype: torch.dtype) -> None:
+    """cells.bernoulli_nll (the compiled op on the CPU) against binary_cross_entropy_with_logits summed
+    over the keys, computed in float64: logits from -60 to 60 (0 and ±1e-8 included), both targets."""
+    from rnnbench.cells import bernoulli_nll, compiled
+
+    if not compiled.load_extension():
+        pytest.skip("the compiled CPU ops did not build here")
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1000, 88, generator=g, dtype=torch.float64) * 8
+    z[0, :7] = torch.tensor([0.0, 1e-8, -1e-8, 40.0, -40.0, 60.0, -60.0], dtype=torch.float64)
+    y = (torch.rand(1000, 88, generator=g) < 0.2).double()
+    w = torch.randn(1000, generator=g, dtype=torch.float64)
+    zd = z.clone().requires_grad_()
+    exact = torch.nn.functional.binary_cross_entropy_with_logits(zd, y, reduction="none").sum(-1)
+    (exact_grad,) = torch.autograd.grad(exact, zd, w)
+    zc = z.to(dtype).requires_grad_()
+    got = bernoulli_nll(zc.view(10, 100, 88), y.to(dtype).view(10, 100, 88))  # leading dims kept
+    assert got.shape == (10, 100) and got.dtype == dtype
+    (grad,) = torch.autograd.grad(got.view(-1), zc, w.to(dtype))
+    tol = {"rtol": 1e-13, "atol": 1e-13} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-5}
+    torch.testing.assert_close(got.view(-1).double(), exact.detach(), **tol)
+    torch.testing.assert_close(grad.double(), exact_grad, **(tol if dtype == torch.float64 else {"rtol": 0, "atol": 1e-6}))
+
+
 def test_to_layout_chung_puts_midi_p_in_column_p_minus_1() -> None:
     roll = np.zeros((3, 88), dtype=np.uint8)
     roll[0, 0] = roll[1, 75] = 1  # MIDI 21 and MIDI 96

@@ -292,3 +292,21 @@ class StepsLinear(torch.autograd.Function):
 def steps_linear(x: torch.Tensor, lengths: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Each member's linear map over each sequence's own steps of x (K, T, B, D); see StepsLinear."""
     return StepsLinear.apply(x, lengths.flatten().tolist(), W, b)
+
+
+class BernoulliNLL(torch.autograd.Function):
+    """nll (R,) = sum over D of softplus(z) - y z for logits z and 0/1 targets y (R, D): the Bernoulli
+    NLL of each row (binary_cross_entropy_with_logits summed over the last dim), forward and backward
+    in one pass each (ops bernoulli_nll_fwd / _bwd). No gradient for y."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, y: torch.Tensor):  # type: ignore[override]
+        z, y = z.contiguous(), y.contiguous()
+        ctx.save_for_backward(z, y)
+        return torch.ops.rnnbench_fast.bernoulli_nll_fwd(z, y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor):  # type: ignore[override]
+        z, y = ctx.saved_tensors
+        return torch.ops.rnnbench_fast.bernoulli_nll_bwd(g.contiguous(), z, y), None

@@ -207,6 +207,18 @@ def run(
     return h.permute(1, 2, 0, 3), finals
 
 
+def bernoulli_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The Bernoulli NLL of 0/1 `targets` under `logits` (..., D), summed over the last dim -> (...):
+    what binary_cross_entropy_with_logits gives summed over D, with autograd for the logits. On the CPU
+    in float32/float64 the compiled op (one pass forward, one backward: a population's logits are tens
+    of MB, and torch's four passes over them cost more than its recurrence), else torch's."""
+    targets = targets.to(logits.dtype)
+    if not (rows_linear_available(logits.device, logits.dtype) and logits.dim() >= 1 and logits.shape[-1] > 0):
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1)
+    D = logits.shape[-1]
+    return compiled.BernoulliNLL.apply(logits.reshape(-1, D), targets.reshape(-1, D)).view(logits.shape[:-1])
+
+
 def rows_linear_available(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether `rows_linear` serves tensors of this device and dtype (the compiled CPU ops)."""
     return compiled.cpp_eligible(device, dtype) and compiled.load_extension()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.utils.data import Dataset
 
+from rnnbench.cells import bernoulli_nll
 from rnnbench.errors import RnnbenchError
 from rnnbench.tasks import register_task
 from rnnbench.tasks.base import Batch, MetricSums, Task, TaskOptions, longest_first, member_sums
@@ -54,8 +55,8 @@ def bernoulli_step_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.
     logits, targets: (..., T, D); mask: (..., T) bool. Padded steps are selected away with
     `torch.where`, so whatever the padding holds (even inf or NaN) cannot reach the sums.
     """
-    per_key = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
-    return torch.where(mask, per_key.sum(-1), torch.zeros((), dtype=per_key.dtype, device=per_key.device))
+    nll = bernoulli_nll(logits, targets)  # binary_cross_entropy_with_logits summed over keys, fused on the CPU
+    return torch.where(mask, nll, torch.zeros((), dtype=nll.dtype, device=nll.device))
 
 
 def _rolls_nll(rolls: list[np.ndarray], logits: list[np.ndarray], first_frame: FirstFrame) -> float:

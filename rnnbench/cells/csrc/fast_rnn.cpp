@@ -74,6 +74,8 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
+inline float exp_(float x) { return fast_exp(x); }
+inline double exp_(double x) { return std::exp(x); }
 inline float sigm(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
 inline double sigm(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
@@ -88,6 +90,28 @@ inline float tanh_(float x) {
   return a < 0.625f ? small : big;
 }
 inline double tanh_(double x) { return std::tanh(x); }
+
+// log(1 + e) for e in [0, 1] (e = exp(-|z|) in softplus): the Cephes logf polynomial on the mantissa of
+// 1 + e, branch-free so that a loop over it vectorises; <= 2 ulp of the result. For 1 + e < sqrt(2)
+// the polynomial's argument is e itself (not (1 + e) - 1), so small e keep their digits.
+inline float log1p_unit(float e) {
+  const bool up = e > 0.41421356f;      // 1 + e >= sqrt(2): 1 + e = 2 (1 + x), x = (e - 1) / 2 in (-0.29, 0]
+  const float x = up ? (e - 1.0f) * 0.5f : e;
+  const float k = up ? 1.0f : 0.0f;
+  const float z = x * x;
+  float y = 7.0376836292e-2f;
+  y = y * x - 1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x - 1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x - 1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x - 2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  y = y * x * z + k * -2.12194440e-4f - 0.5f * z;
+  return x + y + k * 0.693359375f;
+}
+inline double log1p_unit(double e) { return std::log1p(e); }
 
 // ---- small matrix products ------------------------------------------------------------------------
 // The per-step products are tiny (32 x 36 x 144): ATen's dispatch costs about as much as the work.
@@ -1218,6 +1242,83 @@ std::vector<Tensor> rows_linear_bwd(const Tensor& dy, const Tensor& x, at::IntAr
   return {need_dx ? dx : at::empty({0}, x.options()), dW, db};
 }
 
+// ==== the music tasks' loss: Bernoulli NLL of logits, summed over keys ==============================
+// z, y (R, D) contiguous: logits and 0/1 targets. Forward: nll[r] = sum_d softplus(z) - y z (= -log of
+// the Bernoulli likelihood, what binary_cross_entropy_with_logits computes per element), in one pass
+// (torch's takes four over R x D, and a population's R x D is tens of MB, out of cache). Backward:
+// dz = g[r] (sigmoid(z) - y), one pass. Rows in chunks on the threads; each row's D terms are summed
+// in double.
+constexpr int64_t kLossRowsPerChunk = 512;
+
+template <typename T_>
+void bnll_rows(const T_* __restrict__ z, const T_* __restrict__ y, T_* __restrict__ out, int64_t r0, int64_t r1,
+               int64_t D, T_* __restrict__ tmp) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T_* zr = z + r * D;
+    const T_* yr = y + r * D;
+#pragma GCC ivdep
+    for (int64_t d = 0; d < D; ++d) {
+      const T_ a = zr[d];
+      const T_ m = a > T_(0) ? a : T_(0);
+      tmp[d] = m + log1p_unit(exp_(-(a > T_(0) ? a : -a))) - yr[d] * a;
+    }
+    double sum = 0.0;
+    for (int64_t d = 0; d < D; ++d) sum += static_cast<double>(tmp[d]);
+    out[r] = static_cast<T_>(sum);
+  }
+}
+
+template <typename T_>
+void bnll_grad_rows(const T_* __restrict__ g, const T_* __restrict__ z, const T_* __restrict__ y, T_* __restrict__ dz,
+                    int64_t r0, int64_t r1, int64_t D) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T_ gr = g[r];
+    const T_* zr = z + r * D;
+    const T_* yr = y + r * D;
+    T_* dr = dz + r * D;
+#pragma GCC ivdep
+    for (int64_t d = 0; d < D; ++d) dr[d] = gr * (sigm(zr[d]) - yr[d]);
+  }
+}
+
+template <typename F>
+void over_loss_rows(int64_t R, const F& f) {
+  in_parallel((R + kLossRowsPerChunk - 1) / kLossRowsPerChunk,
+              [&](int64_t i) { f(i * kLossRowsPerChunk, std::min(R, (i + 1) * kLossRowsPerChunk)); });
+}
+
+Tensor bernoulli_nll_fwd(const Tensor& z, const Tensor& y) {
+  check({&z, &y}, "bernoulli_nll_fwd");
+  TORCH_CHECK(z.dim() == 2 && z.sizes() == y.sizes(), "rnnbench_fast::bernoulli_nll_fwd: z and y must be (R, D)");
+  const int64_t R = z.size(0), D = z.size(1);
+  Tensor out = at::empty({R}, z.options());
+  over_loss_rows(R, [&](int64_t r0, int64_t r1) {
+    if (z.scalar_type() == at::kFloat) {
+      std::vector<float> tmp(D);
+      bnll_rows<float>(z.data_ptr<float>(), y.data_ptr<float>(), out.data_ptr<float>(), r0, r1, D, tmp.data());
+    } else {
+      std::vector<double> tmp(D);
+      bnll_rows<double>(z.data_ptr<double>(), y.data_ptr<double>(), out.data_ptr<double>(), r0, r1, D, tmp.data());
+    }
+  });
+  return out;
+}
+
+Tensor bernoulli_nll_bwd(const Tensor& g, const Tensor& z, const Tensor& y) {
+  check({&g, &z, &y}, "bernoulli_nll_bwd");
+  TORCH_CHECK(z.dim() == 2 && z.sizes() == y.sizes() && g.dim() == 1 && g.size(0) == z.size(0),
+              "rnnbench_fast::bernoulli_nll_bwd: shapes");
+  const int64_t R = z.size(0), D = z.size(1);
+  Tensor dz = at::empty({R, D}, z.options());
+  over_loss_rows(R, [&](int64_t r0, int64_t r1) {
+    if (z.scalar_type() == at::kFloat)
+      bnll_grad_rows<float>(g.data_ptr<float>(), z.data_ptr<float>(), y.data_ptr<float>(), dz.data_ptr<float>(), r0, r1, D);
+    else
+      bnll_grad_rows<double>(g.data_ptr<double>(), z.data_ptr<double>(), y.data_ptr<double>(), dz.data_ptr<double>(), r0, r1, D);
+  });
+  return dz;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnbench_fast, m) {
@@ -1251,4 +1352,6 @@ TORCH_LIBRARY(rnnbench_fast, m) {
   m.def("lstm_noaf_bwd_stacked", &lstm_noaf_bwd_stacked);
   m.def("lstm_fgr_fwd_stacked", &lstm_fgr_fwd_stacked);
   m.def("lstm_fgr_bwd_stacked", &lstm_fgr_bwd_stacked);
+  m.def("bernoulli_nll_fwd", &bernoulli_nll_fwd);
+  m.def("bernoulli_nll_bwd", &bernoulli_nll_bwd);
 }
