@@ -91,7 +91,7 @@ def test_step_nll_matches_the_bernoulli_formula_and_ignores_padding() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_the_fused_bernoulli_nll_equals_torchs_values_and_gradients(dtype: torch.dtype) -> None:
-    """cells.bernoulli_nll (the compiled op on the CPU) against binary_cross_entropy_with_logits summed
+    """The compiled op behind cells.bernoulli_nll against binary_cross_entropy_with_logits summed
     over the keys, computed in float64: logits from -60 to 60 (0 and ±1e-8 included), both targets."""
     from rnnbench.cells import bernoulli_nll, compiled
 
@@ -106,9 +106,11 @@ def test_the_fused_bernoulli_nll_equals_torchs_values_and_gradients(dtype: torch
     exact = torch.nn.functional.binary_cross_entropy_with_logits(zd, y, reduction="none").sum(-1)
     (exact_grad,) = torch.autograd.grad(exact, zd, w)
     zc = z.to(dtype).requires_grad_()
-    got = bernoulli_nll(zc.view(10, 100, 88), y.to(dtype).view(10, 100, 88))  # leading dims kept
-    assert got.shape == (10, 100) and got.dtype == dtype
-    (grad,) = torch.autograd.grad(got.view(-1), zc, w.to(dtype))
+    got = compiled.BernoulliNLL.apply(zc, y.to(dtype))  # the op (bernoulli_nll picks it by size and threads)
+    assert got.shape == (1000,) and got.dtype == dtype
+    (grad,) = torch.autograd.grad(got, zc, w.to(dtype))
+    # the dispatch keeps the leading dims whichever it runs
+    assert bernoulli_nll(zc.detach().view(10, 100, 88), y.to(dtype).view(10, 100, 88)).shape == (10, 100)
     tol = {"rtol": 1e-13, "atol": 1e-13} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-5}
     torch.testing.assert_close(got.view(-1).double(), exact.detach(), **tol)
     torch.testing.assert_close(grad.double(), exact_grad, **(tol if dtype == torch.float64 else {"rtol": 0, "atol": 1e-6}))

@@ -1246,24 +1246,27 @@ std::vector<Tensor> rows_linear_bwd(const Tensor& dy, const Tensor& x, at::IntAr
 // z, y (R, D) contiguous: logits and 0/1 targets. Forward: nll[r] = sum_d softplus(z) - y z (= -log of
 // the Bernoulli likelihood, what binary_cross_entropy_with_logits computes per element), in one pass
 // (torch's takes four over R x D, and a population's R x D is tens of MB, out of cache). Backward:
-// dz = g[r] (sigmoid(z) - y), one pass. Rows in chunks on the threads; each row's D terms are summed
-// in double.
+// dz = g[r] (sigmoid(z) - y), one pass. Each row's D terms are summed in double (a vectorised sum:
+// the order of its terms is the compiler's, which rounding in double does not see). Rows in chunks on the
+// threads only for a large R x D (a population's): started for one model's 32 x 200 x 88 logits, a
+// second thread cost more than it saved (its start, beside torch's own threads still spinning after
+// the products: the step of a population of one measured 1.5-2.5 ms slower on 2 cores).
 constexpr int64_t kLossRowsPerChunk = 512;
+constexpr int64_t kLossParallelElements = int64_t(1) << 21;
 
 template <typename T_>
 void bnll_rows(const T_* __restrict__ z, const T_* __restrict__ y, T_* __restrict__ out, int64_t r0, int64_t r1,
-               int64_t D, T_* __restrict__ tmp) {
+               int64_t D) {
   for (int64_t r = r0; r < r1; ++r) {
     const T_* zr = z + r * D;
     const T_* yr = y + r * D;
-#pragma GCC ivdep
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
     for (int64_t d = 0; d < D; ++d) {
       const T_ a = zr[d];
       const T_ m = a > T_(0) ? a : T_(0);
-      tmp[d] = m + log1p_unit(exp_(-(a > T_(0) ? a : -a))) - yr[d] * a;
+      sum += static_cast<double>(m + log1p_unit(exp_(-(a > T_(0) ? a : -a))) - yr[d] * a);
     }
-    double sum = 0.0;
-    for (int64_t d = 0; d < D; ++d) sum += static_cast<double>(tmp[d]);
     out[r] = static_cast<T_>(sum);
   }
 }
@@ -1282,7 +1285,11 @@ void bnll_grad_rows(const T_* __restrict__ g, const T_* __restrict__ z, const T_
 }
 
 template <typename F>
-void over_loss_rows(int64_t R, const F& f) {
+void over_loss_rows(int64_t R, int64_t D, const F& f) {
+  if (R * D < kLossParallelElements) {
+    f(int64_t(0), R);
+    return;
+  }
   in_parallel((R + kLossRowsPerChunk - 1) / kLossRowsPerChunk,
               [&](int64_t i) { f(i * kLossRowsPerChunk, std::min(R, (i + 1) * kLossRowsPerChunk)); });
 }
@@ -1292,14 +1299,11 @@ Tensor bernoulli_nll_fwd(const Tensor& z, const Tensor& y) {
   TORCH_CHECK(z.dim() == 2 && z.sizes() == y.sizes(), "rnnbench_fast::bernoulli_nll_fwd: z and y must be (R, D)");
   const int64_t R = z.size(0), D = z.size(1);
   Tensor out = at::empty({R}, z.options());
-  over_loss_rows(R, [&](int64_t r0, int64_t r1) {
-    if (z.scalar_type() == at::kFloat) {
-      std::vector<float> tmp(D);
-      bnll_rows<float>(z.data_ptr<float>(), y.data_ptr<float>(), out.data_ptr<float>(), r0, r1, D, tmp.data());
-    } else {
-      std::vector<double> tmp(D);
-      bnll_rows<double>(z.data_ptr<double>(), y.data_ptr<double>(), out.data_ptr<double>(), r0, r1, D, tmp.data());
-    }
+  over_loss_rows(R, D, [&](int64_t r0, int64_t r1) {
+    if (z.scalar_type() == at::kFloat)
+      bnll_rows<float>(z.data_ptr<float>(), y.data_ptr<float>(), out.data_ptr<float>(), r0, r1, D);
+    else
+      bnll_rows<double>(z.data_ptr<double>(), y.data_ptr<double>(), out.data_ptr<double>(), r0, r1, D);
   });
   return out;
 }
@@ -1310,7 +1314,7 @@ Tensor bernoulli_nll_bwd(const Tensor& g, const Tensor& z, const Tensor& y) {
               "rnnbench_fast::bernoulli_nll_bwd: shapes");
   const int64_t R = z.size(0), D = z.size(1);
   Tensor dz = at::empty({R, D}, z.options());
-  over_loss_rows(R, [&](int64_t r0, int64_t r1) {
+  over_loss_rows(R, D, [&](int64_t r0, int64_t r1) {
     if (z.scalar_type() == at::kFloat)
       bnll_grad_rows<float>(g.data_ptr<float>(), z.data_ptr<float>(), y.data_ptr<float>(), dz.data_ptr<float>(), r0, r1, D);
     else
