@@ -513,3 +513,23 @@ def test_success_never_pools_runs_of_different_protocols() -> None:
     assert success[["protocol", "n_seeds", "solved"]].values.tolist() == [["n_train=2000", 3, 0], ["n_train=20000", 3, 3]]
     one = success_frame(pd.DataFrame([r for r in rows if r["task.n_train"] == 20000]), {"copy": T.SolvedRule("ce")})
     assert one["protocol"].tolist() == [""] and one["n_seeds"].tolist() == [3]
+
+
+def test_chung_ranking_is_compared_only_when_each_of_chungs_cells_ran() -> None:
+    """A corpus with only some of Chung's cells (a study chunk in progress) gets the numbers beside
+    Chung's, but no verdict on which cell is best."""
+    from rnnbench.analysis.report import findings
+
+    def summary(cells: dict[str, float]) -> pd.DataFrame:
+        return pd.DataFrame([{"task": "musedata", "setting": "musedata", "variant": "", "cell": c, "metric": "nll",
+                              "n_seeds": 5, "n_failed": 0, "test_mean": m, "test_ci_half": 0.05, "test_ci_low": m - 0.05,
+                              "test_ci_high": m + 0.05, "train_mean": m - 0.2, "candidate": "lr=0.001", "n_candidates": 1,
+                              "seconds_per_epoch": 1.0, "time_steps_per_second": 1e5} for c, m in cells.items()])
+
+    empty = pd.DataFrame(columns=["task", "setting", "variant", "cell_a", "cell_b", "welch_p_holm", "mwu_p_holm"])
+    one = summary({"tanh": 7.5})
+    text = findings(one, empty, T.chung_table(one), pd.DataFrame(), ("train.lr",))
+    assert "not compared here: only tanh of its GRU, LSTM, tanh have run" in text and "which" not in text.split("Ours vs")[0]
+    three = summary({"tanh": 7.5, "gru_reset_before": 7.2, "lstm_peephole": 7.3})
+    text = findings(three, empty, T.chung_table(three), pd.DataFrame(), ("train.lr",))
+    assert "here best gru_reset_before, which agrees with the paper" in text  # Chung's MuseData: GRU best

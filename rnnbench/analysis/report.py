@@ -221,11 +221,15 @@ def findings(summary: pd.DataFrame, pairs: pd.DataFrame, chung: pd.DataFrame, ca
             + ")"
             for r in chung.sort_values("cell").itertuples()
         )
-        agree = "agrees with" if T.CHUNG_CELL[ours_best["cell"]][0] == paper_best else "differs from"
         subset = [f"{c.split('.', 1)[1]}={v}" for c, v in sorted(qualifiers.items()) if v is not None and v == v]
+        covered = {T.CHUNG_CELL[c][0] for c in chung["cell"]}
+        if covered >= set(paper):
+            agree = "agrees with" if T.CHUNG_CELL[ours_best["cell"]][0] == paper_best else "differs from"
+            ranking = f"here best {ours_best['cell']}, which {agree} the paper"
+        else:  # a corpus whose other cells have not run yet: no ranking to compare
+            ranking = f"not compared here: only {', '.join(sorted(covered))} of its {', '.join(sorted(paper))} have run"
         out.append(
-            f"Chung et al. 2014 Table 2 (test NLL, one run each): best {paper_best}; here best {ours_best['cell']}, "
-            f"which {agree} the paper. Ours vs Chung: {diffs}."
+            f"Chung et al. 2014 Table 2 (test NLL, one run each): best {paper_best}; {ranking}. Ours vs Chung: {diffs}."
             + (f" Caution: these runs use {', '.join(subset)} (a subset of the corpus), not Chung's full data." if subset else "")
         )
         markov = s["ref_markov"].dropna() if "ref_markov" in s else pd.Series(dtype=float)
