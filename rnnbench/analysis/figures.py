@@ -407,7 +407,7 @@ def architecture_figure(table: pd.DataFrame, chosen: pd.DataFrame, out_dir: Path
     references dashed."""
     from matplotlib.lines import Line2D
 
-    from rnnbench.analysis.tables import reference_columns
+    from rnnbench.analysis.tables import architecture_metrics, reference_columns
 
     if table.empty:
         return []
@@ -415,8 +415,7 @@ def architecture_figure(table: pd.DataFrame, chosen: pd.DataFrame, out_dir: Path
     paths: list[Path] = []
     for setting, part in table.groupby("setting", sort=True):
         metric = str(part["metric"].iloc[0])
-        metrics = [metric] + [c[: -len("_mean")] for c in part.columns if c.endswith("_mean") and c != "base_mean"
-                              and part[c].notna().any()]
+        metrics = [metric] + architecture_metrics(part)
         archs = sorted(set(zip(part["num_layers"], part["bidirectional"])))
         names = {a: f"{a[0]} layer{'s' if a[0] > 1 else ''}, {'bidirectional' if a[1] else 'unidirectional'}" for a in archs}
         colours = dict(zip(archs, _arch_colours(len(archs))))

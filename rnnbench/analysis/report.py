@@ -554,8 +554,7 @@ def architecture_section(table: pd.DataFrame, figs: list[Path], out: Path) -> li
              "p-values Holm-corrected over all the contrasts of a setting, every cell's together.", ""]
     for setting, part in table.groupby("setting", sort=False):
         metric = str(part["metric"].iloc[0])
-        secondary = [c[: -len("_mean")] for c in part.columns if c.endswith("_mean") and c != "base_mean"
-                     and part[c].notna().any()]
+        secondary = T.architecture_metrics(part)
         shown = pd.DataFrame({
             "cell": part["cell"], "layers": part["num_layers"], "bidirectional": part["bidirectional"].map(T.label_value),
             "seeds": part["n"],

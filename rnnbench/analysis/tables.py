@@ -615,11 +615,17 @@ ARCHITECTURE_KEYS = ("model.num_layers", "model.bidirectional")
 
 
 def _architecture(row: pd.Series) -> tuple[int, bool]:
-    """(num_layers, bidirectional) of a run; a key it did not log at its ADDED_DEFAULTS value (1, false)."""
+    """(num_layers, bidirectional) of a run; a key it did not log at its default (1 layer; the
+    ADDED_DEFAULTS value of model.bidirectional)."""
     layers, bi = (row.get(k) for k in ARCHITECTURE_KEYS)
-    layers = 1 if layers is None or (pd.api.types.is_scalar(layers) and pd.isna(layers)) else int(float(layers))
-    bi = False if bi is None or (pd.api.types.is_scalar(bi) and pd.isna(bi)) else str(bi).strip().lower() == "true"
-    return layers, bi
+    missing = [v is None or (pd.api.types.is_scalar(v) and pd.isna(v)) for v in (layers, bi)]
+    bi = ADDED_DEFAULTS["model.bidirectional"] if missing[1] else bi
+    return (1 if missing[0] else int(float(layers))), str(bi).strip().lower() == "true"
+
+
+def architecture_metrics(table: pd.DataFrame) -> list[str]:
+    """The secondary test metrics an architecture_table holds (their `<m>_mean` columns)."""
+    return [c[: -len("_mean")] for c in table.columns if c.endswith("_mean") and c != "base_mean" and table[c].notna().any()]
 
 
 def architecture_table(runs: pd.DataFrame, tuned: Sequence[str] = ("train.lr",)) -> pd.DataFrame:
