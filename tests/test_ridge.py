@@ -18,7 +18,7 @@ from rnnbench.config import load_config
 from rnnbench.errors import RnnbenchError
 from rnnbench.tasks import TASKS, get_task
 from rnnbench.tasks.base import Task
-from rnnbench.training import loop, ridge
+from rnnbench.training import loop, population, ridge
 from rnnbench.training.population import build
 
 H = 24
@@ -87,6 +87,34 @@ def test_the_dual_form_gives_the_primal_weights(tmp_path: Path, monkeypatch: pyt
     loop._fit_ridge(dual, {})
     torch.testing.assert_close(dual.head_weight, primal.head_weight, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(dual.head_bias, primal.head_bias, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("task", ["adding", "copy"])
+def test_a_batch_scored_in_pieces_gives_the_numbers_of_the_whole(task: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation batches too large for memory go in pieces of rows (Population.pieces): the same
+    readout and the same test, final_val and final_train scores, to rounding (float64)."""
+    def fit_and_score() -> tuple:
+        pop = build(configs(tmp_path, task), torch.device("cpu"), torch.float64, run_ids=["a", "b"])
+        loop._fit_ridge(pop, {})
+        scores = loop._score(pop, list(pop.ids), 0.0, {"recurrent": 0, "total": 0}, H)
+        return pop, [m.history[0] for m in pop.members], scores
+
+    whole, whole_records, whole_scores = fit_and_score()
+    T = whole.data.dataset(0, "train")[0][0].shape[0]
+    rows = 3  # batches of 16: pieces of 3, 3, 3, 3, 3 and 1
+    monkeypatch.setattr(population, "EVAL_STATE_ELEMENTS", rows * T * H)
+    batch = whole.on_device(whole.task.broadcast_batch(next(iter(whole.data.eval["val"][None if not whole.task.seeded_data else 0])), 2))
+    assert [p["x"].shape[1] for p in whole.pieces(batch)] == [3, 3, 3, 3, 3, 1]
+    split, split_records, split_scores = fit_and_score()
+    torch.testing.assert_close(split.head_weight, whole.head_weight, rtol=1e-6, atol=1e-8)  # lambda 1e-8 amplifies rounding
+    torch.testing.assert_close(split.head_bias, whole.head_bias, rtol=1e-6, atol=1e-8)
+    for a, b in zip(split_records, whole_records):
+        assert {k: v for k, v in a.items() if "seconds" not in k} == pytest.approx(
+            {k: v for k, v in b.items() if "seconds" not in k}, rel=1e-7)
+    for i in whole_scores:
+        keys = [k for k in whole_scores[i] if k.startswith(("test_", "final_"))]
+        assert keys and {k: split_scores[i][k] for k in keys} == pytest.approx({k: whole_scores[i][k] for k in keys}, rel=1e-7)
 
 
 @pytest.mark.parametrize("overrides,match", [

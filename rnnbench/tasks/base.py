@@ -11,7 +11,7 @@ longest member) or one shared batch is broadcast by `broadcast_batch` (evaluatio
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -92,6 +92,15 @@ def broadcast_batch(batch: Batch, K: int) -> Batch:
     x = batch["x"]
     out["steps"] = torch.full((K,), x.shape[1], dtype=torch.int64, device=x.device)
     return out
+
+
+def batch_pieces(batch: Batch, rows: int) -> Iterator[Batch]:
+    """A stacked batch as consecutive pieces of at most `rows` items each (slices of dim 1 of every
+    (K, B, ...) tensor; "steps" (K,) as it is): the same metric sums in pieces, where the whole batch's
+    states would not fit in memory."""
+    B = batch["x"].shape[1]
+    for a in range(0, B, rows):
+        yield {key: v if key == "steps" or not torch.is_tensor(v) else v[:, a : a + rows] for key, v in batch.items()}
 
 
 def batch_steps(batch: Batch) -> torch.Tensor:

@@ -58,8 +58,7 @@ def fit(pop: Population) -> tuple[dict[int, dict[str, float]], dict[int, dict[st
     rows_x: list[list[torch.Tensor]] = [[] for _ in range(K)]
     rows_y: list[list[torch.Tensor]] = [[] for _ in range(K)]
     time_steps = torch.zeros(K, dtype=torch.int64)
-    for raw in EvalBatches(pop, "final_train"):
-        batch = pop.on_device(raw)
+    for batch in (piece for raw in EvalBatches(pop, "final_train") for piece in pop.pieces(pop.on_device(raw))):
         h = pop.states(batch["x"], batch.get("steps"), batch.get("lengths"))
         rows, y = task.readout_targets(batch)
         time_steps += task.time_steps(batch).cpu()
@@ -91,8 +90,7 @@ def fit(pop: Population) -> tuple[dict[int, dict[str, float]], dict[int, dict[st
     W = torch.stack(weights).to(pop.head_weight.dtype)  # (K, L, H + 1, O)
     scales = SCALES if link == "softmax" else (1.0,)
     sums: dict[tuple[int, int], dict[str, list[torch.Tensor]]] = {}
-    for raw in EvalBatches(pop, "val"):
-        batch = pop.on_device(raw)
+    for batch in (piece for raw in EvalBatches(pop, "val") for piece in pop.pieces(pop.on_device(raw))):
         h = pop.states(batch["x"], batch.get("steps"), batch.get("lengths"))
         bias = W[:, :, -1].transpose(0, 1)[:, :, None, None, :]  # (L, K, 1, 1, O)
         out = torch.einsum("kbth,klho->lkbto", h, W[:, :, :-1]) + bias  # every penalty's outputs
