@@ -50,6 +50,25 @@ def test_a_step_is_the_leaky_integrator() -> None:
     assert gates == {}
 
 
+def test_the_block_matrix_built_once_follows_its_weights() -> None:
+    """The reservoirs' CSR matrix is built once and reused by later steps, never for other weights:
+    not after the values change in place, nor for another reservoir, nor in another dtype."""
+    h = torch.randn(2, 4, 16, dtype=torch.float64)
+
+    def by_hand(w: cells.Weights) -> torch.Tensor:
+        return h @ EchoState.dense(w["weight_hh"], w["index_hh"]).transpose(1, 2)
+
+    w = reservoir(16)
+    first = EchoState.block_matrix(w, 2, 16, torch.float64)
+    assert EchoState.block_matrix(w, 2, 16, torch.float64) is first  # reused
+    torch.testing.assert_close(EchoState.recurrent(w, h), by_hand(w), rtol=1e-12, atol=1e-12)
+    w["weight_hh"].mul_(0.5)  # in place: rebuilt
+    torch.testing.assert_close(EchoState.recurrent(w, h), by_hand(w), rtol=1e-12, atol=1e-12)
+    other = reservoir(16, seeds=(2, 3))
+    torch.testing.assert_close(EchoState.recurrent(other, h), by_hand(other), rtol=1e-12, atol=1e-12)
+    assert EchoState.block_matrix(other, 2, 16, torch.float32).dtype == torch.float32
+
+
 def test_counts_trained_and_total_and_the_budget_counts_the_readout() -> None:
     D, H, O = 2, 50, 1
     counts = param_counts("esn", D, H, O)

@@ -336,6 +336,38 @@ def test_stacked_ops_refuse_bad_input_in_one_line() -> None:
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_linear_reads_rows_where_they_lie(dtype: torch.dtype) -> None:
+    """rows_linear over the valid steps of a batch-major view of the loop's own outputs (member-major,
+    time-major, with the slot of h0: not dense), by coordinates, against the gathered rows' products:
+    outputs and every gradient; x's gradient comes back dense in the loop's layout (no copy before the
+    loop's backward), zero on the rows not read. Out-of-range coordinates are refused in one line."""
+    _require_cpp()
+    g = torch.Generator().manual_seed(5)
+    K, T, Bn, D, O = 3, 7, 4, 6, 5
+    buf = torch.randn(K, T + 1, Bn, D, generator=g, dtype=torch.float64).to(dtype)
+    x = buf[:, 1:].transpose(1, 2).detach().requires_grad_()  # (K, B, T, D) with the loop's strides
+    x_view = x  # the op must see the strided view itself
+    mask = torch.rand(K, Bn, T, generator=g) < 0.6
+    counts = mask.sum((1, 2)).tolist()
+    starts = [0, counts[0], counts[0] + counts[1]]
+    W = torch.randn(K, O, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    b = torch.randn(K, O, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    got = loops.rows_linear(x_view, starts, counts, W, b, coords=mask.nonzero())
+    member = torch.repeat_interleave(torch.arange(K), torch.tensor(counts))
+    want = torch.einsum("rd,rod->ro", x[mask], W[member]) + b[member]
+    tol = {} if dtype == torch.float32 else {"rtol": 1e-13, "atol": 1e-13}
+    torch.testing.assert_close(got, want, **tol)
+    dy = torch.randn(got.shape, generator=g, dtype=torch.float64).to(dtype)
+    for a, e in zip(torch.autograd.grad(got, (x, W, b), dy), torch.autograd.grad(want, (x, W, b), dy)):
+        torch.testing.assert_close(a, e, **tol)
+    (dx,) = torch.autograd.grad(loops.rows_linear(x, starts, counts, W, b, coords=mask.nonzero()), x, dy)
+    assert dx.transpose(1, 2).is_contiguous()  # the layout of (K, T, B, D): the loop's backward reads it as is
+    assert bool((dx[~mask] == 0).all())
+    with pytest.raises(RuntimeError, match="row coordinates out of range"):
+        loops.rows_linear(x.detach(), starts, counts, W.detach(), b.detach(), coords=mask.nonzero() + torch.tensor([0, 0, T]))
+
+
 # --- selection and fallback --------------------------------------------------------------------------
 
 

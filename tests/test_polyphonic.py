@@ -116,6 +116,39 @@ def test_the_fused_bernoulli_nll_equals_torchs_values_and_gradients(dtype: torch
     torch.testing.assert_close(grad.double(), exact_grad, **(tol if dtype == torch.float64 else {"rtol": 0, "atol": 1e-6}))
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_loss_reads_the_valid_steps_targets_where_they_lie(shared: bool) -> None:
+    """packed_targets and bernoulli_nll's target_rows (both dispatch paths) give y[mask]'s NLL and
+    gradients: a stacked batch's targets and a broadcast one's (member stride 0), float64."""
+    from rnnbench.cells import bernoulli_nll, compiled, loops
+    from rnnbench.tasks.polyphonic import packed_targets
+
+    g = torch.Generator().manual_seed(2)
+    K, B, T, D = 3, 4, 9, 88
+    y = (torch.rand(1 if shared else K, B, T, D, generator=g) < 0.2).double()
+    mask = torch.rand(1 if shared else K, B, T, generator=g) < 0.6
+    if shared:
+        y, mask = y.expand(K, B, T, D), mask.expand(K, B, T)
+    targets, rows = packed_targets(y, mask)
+    assert torch.equal(targets.index_select(0, rows), y[mask])
+    z = torch.randn(int(mask.sum()), D, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(len(z), generator=g, dtype=torch.float64)
+    exact = torch.nn.functional.binary_cross_entropy_with_logits(z, y[mask], reduction="none").sum(-1)
+    (exact_grad,) = torch.autograd.grad(exact, z, w)
+    paths = [("torch", float("inf"))] + ([("op", 0)] if compiled.load_extension() else [])
+    for name, threshold in paths:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(loops, "FUSED_LOSS_ELEMENTS", threshold)
+            mp.setattr(torch, "get_num_threads", lambda: 2)  # the dispatch by size only
+            got = bernoulli_nll(z, targets, target_rows=rows)
+        (grad,) = torch.autograd.grad(got, z, w)
+        torch.testing.assert_close(got, exact, rtol=1e-13, atol=1e-13, msg=name)
+        torch.testing.assert_close(grad, exact_grad, rtol=1e-13, atol=1e-13, msg=name)
+    if compiled.load_extension():
+        with pytest.raises(RuntimeError, match="y_rows out of range"):
+            compiled.BernoulliNLL.apply(z.detach(), targets, rows + len(targets))
+
+
 def test_to_layout_chung_puts_midi_p_in_column_p_minus_1() -> None:
     roll = np.zeros((3, 88), dtype=np.uint8)
     roll[0, 0] = roll[1, 75] = 1  # MIDI 21 and MIDI 96

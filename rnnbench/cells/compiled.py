@@ -243,27 +243,40 @@ def member_loop(op: str, *weight_names: str) -> Loop:
 class RowsLinear(torch.autograd.Function):
     """y = x W_k^T + b_k on each member's rows of x (R, D): member k owns rows starts[k] .. starts[k] +
     counts[k] - 1; rows no member owns are 0 (and pass no gradient). W (K, O, D), b (K, O). One product
-    per member, the members in parallel (op rows_linear_fwd / _bwd)."""
+    per member, the members in parallel (op rows_linear_fwd / _bwd). With `coords` (R, x.dim() - 1),
+    row r is x's row at those coordinates, x any (..., D) view with a unit last stride, read where it
+    lies; its gradient is dense in the layout x views (the loop's own, so nothing is copied back)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, starts: list[int], counts: list[int], W: torch.Tensor, b: torch.Tensor):  # type: ignore[override]
-        x, W, b = x.contiguous(), W.contiguous(), b.contiguous()
-        ctx.save_for_backward(x, W)
+    def forward(ctx: Any, x: torch.Tensor, starts: list[int], counts: list[int], W: torch.Tensor, b: torch.Tensor,  # type: ignore[override]
+                coords: torch.Tensor | None = None):
+        if coords is None:
+            x, coords = x.contiguous(), _NO_ROWS
+        else:
+            coords = coords.contiguous()  # nonzero()'s result is a transposed view
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+        W, b = W.contiguous(), b.contiguous()
+        ctx.save_for_backward(x, W, coords)
         ctx.rows = (starts, counts)
-        return torch.ops.rnnbench_fast.rows_linear_fwd(x, starts, counts, W, b)
+        return torch.ops.rnnbench_fast.rows_linear_fwd(x, coords, starts, counts, W, b)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor):  # type: ignore[override]
-        x, W = ctx.saved_tensors
+        x, W, coords = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]  # not for the input projection of the data
-        dx, dW, db = torch.ops.rnnbench_fast.rows_linear_bwd(dy.contiguous(), x, *ctx.rows, W, need_dx)
-        return dx if need_dx else None, None, None, dW, db
+        dx, dW, db = torch.ops.rnnbench_fast.rows_linear_bwd(dy.contiguous(), x, coords, *ctx.rows, W, need_dx)
+        return dx if need_dx else None, None, None, dW, db, None
 
 
-def rows_linear(x: torch.Tensor, starts: list[int], counts: list[int], W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Each member's linear map over its own rows of x (R, D) -> (R, O); see RowsLinear."""
-    return RowsLinear.apply(x, list(starts), list(counts), W, b)
+_NO_ROWS = torch.empty(0, dtype=torch.int64)  # the ops' "no index": rows in order
+
+
+def rows_linear(x: torch.Tensor, starts: list[int], counts: list[int], W: torch.Tensor, b: torch.Tensor,
+                coords: torch.Tensor | None = None) -> torch.Tensor:
+    """Each member's linear map over its own rows of x (R, D), or of x's rows at `coords`, -> (R, O); see RowsLinear."""
+    return RowsLinear.apply(x, list(starts), list(counts), W, b, coords)
 
 
 class StepsLinear(torch.autograd.Function):
@@ -296,18 +309,20 @@ def steps_linear(x: torch.Tensor, lengths: torch.Tensor, W: torch.Tensor, b: tor
 
 
 class BernoulliNLL(torch.autograd.Function):
-    """nll (R,) = sum over D of softplus(z) - y z for logits z and 0/1 targets y (R, D): the Bernoulli
-    NLL of each row (binary_cross_entropy_with_logits summed over the last dim), forward and backward
-    in one pass each (ops bernoulli_nll_fwd / _bwd). No gradient for y."""
+    """nll (R,) = sum over D of softplus(z) - y z for logits z (R, D) and 0/1 targets y (R, D), or y (N, D)
+    read at rows y_rows (R,): the Bernoulli NLL of each row (binary_cross_entropy_with_logits summed
+    over the last dim), forward and backward in one pass each (ops bernoulli_nll_fwd / _bwd). No
+    gradient for y."""
 
     @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, y: torch.Tensor):  # type: ignore[override]
+    def forward(ctx: Any, z: torch.Tensor, y: torch.Tensor, y_rows: torch.Tensor | None = None):  # type: ignore[override]
         z, y = z.contiguous(), y.contiguous()
-        ctx.save_for_backward(z, y)
-        return torch.ops.rnnbench_fast.bernoulli_nll_fwd(z, y)
+        rows = _NO_ROWS if y_rows is None else y_rows.contiguous()
+        ctx.save_for_backward(z, y, rows)
+        return torch.ops.rnnbench_fast.bernoulli_nll_fwd(z, y, rows)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g: torch.Tensor):  # type: ignore[override]
-        z, y = ctx.saved_tensors
-        return torch.ops.rnnbench_fast.bernoulli_nll_bwd(g.contiguous(), z, y), None
+        z, y, rows = ctx.saved_tensors
+        return torch.ops.rnnbench_fast.bernoulli_nll_bwd(g.contiguous(), z, y, rows), None, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
@@ -115,11 +116,27 @@ class EchoState(Cell):
         block-diagonal CSR matrix (a gather of every unit's C inputs was 4-6x slower at 20,000 units),
         differentiable in h (the gradient-flow probe follows it), never in W (frozen)."""
         K, B, H = h.shape
-        C = w["weight_hh"].shape[-1]
-        columns = (w["index_hh"].long() + (torch.arange(K, device=h.device) * H).view(K, 1, 1)).reshape(-1)
-        rows = torch.arange(0, K * H * C + 1, C, device=h.device)
+        return (EchoState.block_matrix(w, K, H, h.dtype) @ h.transpose(1, 2).reshape(K * H, B)).view(K, H, B).transpose(1, 2)
+
+    _block: dict[str, object] = {}  # the last block matrix, and what it was built from
+
+    @staticmethod
+    def block_matrix(w: Weights, K: int, H: int, dtype: torch.dtype) -> torch.Tensor:
+        """The K reservoirs as one block-diagonal CSR matrix (K H, K H), built once for the weights and
+        reused by every step: building it each step cost as much as the product for a batch of a few
+        rows. The cache holds one entry, valid while it is these very tensors (a weak reference: a
+        tensor freed and another allocated in its place is never mistaken for it) unchanged in place."""
+        values, index = w["weight_hh"], w["index_hh"]
+        c = EchoState._block
+        key = (values._version, index._version, dtype, K, H)
+        if c.get("values") is not None and c["values"]() is values and c["index"]() is index and c["key"] == key:
+            return c["matrix"]  # type: ignore[return-value]
+        C = values.shape[-1]
+        columns = (index.long() + (torch.arange(K, device=values.device) * H).view(K, 1, 1)).reshape(-1)
+        rows = torch.arange(0, K * H * C + 1, C, device=values.device)
         with warnings.catch_warnings():  # torch calls its CSR support beta
             warnings.simplefilter("ignore", UserWarning)
             # the values detached: frozen, and torch's CSR product has no exact gradient for them
-            W = torch.sparse_csr_tensor(rows, columns, w["weight_hh"].detach().reshape(-1).to(h.dtype), (K * H, K * H))
-        return (W @ h.transpose(1, 2).reshape(K * H, B)).view(K, H, B).transpose(1, 2)
+            W = torch.sparse_csr_tensor(rows, columns, values.detach().reshape(-1).to(dtype), (K * H, K * H))
+        EchoState._block = {"values": weakref.ref(values), "index": weakref.ref(index), "key": key, "matrix": W}
+        return W

@@ -211,20 +211,26 @@ FUSED_LOSS_ELEMENTS = 1 << 21
 """From this many logits on, `bernoulli_nll` runs the compiled op whatever the thread count."""
 
 
-def bernoulli_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def bernoulli_nll(logits: torch.Tensor, targets: torch.Tensor, target_rows: torch.Tensor | None = None) -> torch.Tensor:
     """The Bernoulli NLL of 0/1 `targets` under `logits` (..., D), summed over the last dim -> (...):
-    what binary_cross_entropy_with_logits gives summed over D, with autograd for the logits.
+    what binary_cross_entropy_with_logits gives summed over D, with autograd for the logits. With
+    `target_rows` (R,) int64, logits are (R, D) and row r's targets are targets.reshape(-1, D)[target_rows[r]]
+    (read where they lie by the compiled op, not gathered first).
 
     On the CPU in float32/float64, the compiled op (one pass forward, one backward) for a population's
     logits (FUSED_LOSS_ELEMENTS or more: tens of MB, where torch's four passes over them cost more than
     the recurrence) and on one thread; else torch's, whose passes split a small tensor between its
     threads (a population of one on 2 threads: torch's was faster than the op on one).
     """
+    D = logits.shape[-1] if logits.dim() else 0
     targets = targets.to(logits.dtype)
     fused = logits.numel() >= FUSED_LOSS_ELEMENTS or torch.get_num_threads() == 1
-    if not (fused and rows_linear_available(logits.device, logits.dtype) and logits.dim() >= 1 and logits.shape[-1] > 0):
+    if not (fused and rows_linear_available(logits.device, logits.dtype) and logits.dim() >= 1 and D > 0):
+        if target_rows is not None:
+            targets = targets.reshape(-1, D).index_select(0, target_rows.to(targets.device))
         return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1)
-    D = logits.shape[-1]
+    if target_rows is not None:
+        return compiled.BernoulliNLL.apply(logits, targets.reshape(-1, D), target_rows.to(logits.device))
     return compiled.BernoulliNLL.apply(logits.reshape(-1, D), targets.reshape(-1, D)).view(logits.shape[:-1])
 
 
@@ -233,11 +239,14 @@ def rows_linear_available(device: torch.device | str, dtype: torch.dtype) -> boo
     return compiled.cpp_eligible(device, dtype) and compiled.load_extension()
 
 
-def rows_linear(x: torch.Tensor, starts: list[int], counts: list[int], W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def rows_linear(x: torch.Tensor, starts: list[int], counts: list[int], W: torch.Tensor, b: torch.Tensor,
+                coords: torch.Tensor | None = None) -> torch.Tensor:
     """Member k's linear map x W[k]^T + b[k] over its own rows starts[k] .. starts[k] + counts[k] - 1 of
     x (R, D) -> (R, O), 0 on rows no member owns: one product per member, the members in parallel, with
-    autograd (e.g. the output layer over the packed valid steps). Where `rows_linear_available`."""
-    return compiled.rows_linear(x, starts, counts, W, b)
+    autograd (e.g. the output layer over the packed valid steps). With `coords` (R, x.dim() - 1) int64,
+    row r is x's row at those coordinates (x (..., D), read where it lies: no gather of x first).
+    Where `rows_linear_available`."""
+    return compiled.rows_linear(x, starts, counts, W, b, coords)
 
 
 def _project(cls: type[Cell], w: Weights, x: torch.Tensor, steps: torch.Tensor | None,

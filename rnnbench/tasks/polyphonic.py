@@ -59,6 +59,17 @@ def bernoulli_step_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.
     return torch.where(mask, nll, torch.zeros((), dtype=nll.dtype, device=nll.device))
 
 
+def packed_targets(y: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The targets y (K, B, T, D) of the valid steps mask (K, B, T), as rows of a (N, D) view and the
+    index of each valid step's row (in the order of y[mask]): targets.index_select(0, rows) is y[mask].
+    A batch shared by all members (broadcast: y's member stride 0) is indexed in its one copy."""
+    K, B, T, D = y.shape
+    k, b, t = mask.nonzero(as_tuple=True)
+    if y.stride(0) == 0:
+        return y[0].reshape(B * T, D), b * T + t
+    return y.reshape(K * B * T, D), (k * B + b) * T + t
+
+
 def _rolls_nll(rolls: list[np.ndarray], logits: list[np.ndarray], first_frame: FirstFrame) -> float:
     """Mean NLL per predicted step of `rolls` under per-frame `logits` (same shapes), via the metric."""
     start = 1 if first_frame == "skip" else 0
@@ -233,8 +244,8 @@ class PolyphonicTask(Task):
 
     def packed_loss_and_sums(self, out: torch.Tensor, batch: Batch, counts: torch.Tensor) -> tuple[torch.Tensor, MetricSums]:
         """The NLL of `loss_and_sums` over the valid steps only (out: their logits, packed)."""
-        mask = batch["mask"]
-        nll_rows = bernoulli_step_nll(out, batch["y"][mask], torch.ones(out.shape[0], dtype=torch.bool, device=out.device))
+        targets, rows = packed_targets(batch["y"], batch["mask"])
+        nll_rows = bernoulli_nll(out, targets, target_rows=rows)  # y[mask] without gathering it
         nll = member_sums(nll_rows, counts)
         n = counts.to(out.device, nll.dtype)
         return nll / n, {"nll": (nll.detach(), n)}

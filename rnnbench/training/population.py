@@ -368,7 +368,9 @@ class Population(L.LightningModule):
             return None
         h = self.states(batch["x"], batch.get("steps"), batch.get("lengths"))
         starts = [0, *itertools.accumulate(n)][:-1]
-        out = cells.rows_linear(h[rows], starts, n, self.head_weight, self.head_bias)
+        # The rows read where they lie (h is a batch-major view of the loop's time-major outputs): no
+        # gather of h, nor a scatter of its gradient into a zeroed copy.
+        out = cells.rows_linear(h, starts, n, self.head_weight, self.head_bias, coords=rows.nonzero())
         return self.task.packed_loss_and_sums(out, batch, counts)
 
     def _add_sums(self, split: str, sums: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:

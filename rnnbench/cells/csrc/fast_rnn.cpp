@@ -32,6 +32,7 @@
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -45,6 +46,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -1140,16 +1142,55 @@ std::vector<Tensor> steps_linear_bwd(const Tensor& dy, const Tensor& x, at::IntA
 // ==== per-model linear maps over rows ===============================================================
 // x (R, D) rows; model k owns rows [starts[k], starts[k] + counts[k]) (disjoint, in any order); W (K, O, D),
 // b (K, O). y (R, O): y_r = W_k x_r + b_k on model k's rows, 0 on rows no model owns. The population's
-// input projection (each model's first steps, padded steps after them not computed) and its output layer
-// (the packed valid steps) use it: one product per model, the models in parallel.
-void check_rows(const Tensor& x, at::IntArrayRef starts, at::IntArrayRef counts, const Tensor& W, const char* op) {
-  check({&x, &W}, op);
-  TORCH_CHECK(x.dim() == 2 && W.dim() == 3 && W.size(2) == x.size(1), "rnnbench_fast::", op, ": shapes");
+// output layer over the packed valid steps uses it: one product per model, the models in parallel.
+// With `coords` (R, x.dim() - 1) int64 (not empty), row r is x's row at those coordinates instead, x any
+// (..., D) tensor with a unit last stride: the rows are read where they lie (e.g. the loop's member- and
+// time-major outputs, seen batch-major), each model's gathered into a buffer of its own that stays in
+// cache, where a gather beforehand would write and read all of them once more.
+struct Rows {
+  int64_t R = 0, D = 0;
+  std::vector<int64_t> x_off;  // element offset of each row in x (empty: row r at r * D, x (R, D) contiguous)
+};
+
+std::vector<int64_t> row_offsets(const Tensor& coords, at::IntArrayRef sizes, at::IntArrayRef strides, const char* op) {
+  const int64_t R = coords.size(0), n = coords.size(1);
+  const int64_t* c = coords.data_ptr<int64_t>();
+  std::vector<int64_t> off(R);
+  for (int64_t r = 0; r < R; ++r) {
+    int64_t o = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t v = c[r * n + j];
+      TORCH_CHECK(v >= 0 && v < sizes[j], "rnnbench_fast::", op, ": row coordinates out of range");
+      o += v * strides[j];
+    }
+    off[r] = o;
+  }
+  return off;
+}
+
+Rows check_rows(const Tensor& x, const Tensor& coords, at::IntArrayRef starts, at::IntArrayRef counts, const Tensor& W,
+                const char* op) {
+  check({&W}, op);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == W.scalar_type(), "rnnbench_fast::", op, ": x must be W's dtype on the CPU");
+  Rows rows;
+  rows.D = x.size(-1);
+  TORCH_CHECK(x.dim() >= 2 && W.dim() == 3 && W.size(2) == rows.D, "rnnbench_fast::", op, ": shapes");
+  if (coords.numel() == 0) {
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "rnnbench_fast::", op, ": x must be (R, D) contiguous without coordinates");
+    rows.R = x.size(0);
+  } else {
+    TORCH_CHECK(coords.device().is_cpu() && coords.scalar_type() == at::kLong && coords.is_contiguous() && coords.dim() == 2 &&
+                    coords.size(1) == x.dim() - 1, "rnnbench_fast::", op, ": coordinates must be (R, x.dim() - 1) int64");
+    TORCH_CHECK(x.stride(-1) == 1, "rnnbench_fast::", op, ": x must have a unit last stride");
+    rows.R = coords.size(0);
+    rows.x_off = row_offsets(coords, x.sizes(), x.strides(), op);
+  }
   TORCH_CHECK(static_cast<int64_t>(starts.size()) == W.size(0) && static_cast<int64_t>(counts.size()) == W.size(0),
               "rnnbench_fast::", op, ": one start and one count per model");
   for (size_t k = 0; k < starts.size(); ++k)
-    TORCH_CHECK(starts[k] >= 0 && counts[k] >= 0 && starts[k] + counts[k] <= x.size(0), "rnnbench_fast::", op,
+    TORCH_CHECK(starts[k] >= 0 && counts[k] >= 0 && starts[k] + counts[k] <= rows.R, "rnnbench_fast::", op,
                 ": rows out of range");
+  return rows;
 }
 
 // Rows [0, R) that no model owns are zeroed, and only those: the owned ones are written whole.
@@ -1174,41 +1215,66 @@ void zero_unowned_rows(Tensor& y, at::IntArrayRef starts, at::IntArrayRef counts
     zero_unowned<double>(y.data_ptr<double>(), y.size(0), y.size(1), starts, counts);
 }
 
+// Model k's rows of x: a pointer to them where they are consecutive, else gathered into `buf`.
+template <typename T_>
+const T_* model_rows(const Tensor& x, const Rows& rows, int64_t start, int64_t count, std::vector<T_>& buf) {
+  const T_* px = x.data_ptr<T_>();
+  if (rows.x_off.empty()) return px + start * rows.D;
+  buf.resize(count * rows.D);
+  for (int64_t r = 0; r < count; ++r) std::memcpy(buf.data() + r * rows.D, px + rows.x_off[start + r], rows.D * sizeof(T_));
+  return buf.data();
+}
+
 // The workers below use the BLAS (one thread each) and plain loops only: an ATen elementwise op on a
 // worker thread would start its own OpenMP team there.
 template <typename T_>
-void rows_fwd(const Tensor& x, const Tensor& Wk, const Tensor& bk, Tensor& y, int64_t start, int64_t count) {
-  const int64_t D = x.size(1), O = Wk.size(0);
+void rows_fwd(const Tensor& x, const Rows& rows, const Tensor& Wk, const Tensor& bk, Tensor& y, int64_t start, int64_t count) {
+  const int64_t D = rows.D, O = Wk.size(0);
   T_* __restrict__ py = y.data_ptr<T_>() + start * O;
   const T_* __restrict__ pb = bk.data_ptr<T_>();
   for (int64_t r = 0; r < count; ++r) std::memcpy(py + r * O, pb, O * sizeof(T_));
-  gemm<T_>(py, count, O, x.data_ptr<T_>() + start * D, D, D, Wk, true, 1.0);
+  std::vector<T_> buf;
+  gemm<T_>(py, count, O, model_rows<T_>(x, rows, start, count, buf), D, D, Wk, true, 1.0);
 }
 
-Tensor rows_linear_fwd(const Tensor& x, at::IntArrayRef starts, at::IntArrayRef counts, const Tensor& W, const Tensor& b) {
-  check_rows(x, starts, counts, W, "rows_linear_fwd");
-  check({&x, &b}, "rows_linear_fwd");
+Tensor rows_linear_fwd(const Tensor& x, const Tensor& coords, at::IntArrayRef starts, at::IntArrayRef counts, const Tensor& W,
+                       const Tensor& b) {
+  const Rows rows = check_rows(x, coords, starts, counts, W, "rows_linear_fwd");
+  check({&W, &b}, "rows_linear_fwd");
   TORCH_CHECK(b.dim() == 2 && b.size(0) == W.size(0) && b.size(1) == W.size(1), "rnnbench_fast::rows_linear_fwd: bias shape");
-  Tensor y = at::empty({x.size(0), W.size(1)}, x.options());
+  Tensor y = at::empty({rows.R, W.size(1)}, W.options());
   zero_unowned_rows(y, starts, counts);
   in_parallel(W.size(0), [&](int64_t k) {
     if (counts[k] == 0) return;
     OneBlasThread one_blas_thread;
     if (x.scalar_type() == at::kFloat)
-      rows_fwd<float>(x, W[k], b[k], y, starts[k], counts[k]);
+      rows_fwd<float>(x, rows, W[k], b[k], y, starts[k], counts[k]);
     else
-      rows_fwd<double>(x, W[k], b[k], y, starts[k], counts[k]);
+      rows_fwd<double>(x, rows, W[k], b[k], y, starts[k], counts[k]);
   });
   return y;
 }
 
 template <typename T_>
-void rows_bwd(const Tensor& dy, const Tensor& x, const Tensor& Wk, Tensor& dx, Tensor& dWk, Tensor& dbk, int64_t start,
-              int64_t count) {
-  const int64_t D = x.size(1), O = Wk.size(0);
+void rows_bwd(const Tensor& dy, const Tensor& x, const Rows& rows, const std::vector<int64_t>& dx_off, const Tensor& Wk,
+              Tensor& dx, Tensor& dWk, Tensor& dbk, int64_t start, int64_t count) {
+  const int64_t D = rows.D, O = Wk.size(0);
   const T_* __restrict__ g = dy.data_ptr<T_>() + start * O;
-  if (dx.defined()) gemm<T_>(dx.data_ptr<T_>() + start * D, count, D, g, O, O, Wk, false, 0.0);  // dx = dy W_k
-  at::mm_out(dWk, dy.narrow(0, start, count).t(), x.narrow(0, start, count));  // dW_k = dy^T x
+  std::vector<T_> buf;
+  const T_* xk = model_rows<T_>(x, rows, start, count, buf);
+  // dW_k = dy^T x (O, D), over the model's rows
+  Tensor xr = at::from_blob(const_cast<T_*>(xk), {count, D}, dWk.options());
+  at::mm_out(dWk, dy.narrow(0, start, count).t(), xr);
+  if (dx.defined()) {  // dx = dy W_k, on x's rows (scattered back where they lie)
+    if (dx_off.empty()) {
+      gemm<T_>(dx.data_ptr<T_>() + start * D, count, D, g, O, O, Wk, false, 0.0);
+    } else {
+      buf.resize(count * D);
+      gemm<T_>(buf.data(), count, D, g, O, O, Wk, false, 0.0);
+      T_* pdx = dx.data_ptr<T_>();
+      for (int64_t r = 0; r < count; ++r) std::memcpy(pdx + dx_off[start + r], buf.data() + r * D, D * sizeof(T_));
+    }
+  }
   std::vector<double> acc(O, 0.0);  // db_k = the rows' sum, in double whatever T_ is
   for (int64_t r = 0; r < count; ++r)
     for (int64_t o = 0; o < O; ++o) acc[o] += static_cast<double>(g[r * O + o]);
@@ -1216,17 +1282,36 @@ void rows_bwd(const Tensor& dy, const Tensor& x, const Tensor& Wk, Tensor& dx, T
   for (int64_t o = 0; o < O; ++o) pdb[o] = static_cast<T_>(acc[o]);
 }
 
-// dy (R, O) -> dx (R, D) (0 on rows no model owns; an empty tensor when need_dx is false: x is data),
-// dW (K, O, D), db (K, O).
-std::vector<Tensor> rows_linear_bwd(const Tensor& dy, const Tensor& x, at::IntArrayRef starts, at::IntArrayRef counts,
-                                    const Tensor& W, bool need_dx) {
-  check_rows(x, starts, counts, W, "rows_linear_bwd");
-  check({&dy, &x}, "rows_linear_bwd");
-  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == x.size(0) && dy.size(1) == W.size(1), "rnnbench_fast::rows_linear_bwd: shapes");
+// A dense tensor of x's sizes whose dims lie in x's order (by stride): the gradient of a strided view in
+// the layout of the tensor it views, so that the op before it reads it without a copy.
+Tensor dense_like(const Tensor& x) {
+  std::vector<int64_t> order(x.dim());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return x.stride(a) > x.stride(b); });
+  std::vector<int64_t> strides(x.dim());
+  int64_t s = 1;
+  for (auto it = order.rbegin(); it != order.rend(); ++it) {
+    strides[*it] = s;
+    s *= x.size(*it);
+  }
+  return at::empty_strided(x.sizes(), strides, x.options()).zero_();
+}
+
+// dy (R, O) -> dx (0 on rows no model owns; an empty tensor when need_dx is false: x is data) of x's
+// sizes (with coordinates: dense, in x's order of dims), dW (K, O, D), db (K, O).
+std::vector<Tensor> rows_linear_bwd(const Tensor& dy, const Tensor& x, const Tensor& coords, at::IntArrayRef starts,
+                                    at::IntArrayRef counts, const Tensor& W, bool need_dx) {
+  const Rows rows = check_rows(x, coords, starts, counts, W, "rows_linear_bwd");
+  check({&dy, &W}, "rows_linear_bwd");
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == rows.R && dy.size(1) == W.size(1), "rnnbench_fast::rows_linear_bwd: shapes");
   Tensor dx;
-  if (need_dx) {
-    dx = at::empty({x.size(0), x.size(1)}, x.options());
+  std::vector<int64_t> dx_off;
+  if (need_dx && rows.x_off.empty()) {
+    dx = at::empty({rows.R, rows.D}, W.options());
     zero_unowned_rows(dx, starts, counts);
+  } else if (need_dx) {
+    dx = dense_like(x);  // zeros: rows not read get no gradient
+    dx_off = row_offsets(coords, dx.sizes(), dx.strides(), "rows_linear_bwd");
   }
   Tensor dW = at::zeros({W.size(0), W.size(1), W.size(2)}, W.options());
   Tensor db = at::zeros({W.size(0), W.size(1)}, W.options());
@@ -1235,11 +1320,11 @@ std::vector<Tensor> rows_linear_bwd(const Tensor& dy, const Tensor& x, at::IntAr
     OneBlasThread one_blas_thread;
     Tensor dWk = dW[k], dbk = db[k];
     if (x.scalar_type() == at::kFloat)
-      rows_bwd<float>(dy, x, W[k], dx, dWk, dbk, starts[k], counts[k]);
+      rows_bwd<float>(dy, x, rows, dx_off, W[k], dx, dWk, dbk, starts[k], counts[k]);
     else
-      rows_bwd<double>(dy, x, W[k], dx, dWk, dbk, starts[k], counts[k]);
+      rows_bwd<double>(dy, x, rows, dx_off, W[k], dx, dWk, dbk, starts[k], counts[k]);
   });
-  return {need_dx ? dx : at::empty({0}, x.options()), dW, db};
+  return {need_dx ? dx : at::empty({0}, W.options()), dW, db};
 }
 
 // ==== the music tasks' loss: Bernoulli NLL of logits, summed over keys ==============================
@@ -1255,11 +1340,11 @@ constexpr int64_t kLossRowsPerChunk = 512;
 constexpr int64_t kLossParallelElements = int64_t(1) << 21;
 
 template <typename T_>
-void bnll_rows(const T_* __restrict__ z, const T_* __restrict__ y, T_* __restrict__ out, int64_t r0, int64_t r1,
-               int64_t D) {
+void bnll_rows(const T_* __restrict__ z, const T_* __restrict__ y, const int64_t* y_rows, T_* __restrict__ out, int64_t r0,
+               int64_t r1, int64_t D) {
   for (int64_t r = r0; r < r1; ++r) {
     const T_* zr = z + r * D;
-    const T_* yr = y + r * D;
+    const T_* yr = y + (y_rows ? y_rows[r] : r) * D;
     double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t d = 0; d < D; ++d) {
@@ -1272,12 +1357,12 @@ void bnll_rows(const T_* __restrict__ z, const T_* __restrict__ y, T_* __restric
 }
 
 template <typename T_>
-void bnll_grad_rows(const T_* __restrict__ g, const T_* __restrict__ z, const T_* __restrict__ y, T_* __restrict__ dz,
-                    int64_t r0, int64_t r1, int64_t D) {
+void bnll_grad_rows(const T_* __restrict__ g, const T_* __restrict__ z, const T_* __restrict__ y, const int64_t* y_rows,
+                    T_* __restrict__ dz, int64_t r0, int64_t r1, int64_t D) {
   for (int64_t r = r0; r < r1; ++r) {
     const T_ gr = g[r];
     const T_* zr = z + r * D;
-    const T_* yr = y + r * D;
+    const T_* yr = y + (y_rows ? y_rows[r] : r) * D;
     T_* dr = dz + r * D;
 #pragma GCC ivdep
     for (int64_t d = 0; d < D; ++d) dr[d] = gr * (sigm(zr[d]) - yr[d]);
@@ -1294,31 +1379,48 @@ void over_loss_rows(int64_t R, int64_t D, const F& f) {
               [&](int64_t i) { f(i * kLossRowsPerChunk, std::min(R, (i + 1) * kLossRowsPerChunk)); });
 }
 
-Tensor bernoulli_nll_fwd(const Tensor& z, const Tensor& y) {
+// y_rows (R,) int64, or empty: row r's targets are y's row y_rows[r] (y (N, D)), read where they lie
+// (a population's targets are tens of MB: gathering them first cost as much as the loss), else y's row r.
+const int64_t* target_rows(const Tensor& z, const Tensor& y, const Tensor& y_rows, const char* op) {
+  TORCH_CHECK(z.dim() == 2 && y.dim() == 2 && y.size(1) == z.size(1), "rnnbench_fast::", op, ": z and y must be (R, D), (N, D)");
+  if (y_rows.numel() == 0) {
+    TORCH_CHECK(y.size(0) == z.size(0), "rnnbench_fast::", op, ": z and y must have the same rows");
+    return nullptr;
+  }
+  TORCH_CHECK(y_rows.device().is_cpu() && y_rows.scalar_type() == at::kLong && y_rows.is_contiguous() && y_rows.dim() == 1 &&
+                  y_rows.size(0) == z.size(0), "rnnbench_fast::", op, ": y_rows must be (R,) int64");
+  const int64_t* p = y_rows.data_ptr<int64_t>();
+  for (int64_t r = 0; r < y_rows.size(0); ++r)
+    TORCH_CHECK(p[r] >= 0 && p[r] < y.size(0), "rnnbench_fast::", op, ": y_rows out of range");
+  return p;
+}
+
+Tensor bernoulli_nll_fwd(const Tensor& z, const Tensor& y, const Tensor& y_rows) {
   check({&z, &y}, "bernoulli_nll_fwd");
-  TORCH_CHECK(z.dim() == 2 && z.sizes() == y.sizes(), "rnnbench_fast::bernoulli_nll_fwd: z and y must be (R, D)");
+  const int64_t* rows = target_rows(z, y, y_rows, "bernoulli_nll_fwd");
   const int64_t R = z.size(0), D = z.size(1);
   Tensor out = at::empty({R}, z.options());
   over_loss_rows(R, D, [&](int64_t r0, int64_t r1) {
     if (z.scalar_type() == at::kFloat)
-      bnll_rows<float>(z.data_ptr<float>(), y.data_ptr<float>(), out.data_ptr<float>(), r0, r1, D);
+      bnll_rows<float>(z.data_ptr<float>(), y.data_ptr<float>(), rows, out.data_ptr<float>(), r0, r1, D);
     else
-      bnll_rows<double>(z.data_ptr<double>(), y.data_ptr<double>(), out.data_ptr<double>(), r0, r1, D);
+      bnll_rows<double>(z.data_ptr<double>(), y.data_ptr<double>(), rows, out.data_ptr<double>(), r0, r1, D);
   });
   return out;
 }
 
-Tensor bernoulli_nll_bwd(const Tensor& g, const Tensor& z, const Tensor& y) {
+Tensor bernoulli_nll_bwd(const Tensor& g, const Tensor& z, const Tensor& y, const Tensor& y_rows) {
   check({&g, &z, &y}, "bernoulli_nll_bwd");
-  TORCH_CHECK(z.dim() == 2 && z.sizes() == y.sizes() && g.dim() == 1 && g.size(0) == z.size(0),
-              "rnnbench_fast::bernoulli_nll_bwd: shapes");
+  const int64_t* rows = target_rows(z, y, y_rows, "bernoulli_nll_bwd");
+  TORCH_CHECK(g.dim() == 1 && g.size(0) == z.size(0), "rnnbench_fast::bernoulli_nll_bwd: shapes");
   const int64_t R = z.size(0), D = z.size(1);
   Tensor dz = at::empty({R, D}, z.options());
   over_loss_rows(R, D, [&](int64_t r0, int64_t r1) {
     if (z.scalar_type() == at::kFloat)
-      bnll_grad_rows<float>(g.data_ptr<float>(), z.data_ptr<float>(), y.data_ptr<float>(), dz.data_ptr<float>(), r0, r1, D);
+      bnll_grad_rows<float>(g.data_ptr<float>(), z.data_ptr<float>(), y.data_ptr<float>(), rows, dz.data_ptr<float>(), r0, r1, D);
     else
-      bnll_grad_rows<double>(g.data_ptr<double>(), z.data_ptr<double>(), y.data_ptr<double>(), dz.data_ptr<double>(), r0, r1, D);
+      bnll_grad_rows<double>(g.data_ptr<double>(), z.data_ptr<double>(), y.data_ptr<double>(), rows, dz.data_ptr<double>(), r0,
+                             r1, D);
   });
   return dz;
 }
