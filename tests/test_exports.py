@@ -51,6 +51,9 @@ def test_the_report_from_exports_is_the_report_from_the_store(tmp_path: Path) ->
     first = {p.name: p.read_bytes() for p in (tmp_path / "runs").iterdir()}
     cli(["export", "--sweep", "ex", "--out", "runs"], tmp_path, one)  # again: the same bytes
     assert {p.name: p.read_bytes() for p in (tmp_path / "runs").iterdir()} == first
+    # a dry run before store two exists already counts the exported points, and creates nothing
+    done = cli(["sweep", "ex.yaml", "--dry-run", "--exported", "runs", "tracking.checkpoint_dir=ck2"], tmp_path, two)
+    assert "2 already FINISHED" in done.stderr and "2 new" in done.stderr and not (tmp_path / "two.db").exists()
     done = cli(["sweep", "ex.yaml", "--no-progress", "--exported", "runs", "tracking.checkpoint_dir=ck2"], tmp_path, two)
     assert "2 already FINISHED" in done.stderr and "2 new" in done.stderr
     cli(["export", "--sweep", "ex", "--out", "runs"], tmp_path, two)

@@ -406,8 +406,8 @@ def _open_store(shared: dict[str, Any], sweep: str, create: bool) -> tuple[Any, 
     db = sqlite_path(uri)
     if db is not None:
         problem = sqlite_store_problem(db) if db.is_file() else "empty"
-        if problem == "empty":
-            return None, "-", {}
+        if problem == "empty":  # no store yet: only the exports' runs are done
+            return None, "-", _with_exported({}, shared, sweep)
         if problem:
             raise RnnbenchError(problem)
     client = MlflowClient(tracking_uri=uri)
