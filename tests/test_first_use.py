@@ -265,3 +265,35 @@ def test_no_tracked_file_is_one_gitignore_ignores() -> None:
     out = subprocess.run(["git", "ls-files", "--cached", "--ignored", "--exclude-standard"], cwd=root,
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == []
+
+
+@requires_data
+def test_the_estimate_scales_each_epoch_by_its_batches_padded_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On music the batches run from tens to thousands of steps: the timed steps give a cost per padded
+    step, and an epoch costs that times the sum of its batches' lengths (not the first batches' cost
+    times a count of batches, 10x low on MuseData). A clock that advances 1 ms per padded step of each
+    training step makes the expected figures exact."""
+    from rnnbench.config import load_config
+    from rnnbench.sweep import cost
+    import torch
+
+    from rnnbench.training.population import Population, build
+
+    config = load_config(None, ["task.name=jsb", "model.hidden_size=8", "train.batch_size=8", "train.threads=1"])
+    clock = [0.0]
+    real_step = Population.train_step
+
+    def step(self: Population, batch: dict) -> object:
+        out = real_step(self, batch)
+        clock[0] += 1e-3 * batch["x"].shape[2]
+        return out
+
+    monkeypatch.setattr(Population, "train_step", step)
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])
+    per_epoch, final, batches, _ = cost._measure(config)
+    data = build([config], torch.device("cpu"), torch.float32).data
+    lengths = {split: [b["x"].shape[1] for b in loader] for split, loader in
+               [("train", data.train[0])] + [(s, data.eval[s][data.data_key[0]]) for s in ("val", "test", "final_train")]}
+    assert batches == len(lengths["train"]) and len(set(lengths["train"])) > 10  # unequal lengths
+    assert per_epoch == pytest.approx(1e-3 * (sum(lengths["train"]) + cost.EVAL_SHARE * sum(lengths["val"])))
+    assert final == pytest.approx(1e-3 * cost.EVAL_SHARE * (sum(lengths["test"]) + sum(lengths["val"]) + sum(lengths["final_train"])))

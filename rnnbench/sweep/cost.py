@@ -2,8 +2,10 @@
 
 The time per epoch is measured here, on this machine, for each distinct model and task of the sweep:
 a few real training steps (forward, loss, backward, optimiser step, with the threads `train()` would
-use) on real batches, scaled to an epoch's batches. It is an upper bound of a run's cost because it
-assumes every run goes to `train.max_epochs`; early stopping usually ends runs sooner.
+use) on real batches, scaled to an epoch's batches by their padded lengths (a batch costs about its
+longest sequence: on MuseData an epoch's batches run from tens to thousands of steps, so a count of
+batches times the first few batches' cost was 10x low). It is an upper bound of a run's cost because
+it assumes every run goes to `train.max_epochs`; early stopping usually ends runs sooner.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from rnnbench.config import Config
 
@@ -124,14 +127,15 @@ def _measure(config: Config) -> tuple[float, float, int, str]:
         flush_subnormals()  # as train() runs
         data = pop.data
         train_batches = len(data.train[0]) if t.limit_train_batches is None else min(len(data.train[0]), t.limit_train_batches)
-        val_batches = math.ceil(len(data.dataset(0, "val")) / t.batch_size)
-        if t.limit_eval_batches is not None:
-            val_batches = min(val_batches, t.limit_eval_batches)
+        # each split's padded lengths, batch by batch: what an epoch's steps cost in proportion to
+        train_steps = _padded_lengths(data.train[0], train_batches)
+        val_steps = _padded_lengths(data.eval["val"][data.data_key[0]], t.limit_eval_batches)
         # the best weights scored on test, val and train once at the end (rnnbench/training/loop.py)
-        final_batches = (math.ceil(len(data.dataset(0, "test")) / t.batch_size) + val_batches
-                         + math.ceil(len(data.dataset(0, "train")) / t.batch_size))
+        final_steps = (_padded_lengths(data.eval["test"][data.data_key[0]], None) + val_steps
+                       + _padded_lengths(data.eval["final_train"][data.data_key[0]], None))
         steps = min(TIMED_STEPS + 1, train_batches)
         seconds: list[float] = []
+        lengths: list[int] = []
         for i, batch in zip(range(steps), TrainBatches(pop)):
             batch = pop.on_device(batch)
             start = time.perf_counter()
@@ -140,7 +144,19 @@ def _measure(config: Config) -> tuple[float, float, int, str]:
                 torch.cuda.synchronize()
             if i > 0 or steps == 1:
                 seconds.append(time.perf_counter() - start)
+                lengths.append(int(batch["x"].shape[2]))
     finally:
         torch.set_num_threads(before)
-    step = sum(seconds) / len(seconds)
-    return step * (train_batches + EVAL_SHARE * val_batches), step * EVAL_SHARE * final_batches, train_batches, label
+    per_step = sum(seconds) / sum(lengths)  # seconds per padded time step of a training batch
+    return (per_step * (train_steps + EVAL_SHARE * val_steps), per_step * EVAL_SHARE * final_steps,
+            train_batches, label)
+
+
+def _padded_lengths(loader: Any, limit: int | None) -> int:
+    """The sum over a loader's batches (the first `limit`) of each batch's padded length."""
+    total = 0
+    for i, batch in enumerate(loader):
+        if limit is not None and i >= limit:
+            break
+        total += int(batch["x"].shape[1])
+    return total
