@@ -114,6 +114,10 @@ def test_the_fused_bernoulli_nll_equals_torchs_values_and_gradients(dtype: torch
     tol = {"rtol": 1e-13, "atol": 1e-13} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-5}
     torch.testing.assert_close(got.view(-1).double(), exact.detach(), **tol)
     torch.testing.assert_close(grad.double(), exact_grad, **(tol if dtype == torch.float64 else {"rtol": 0, "atol": 1e-6}))
+    # rows split between the threads (a population's logits) give the same numbers, bit for bit
+    zp = z.to(dtype).requires_grad_()
+    split = compiled.BernoulliNLL.apply(zp, y.to(dtype), None, True)
+    assert torch.equal(split, got) and torch.equal(torch.autograd.grad(split, zp, w.to(dtype))[0], grad)
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -312,17 +312,19 @@ class BernoulliNLL(torch.autograd.Function):
     """nll (R,) = sum over D of softplus(z) - y z for logits z (R, D) and 0/1 targets y (R, D), or y (N, D)
     read at rows y_rows (R,): the Bernoulli NLL of each row (binary_cross_entropy_with_logits summed
     over the last dim), forward and backward in one pass each (ops bernoulli_nll_fwd / _bwd). No
-    gradient for y."""
+    gradient for y. `parallel`: rows in chunks on torch's threads (the caller's choice, by size)."""
 
     @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, y: torch.Tensor, y_rows: torch.Tensor | None = None):  # type: ignore[override]
+    def forward(ctx: Any, z: torch.Tensor, y: torch.Tensor, y_rows: torch.Tensor | None = None,  # type: ignore[override]
+                parallel: bool = False):
         z, y = z.contiguous(), y.contiguous()
         rows = _NO_ROWS if y_rows is None else y_rows.contiguous()
         ctx.save_for_backward(z, y, rows)
-        return torch.ops.rnnbench_fast.bernoulli_nll_fwd(z, y, rows)
+        ctx.parallel = parallel
+        return torch.ops.rnnbench_fast.bernoulli_nll_fwd(z, y, rows, parallel)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g: torch.Tensor):  # type: ignore[override]
         z, y, rows = ctx.saved_tensors
-        return torch.ops.rnnbench_fast.bernoulli_nll_bwd(g.contiguous(), z, y, rows), None, None
+        return torch.ops.rnnbench_fast.bernoulli_nll_bwd(g.contiguous(), z, y, rows, ctx.parallel), None, None, None

@@ -208,7 +208,8 @@ def run(
 
 
 FUSED_LOSS_ELEMENTS = 1 << 21
-"""From this many logits on, `bernoulli_nll` runs the compiled op whatever the thread count."""
+"""From this many logits on (a population's), `bernoulli_nll` runs the compiled op whatever the thread
+count, its rows split between the threads; below, on one thread only."""
 
 
 def bernoulli_nll(logits: torch.Tensor, targets: torch.Tensor, target_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -224,14 +225,15 @@ def bernoulli_nll(logits: torch.Tensor, targets: torch.Tensor, target_rows: torc
     """
     D = logits.shape[-1] if logits.dim() else 0
     targets = targets.to(logits.dtype)
-    fused = logits.numel() >= FUSED_LOSS_ELEMENTS or torch.get_num_threads() == 1
+    large = logits.numel() >= FUSED_LOSS_ELEMENTS
+    fused = large or torch.get_num_threads() == 1
     if not (fused and rows_linear_available(logits.device, logits.dtype) and logits.dim() >= 1 and D > 0):
         if target_rows is not None:
             targets = targets.reshape(-1, D).index_select(0, target_rows.to(targets.device))
         return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1)
     if target_rows is not None:
-        return compiled.BernoulliNLL.apply(logits, targets.reshape(-1, D), target_rows.to(logits.device))
-    return compiled.BernoulliNLL.apply(logits.reshape(-1, D), targets.reshape(-1, D)).view(logits.shape[:-1])
+        return compiled.BernoulliNLL.apply(logits, targets.reshape(-1, D), target_rows.to(logits.device), large)
+    return compiled.BernoulliNLL.apply(logits.reshape(-1, D), targets.reshape(-1, D), None, large).view(logits.shape[:-1])
 
 
 def rows_linear_available(device: torch.device | str, dtype: torch.dtype) -> bool:

@@ -1333,11 +1333,9 @@ std::vector<Tensor> rows_linear_bwd(const Tensor& dy, const Tensor& x, const Ten
 // (torch's takes four over R x D, and a population's R x D is tens of MB, out of cache). Backward:
 // dz = g[r] (sigmoid(z) - y), one pass. Each row's D terms are summed in double (a vectorised sum:
 // the order of its terms is the compiler's, which rounding in double does not see). Rows in chunks on the
-// threads only for a large R x D (a population's): started for one model's 32 x 200 x 88 logits, a
-// second thread cost more than it saved (its start, beside torch's own threads still spinning after
-// the products: the step of a population of one measured 1.5-2.5 ms slower on 2 cores).
+// threads only when the caller says `parallel` (loops.bernoulli_nll: for a population's R x D; started
+// for one model's 32 x 200 x 88 logits, a second thread cost more than it saved).
 constexpr int64_t kLossRowsPerChunk = 512;
-constexpr int64_t kLossParallelElements = int64_t(1) << 21;
 
 template <typename T_>
 void bnll_rows(const T_* __restrict__ z, const T_* __restrict__ y, const int64_t* y_rows, T_* __restrict__ out, int64_t r0,
@@ -1370,8 +1368,8 @@ void bnll_grad_rows(const T_* __restrict__ g, const T_* __restrict__ z, const T_
 }
 
 template <typename F>
-void over_loss_rows(int64_t R, int64_t D, const F& f) {
-  if (R * D < kLossParallelElements) {
+void over_loss_rows(int64_t R, bool parallel, const F& f) {
+  if (!parallel) {
     f(int64_t(0), R);
     return;
   }
@@ -1395,12 +1393,12 @@ const int64_t* target_rows(const Tensor& z, const Tensor& y, const Tensor& y_row
   return p;
 }
 
-Tensor bernoulli_nll_fwd(const Tensor& z, const Tensor& y, const Tensor& y_rows) {
+Tensor bernoulli_nll_fwd(const Tensor& z, const Tensor& y, const Tensor& y_rows, bool parallel) {
   check({&z, &y}, "bernoulli_nll_fwd");
   const int64_t* rows = target_rows(z, y, y_rows, "bernoulli_nll_fwd");
   const int64_t R = z.size(0), D = z.size(1);
   Tensor out = at::empty({R}, z.options());
-  over_loss_rows(R, D, [&](int64_t r0, int64_t r1) {
+  over_loss_rows(R, parallel, [&](int64_t r0, int64_t r1) {
     if (z.scalar_type() == at::kFloat)
       bnll_rows<float>(z.data_ptr<float>(), y.data_ptr<float>(), rows, out.data_ptr<float>(), r0, r1, D);
     else
@@ -1409,13 +1407,13 @@ Tensor bernoulli_nll_fwd(const Tensor& z, const Tensor& y, const Tensor& y_rows)
   return out;
 }
 
-Tensor bernoulli_nll_bwd(const Tensor& g, const Tensor& z, const Tensor& y, const Tensor& y_rows) {
+Tensor bernoulli_nll_bwd(const Tensor& g, const Tensor& z, const Tensor& y, const Tensor& y_rows, bool parallel) {
   check({&g, &z, &y}, "bernoulli_nll_bwd");
   const int64_t* rows = target_rows(z, y, y_rows, "bernoulli_nll_bwd");
   TORCH_CHECK(g.dim() == 1 && g.size(0) == z.size(0), "rnnbench_fast::bernoulli_nll_bwd: shapes");
   const int64_t R = z.size(0), D = z.size(1);
   Tensor dz = at::empty({R, D}, z.options());
-  over_loss_rows(R, D, [&](int64_t r0, int64_t r1) {
+  over_loss_rows(R, parallel, [&](int64_t r0, int64_t r1) {
     if (z.scalar_type() == at::kFloat)
       bnll_grad_rows<float>(g.data_ptr<float>(), z.data_ptr<float>(), y.data_ptr<float>(), rows, dz.data_ptr<float>(), r0, r1, D);
     else
