@@ -7,7 +7,8 @@
 # `save` writes inflight/NAME.tar.gz: a consistent copy of the store (sqlite3's backup), its artifacts
 # and the checkpoints, the state a SIGKILL at that moment would leave. `restore` puts them back at the
 # same paths; rerunning the chunk's `rnnbench sweep` resumes its interrupted runs from their checkpoints
-# (as after any kill). Delete the file once the chunk is exported.
+# (as after any kill). Delete the file once the chunk is exported. inflight/ is not committed (git
+# ignores it: a bundle is MBs of store and checkpoints); copy it to the next machine by other means.
 set -euo pipefail
 cmd=$1 name=$2 store=$3 ckpt=$4
 out="$(cd "$(dirname "$0")/.." && pwd)/inflight/$name.tar.gz"
