@@ -273,10 +273,10 @@ def test_the_estimate_scales_each_epoch_by_its_batches_padded_lengths(monkeypatc
     step, and an epoch costs that times the sum of its batches' lengths (not the first batches' cost
     times a count of batches, 10x low on MuseData). A clock that advances 1 ms per padded step of each
     training step makes the expected figures exact."""
-    from rnnbench.config import load_config
-    from rnnbench.sweep import cost
     import torch
 
+    from rnnbench.config import load_config
+    from rnnbench.sweep import cost
     from rnnbench.training.population import Population, build
 
     config = load_config(None, ["task.name=jsb", "model.hidden_size=8", "train.batch_size=8", "train.threads=1"])
