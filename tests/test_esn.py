@@ -50,6 +50,24 @@ def test_a_step_is_the_leaky_integrator() -> None:
     assert gates == {}
 
 
+def test_states_without_autograd_are_those_with_it_bit_for_bit() -> None:
+    """The reservoir's loop without autograd (a ridge readout's states) steps in place on the sparse
+    product's unit-major tensor; with autograd (the gradient-flow probe) out of place. The same numbers
+    bit for bit, in float32 as in float64, over a sequence long enough to carry the layout on; and the
+    unit-major projection gives the base projection's numbers."""
+    for dtype in (torch.float32, torch.float64):
+        w = {n: t.to(dtype) for n, t in reservoir(300).items()}
+        x = torch.randn(25, 2, 5, 3, dtype=dtype)
+        xw = EchoState.project(w, x)
+        torch.testing.assert_close(xw, cells.Cell.project.__func__(EchoState, w, x))  # type: ignore[attr-defined]
+        h0 = torch.zeros(2, 5, 300, dtype=dtype, requires_grad=True)
+        with torch.no_grad():
+            quiet, (last,) = cells.run("esn", [w], x.permute(1, 2, 0, 3), impl="reference")
+        traced, (traced_last,) = cells.run("esn", [w], x.permute(1, 2, 0, 3), impl="reference", state=[(h0,)])
+        assert traced.requires_grad and not quiet.requires_grad
+        assert torch.equal(quiet, traced.detach()) and torch.equal(last[0], traced_last[0].detach())
+
+
 def test_the_block_matrix_built_once_follows_its_weights() -> None:
     """The reservoirs' CSR matrix is built once and reused by later steps, never for other weights:
     not after the values change in place, nor for another reservoir, nor in another dtype."""

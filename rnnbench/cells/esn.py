@@ -105,16 +105,36 @@ class EchoState(Cell):
         return W.scatter_add_(-1, index.long(), values)
 
     @classmethod
+    def project(cls, w: Weights, x: torch.Tensor) -> torch.Tensor:
+        """x (T, K, B, D) -> xw (T, K, B, H) = x W_in^T + b, as a view of a unit-major (K, H, T, B)
+        tensor: each step's slice then lies as the sparse product's output does (see `step`)."""
+        T, K, B, D = x.shape
+        xk = x.permute(1, 3, 0, 2).reshape(K, D, T * B)
+        xw = torch.baddbmm(w["bias"].unsqueeze(-1), w["weight_ih"], xk)  # (K, H, T B)
+        return xw.view(K, -1, T, B).permute(2, 0, 3, 1)
+
+    @classmethod
     def step(cls, w: Weights, xw_t: torch.Tensor, state: State) -> tuple[State, dict[str, torch.Tensor]]:
         (h,) = state
         a = cls.leak_rate
-        return ((1 - a) * h + a * torch.tanh(xw_t + cls.recurrent(w, h)),), {}
+        # Every term in the unit-major layout of the sparse product (K, H, B), xw_t too (`project`), so
+        # that the new state is a (K, B, H) view of such a tensor and the next step's product reads it
+        # without a copy: transposing h in and out of that layout cost more than the product.
+        pre = cls.recurrent(w, h)  # (K, B, H), a view of a fresh (K, H, B) tensor
+        if torch.is_grad_enabled():  # an operation's result takes its first operand's layout
+            pre = torch.tanh(pre.add(xw_t))
+            return (torch.mul(pre, a).add(torch.mul(h, 1 - a)),), {}  # a sum in either order: the same
+        # Without autograd (states read for a readout): the same operations in place on the product's
+        # tensor. Each new tensor of a step's size is fresh memory the kernel must fault in, which cost
+        # as much as the arithmetic at 20,000 units.
+        return (pre.add_(xw_t).tanh_().mul_(a).add_(torch.mul(h, 1 - a)),), {}
 
     @staticmethod
     def recurrent(w: Weights, h: torch.Tensor) -> torch.Tensor:
         """W h for K members, h (K, B, H): one sparse product with the K reservoirs as the blocks of a
         block-diagonal CSR matrix (a gather of every unit's C inputs was 4-6x slower at 20,000 units),
-        differentiable in h (the gradient-flow probe follows it), never in W (frozen)."""
+        differentiable in h (the gradient-flow probe follows it), never in W (frozen). The result is a
+        (K, B, H) view of a unit-major (K, H, B) tensor; an h laid out so is read without a copy."""
         K, B, H = h.shape
         return (EchoState.block_matrix(w, K, H, h.dtype) @ h.transpose(1, 2).reshape(K * H, B)).view(K, H, B).transpose(1, 2)
 
