@@ -357,7 +357,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """A spec file as a dict; one-line errors for a missing file or bad YAML."""
     p = Path(path)
     if not p.is_file():
-        raise RnnbenchError(f"spec file not found: {path}")
+        hint = (" (a key=value override where the spec goes: the first argument is a YAML spec, e.g. "
+                "experiments/run_jsb.yaml, and the overrides follow it)") if "=" in str(path) else ""
+        raise RnnbenchError(f"spec file not found: {path}{hint}")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -5,12 +5,14 @@ counts the exported points as done."""
 from __future__ import annotations
 
 import filecmp
+import gzip
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 CLI = [sys.executable, "-m", "rnnbench.cli"]
@@ -80,6 +82,26 @@ def test_report_from_a_folder_without_exports_is_one_line(tmp_path: Path) -> Non
     done = subprocess.run(CLI + ["report", "--from", "nowhere", "--out", "r"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "no exports there" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "none.db").exists()
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"not gzip at all", "unreadable (BadGzipFile"),
+    (gzip.compress(b"\xff\xfe\x00"), "unreadable (UnicodeDecodeError"),
+    (gzip.compress(b"a,b\n1,2\n"), "missing column(s): run_id"),
+    (gzip.compress(b"run_id,experiment_id,experiment,status,start_time,metrics.x\nr1,1,e,FINISHED,12,abc\n"),
+     "line 2: could not convert string to float: 'abc'"),
+])
+def test_a_damaged_or_foreign_export_is_one_line(tmp_path: Path, content: bytes, says: str) -> None:
+    """A file in the exports folder that is not gzip, not text, not an export, or holds a value that
+    is not a number: one line naming the file, exit 2, nothing written."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "x.runs.csv.gz").write_bytes(content)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'none.db'}"}
+    done = subprocess.run(CLI + ["report", "--from", "runs", "--out", "r"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "export runs/x.runs.csv.gz" in done.stderr and says in done.stderr, done.stderr
     assert not (tmp_path / "r").exists() and not (tmp_path / "none.db").exists()
 
 

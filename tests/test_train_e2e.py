@@ -121,6 +121,7 @@ def test_divergence_ends_run_failed_not_crash(tmp_path: Path, store: str, device
     "args, message",
     [
         (["train", "missing.yaml"], "spec file not found: missing.yaml"),
+        (["train", "task.name=copy"], "a key=value override where the spec goes"),
         (["train", "spec.yaml", "model.cell=lstmm"], "unknown cell 'lstmm'"),
         (["train", "spec.yaml", "task.name=nope"], "unknown task 'nope'"),
         (["train", "spec.yaml", "train.lrr=1"], "unknown config key 'train.lrr'"),

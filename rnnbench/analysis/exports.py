@@ -125,12 +125,25 @@ def _write(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+COLUMNS = {"runs": INFO, "curves": ["run_id", "key", "epoch", "value"], "probes": ["run_id", "artifact"]}
+
+
 def _read(path: Path) -> pd.DataFrame:
-    if path.name.endswith(".runs.csv.gz"):
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    if path.stat().st_size and not gzip.decompress(path.read_bytes()).strip():
-        return pd.DataFrame(columns=["run_id"])
-    return pd.read_csv(path, float_precision="round_trip")
+    """One export file, or one line naming the file and what is wrong with it (not gzip, not CSV,
+    a column missing): a damaged or foreign file in the folder is refused, never half-read."""
+    kind = path.name.rsplit(".", 3)[-3]
+    try:
+        text = gzip.decompress(path.read_bytes()).decode()
+        if kind != "runs" and not text.strip():
+            return pd.DataFrame(columns=COLUMNS[kind])
+        frame = (pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False) if kind == "runs"
+                 else pd.read_csv(io.StringIO(text), float_precision="round_trip"))
+    except (OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise RnnbenchError(f"export {path}: unreadable ({type(e).__name__}: {e})") from None
+    missing = [c for c in COLUMNS[kind] if c not in frame.columns]
+    if missing:
+        raise RnnbenchError(f"export {path}: not an rnnbench {kind} export (missing column(s): {', '.join(missing)})")
+    return frame
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -142,14 +155,17 @@ def exported_runs(folder: str | Path, sweeps: Sequence[str] | None = None) -> li
         path = path_of(folder, sweep, "runs")
         if not path.is_file():
             raise RnnbenchError(f"no export of sweep {sweep!r} in {folder} (expected {path.name})")
-        for row in _read(path).to_dict("records"):
-            info = SimpleNamespace(run_id=row["run_id"], experiment_id=row["experiment_id"], status=row["status"],
-                                   start_time=int(row["start_time"]) if row["start_time"] else None,
-                                   experiment_name=row["experiment"])
-            part = {kind: {k.split(".", 1)[1]: v for k, v in row.items() if k.startswith(kind + ".") and v != ""}
-                    for kind in ("tags", "params", "metrics")}
-            data = SimpleNamespace(tags=part["tags"], params=part["params"],
-                                   metrics={k: float(v) for k, v in part["metrics"].items()})
+        for line, row in enumerate(_read(path).to_dict("records"), start=2):
+            try:
+                info = SimpleNamespace(run_id=row["run_id"], experiment_id=row["experiment_id"], status=row["status"],
+                                       start_time=int(row["start_time"]) if row["start_time"] else None,
+                                       experiment_name=row["experiment"])
+                part = {kind: {k.split(".", 1)[1]: v for k, v in row.items() if k.startswith(kind + ".") and v != ""}
+                        for kind in ("tags", "params", "metrics")}
+                metrics = {k: float(v) for k, v in part["metrics"].items()}
+            except ValueError as e:  # a start time or metric that is not a number
+                raise RnnbenchError(f"export {path}, line {line}: {e}") from None
+            data = SimpleNamespace(tags=part["tags"], params=part["params"], metrics=metrics)
             out.append(SimpleNamespace(info=info, data=data))
     return out
 
@@ -167,6 +183,9 @@ def exported_table(folder: str | Path, kind: str, run_ids: Sequence[str], sweeps
         return pd.DataFrame(columns=["run_id", "key", "epoch", "value"] if kind == "curves" else ["run_id", "artifact"])
     frame = pd.concat(frames, ignore_index=True)
     if kind == "curves":
-        frame = frame.astype({"run_id": "str", "key": "str", "epoch": "int64", "value": "float64"})
+        try:
+            frame = frame.astype({"run_id": "str", "key": "str", "epoch": "int64", "value": "float64"})
+        except (ValueError, TypeError) as e:  # an epoch or value that is not a number
+            raise RnnbenchError(f"curves export in {folder}: {e}") from None
         return frame.sort_values(["run_id", "key", "epoch"], kind="mergesort").reset_index(drop=True)
     return frame

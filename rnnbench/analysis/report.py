@@ -341,7 +341,7 @@ def build_report(
         def probes_of(ids: Any) -> pd.DataFrame:
             return load_artifact_csvs(ids, "gradient_flow", tracking_uri)
     if runs.empty:
-        what = f"sweep(s) {', '.join(sweeps)}" if sweeps else "the store"
+        what = f"sweep(s) {', '.join(sweeps)}" if sweeps else ("the store" if exports is None else f"the exports in {exports}")
         raise RnnbenchError(f"no training runs found in {what}")
     tuned = tuple(tuned)
     rules = T.solved_rules_from_specs(spec_dir, sweeps)
