@@ -154,6 +154,25 @@ def test_pairwise_matches_scipy_and_holm(runs: pd.DataFrame) -> None:
         assert family["mwu_p_holm"].tolist() == pytest.approx(_holm_by_hand(family["mwu_p"].tolist()))
 
 
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+def test_the_curves_bootstrap_band_is_seaborns_to_the_bit() -> None:
+    """The learning curves' band (figures.SeabornBootstrap) gives seaborn's own errorbar=("ci", 95),
+    n_boot, seed numbers exactly, over samples of every size the curves meet, NaN among them."""
+    from seaborn._statistics import EstimateAggregator
+
+    from rnnbench.analysis.figures import N_BOOT, SEED, SeabornBootstrap
+
+    rng = np.random.default_rng(3)
+    theirs = EstimateAggregator("mean", ("ci", 95), n_boot=N_BOOT, seed=SEED)
+    ours = EstimateAggregator("mean", SeabornBootstrap(95))
+    for trial in range(300):
+        v = rng.normal(size=int(rng.integers(1, 12))) * 10 ** rng.uniform(-4, 2)
+        if trial % 7 == 0:
+            v[0] = np.nan
+        frame = pd.DataFrame({"y": v})
+        assert np.array_equal(theirs(frame, "y").to_numpy(), ours(frame, "y").to_numpy(), equal_nan=True), v
+
+
 def test_holm_by_hand_with_a_known_family() -> None:
     p = [0.01, 0.04, 0.03, 0.005, float("nan")]
     # sorted 0.005, 0.01, 0.03, 0.04 (m = 4): x4 = 0.02, x3 = 0.03, x2 = 0.06, x1 = 0.04 -> running max 0.06
