@@ -143,3 +143,17 @@ def test_the_report_shows_the_reservoir_apart_from_the_trained_counts(tmp_path: 
     lstm_row = next(line for line in text.splitlines() if line.startswith("| lstm |"))
     assert f"| 0 / 13 (+{frozen} frozen) |" in esn_row and "frozen" not in lstm_row
     assert "count trained parameters only" in text
+
+
+@pytest.mark.parametrize("cell", ["esn", "lstm"])
+def test_final_states_are_runs_without_the_outputs(cell: str) -> None:
+    """cells.final_states: run's final state per layer, members of unequal lengths included, where the
+    reference loop keeps none of its steps (the compiled loops run as in `run`)."""
+    D, H = 3, 16
+    [w] = cells.init_weights(cell, D, H, 1, [torch.Generator().manual_seed(s) for s in (0, 1)], None, 0.0, torch.float64)
+    x = torch.randn(2, 4, 9, D, dtype=torch.float64)
+    steps = torch.tensor([9, 6])
+    for impl in ("reference", "auto"):
+        _, finals = cells.run(cell, [w], x, steps, impl=impl)
+        quiet = cells.final_states(cell, [w], x, steps, impl=impl)
+        assert all(torch.equal(a, b) for a, b in zip(finals[0], quiet[0]))

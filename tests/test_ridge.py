@@ -92,8 +92,10 @@ def test_the_dual_form_gives_the_primal_weights(tmp_path: Path, monkeypatch: pyt
 @pytest.mark.parametrize("task", ["adding", "copy"])
 def test_a_batch_scored_in_pieces_gives_the_numbers_of_the_whole(task: str, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Evaluation batches too large for memory go in pieces of rows (Population.pieces): the same
-    readout and the same test, final_val and final_train scores, to rounding (float64)."""
+    """Evaluation batches too large for memory go in pieces of rows (Population.pieces), or, where
+    the task reads only the last step (adding), whole with only that step's states kept
+    (Population.last_step_states): the same readout and the same test, final_val and final_train
+    scores, to rounding (float64)."""
     def fit_and_score() -> tuple:
         pop = build(configs(tmp_path, task), torch.device("cpu"), torch.float64, run_ids=["a", "b"])
         loop._fit_ridge(pop, {})
@@ -105,7 +107,8 @@ def test_a_batch_scored_in_pieces_gives_the_numbers_of_the_whole(task: str, tmp_
     rows = 3  # batches of 16: pieces of 3, 3, 3, 3, 3 and 1
     monkeypatch.setattr(population, "EVAL_STATE_ELEMENTS", rows * T * H)
     batch = whole.on_device(whole.task.broadcast_batch(next(iter(whole.data.eval["val"][None if not whole.task.seeded_data else 0])), 2))
-    assert [p["x"].shape[1] for p in whole.pieces(batch)] == [3, 3, 3, 3, 3, 1]
+    assert [p["x"].shape[1] for p in whole.pieces(batch)] == ([16] if task == "adding" else [3, 3, 3, 3, 3, 1])
+    assert whole.reads_last_step_only(batch) == (task == "adding")
     split, split_records, split_scores = fit_and_score()
     torch.testing.assert_close(split.head_weight, whole.head_weight, rtol=1e-6, atol=1e-8)  # lambda 1e-8 amplifies rounding
     torch.testing.assert_close(split.head_bias, whole.head_bias, rtol=1e-6, atol=1e-8)

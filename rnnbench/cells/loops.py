@@ -134,9 +134,10 @@ def _check_lengths(lengths: torch.Tensor, K: int, B: int, T: int) -> torch.Tenso
 
 
 def reference_loop(cls: type[Cell], w: Weights, xw: torch.Tensor, state: State,
-                   steps: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+                   steps: torch.Tensor | None, outputs: bool = True) -> tuple[torch.Tensor, State]:
     """The cell's `step` over time for K models (a Loop): member k's state stops at its steps[k]-th
-    step and its outputs after that are zeros (steps (K, B): each sequence's at its own)."""
+    step and its outputs after that are zeros (steps (K, B): each sequence's at its own). With
+    outputs=False the final state only (hs is empty): nothing of the T steps is kept."""
     T, K, B = xw.shape[:3]
     all_run, any_run = (T, T) if steps is None else (int(steps.min()), int(steps.max()))
     running = None if steps is None else steps.to(xw.device).view(K, -1)
@@ -145,11 +146,15 @@ def reference_loop(cls: type[Cell], w: Weights, xw: torch.Tensor, state: State,
         new, _ = cls.step(w, xw[t], state)
         if t < all_run:
             state = new
-            outs.append(new[0])
+            if outputs:
+                outs.append(new[0])
         else:  # some members have ended: they keep their state and output zeros
             keep = (t < running).unsqueeze(-1)  # (K, 1 or B, 1)
             state = tuple(torch.where(keep, n, o) for n, o in zip(new, state))
-            outs.append(new[0] * keep.to(new[0].dtype))
+            if outputs:
+                outs.append(new[0] * keep.to(new[0].dtype))
+    if not outputs:
+        return xw.new_zeros(0), state
     outs += [torch.zeros_like(state[0])] * (T - any_run)
     return torch.stack(outs), state
 
@@ -178,8 +183,10 @@ def run(
     impl: str = "auto",
     state: list[State] | None = None,
     lengths: torch.Tensor | None = None,
+    outputs: bool = True,
 ) -> tuple[torch.Tensor, list[State]]:
     """K models' stacked layers over x (K, B, T, D) -> (top layer's h_t (K, B, T, H), final state per layer).
+    (outputs=False: see `final_states`; the first element is then None.)
 
     steps (K,) int64: member k's own length (1..T); its outputs after that are zeros and its final
     state is the one after its own last step, so with zero padding member k's numbers (and gradients)
@@ -202,9 +209,27 @@ def run(
     for l, w in enumerate(layers):
         s0 = _zero_state(cls, h, cls.hidden_size_of(w)) if state is None else tuple(state[l])
         xw = _project(cls, w, h, steps, lengths)
+        if not outputs and l == len(layers) - 1 and which == "reference":
+            _, final = reference_loop(cls, w, xw, s0, steps if lengths is None else lengths, outputs=False)
+            finals.append(final)
+            return None, finals
         h, final = _layer(cls, which, w, xw, s0, steps if lengths is None else lengths, impl)
         finals.append(final)
-    return h.permute(1, 2, 0, 3), finals
+    return (h.permute(1, 2, 0, 3) if outputs else None), finals
+
+
+def final_states(
+    cell: str | type[Cell],
+    layers: list[Weights],
+    x: torch.Tensor,
+    steps: torch.Tensor | None = None,
+    impl: str = "auto",
+    lengths: torch.Tensor | None = None,
+) -> list[State]:
+    """`run`'s final state per layer without the top layer's outputs: the reference loop keeps none of
+    its T steps (what a task that reads only each sequence's last step needs of a reservoir of 20,000
+    units: its (K, B, T, H) outputs would be GBs). The same numbers as `run`'s final states."""
+    return run(cell, layers, x, steps, impl, None, lengths, outputs=False)[1]
 
 
 FUSED_LOSS_ELEMENTS = 1 << 21

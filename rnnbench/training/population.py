@@ -265,6 +265,33 @@ class Population(L.LightningModule):
             h, _ = cells.run(self.cell.name, layers, x, steps, impl=self.impl, lengths=None if steps is None else lengths)
         return h
 
+    def last_step_states(self, batch: Batch) -> torch.Tensor | None:
+        """h at each member's last step (K, B, H), run without keeping the T steps' states, where the
+        task reads only that step (bidirectional_outputs "last_step", one length per member) of a
+        one-layer unidirectional model whose states would not fit in one evaluation piece (an
+        echo-state network's 20,000 units). Else None. One piece of 100 rows instead of pieces of 8:
+        a step of the reservoir's sparse product costs about the same for 8 rows as for 100."""
+        if not self.reads_last_step_only(batch):
+            return None
+        layers = [dict(layer.items()) for layer in self.layers]
+        return cells.final_states(self.cell.name, layers, batch["x"], batch.get("steps"), impl=self.impl)[-1][0]
+
+    def reads_last_step_only(self, batch: Batch) -> bool:
+        """Whether `last_step_states` serves this batch (then `pieces` leaves it whole)."""
+        _, B, T = batch["x"].shape[:3]
+        return not (self.backward_layers or len(self.layers) != 1 or not self.last_step or batch.get("lengths") is not None
+                    or B * T * self.sizes[1] <= EVAL_STATE_ELEMENTS)
+
+    def at_last_step(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Outputs (..., K, B, O) at each member's last step as the (..., K, B, T, O) outputs a task
+        reads: zeros at every other step, which a "last_step" task never reads."""
+        K, B, T = batch["x"].shape[:3]
+        steps = batch.get("steps")
+        last = (torch.full((K,), T) if steps is None else steps).to(out.device) - 1
+        full = out.new_zeros(*out.shape[:-2], B, T, out.shape[-1])
+        full[..., torch.arange(K, device=out.device), :, last, :] = out.movedim(-3, 0)  # indexed: (K, ..., B, O)
+        return full
+
     def configure_optimizers(self) -> None:
         # The one optimizer is rnnbench's stacked one (built by the loop before fit): Lightning's manual
         # optimization needs none of its own.
@@ -334,6 +361,11 @@ class Population(L.LightningModule):
     # --- evaluation -----------------------------------------------------------------------------------
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         for piece in self.pieces(batch):
+            h = self.last_step_states(piece)
+            if h is not None:  # the task reads one step of states too large to keep: that step only
+                out = torch.baddbmm(self.head_bias.unsqueeze(1), h, self.head_weight.transpose(1, 2))  # (K, B, O)
+                self._add_sums(self.scoring or "val", self.task.metric_sums(self.at_last_step(out, piece), piece))
+                continue
             packed = self._packed_scores(piece)
             if packed is not None:
                 self._add_sums(self.scoring or "val", packed[1])
@@ -349,7 +381,7 @@ class Population(L.LightningModule):
         _, B, T = batch["x"].shape[:3]
         width = self.sizes[1] * (2 if self.backward_layers else 1)
         rows = max(1, EVAL_STATE_ELEMENTS // max(1, T * width))
-        if B <= rows:
+        if B <= rows or self.reads_last_step_only(batch):  # the latter keeps one step of states
             yield batch
         else:
             yield from batch_pieces(batch, rows)

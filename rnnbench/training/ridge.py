@@ -59,11 +59,13 @@ def fit(pop: Population) -> tuple[dict[int, dict[str, float]], dict[int, dict[st
     rows_y: list[list[torch.Tensor]] = [[] for _ in range(K)]
     time_steps = torch.zeros(K, dtype=torch.int64)
     for batch in (piece for raw in EvalBatches(pop, "final_train") for piece in pop.pieces(pop.on_device(raw))):
-        h = pop.states(batch["x"], batch.get("steps"), batch.get("lengths"))
+        last = pop.last_step_states(batch)  # (K, B, H) where the task reads the last step only, else None
+        h = pop.states(batch["x"], batch.get("steps"), batch.get("lengths")) if last is None else None
         rows, y = task.readout_targets(batch)
         time_steps += task.time_steps(batch).cpu()
         for k in range(K):  # once per batch, host side: members read different rows
-            x_k, y_k = _features(h[k][rows[k]]), y[k][rows[k]]
+            # the last step is each sequence's one row read: h[k][rows[k]] is last[k], in the same order
+            x_k, y_k = _features(h[k][rows[k]] if last is None else last[k]), y[k][rows[k]]
             if dual:
                 rows_x[k].append(x_k.double())
                 rows_y[k].append(y_k.double())
@@ -91,9 +93,14 @@ def fit(pop: Population) -> tuple[dict[int, dict[str, float]], dict[int, dict[st
     scales = SCALES if link == "softmax" else (1.0,)
     sums: dict[tuple[int, int], dict[str, list[torch.Tensor]]] = {}
     for batch in (piece for raw in EvalBatches(pop, "val") for piece in pop.pieces(pop.on_device(raw))):
-        h = pop.states(batch["x"], batch.get("steps"), batch.get("lengths"))
-        bias = W[:, :, -1].transpose(0, 1)[:, :, None, None, :]  # (L, K, 1, 1, O)
-        out = torch.einsum("kbth,klho->lkbto", h, W[:, :, :-1]) + bias  # every penalty's outputs
+        last = pop.last_step_states(batch)
+        if last is None:
+            h = pop.states(batch["x"], batch.get("steps"), batch.get("lengths"))
+            bias = W[:, :, -1].transpose(0, 1)[:, :, None, None, :]  # (L, K, 1, 1, O)
+            out = torch.einsum("kbth,klho->lkbto", h, W[:, :, :-1]) + bias  # every penalty's outputs
+        else:
+            bias = W[:, :, -1].transpose(0, 1)[:, :, None, :]  # (L, K, 1, O)
+            out = pop.at_last_step(torch.einsum("kbh,klho->lkbo", last, W[:, :, :-1]) + bias, batch)
         for j in range(len(LAMBDAS)):
             for s, scale in enumerate(scales):
                 for name, (total, count) in task.metric_sums(out[j] * scale, batch).items():
