@@ -369,15 +369,20 @@ SLOW_POINTS = {
 
 def _store_state(db: Path, ckpt_root: Path) -> tuple[list[str], list[str]]:
     """(statuses of child runs, ids of RUNNING child runs that have a checkpoint), read with sqlite3."""
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)  # a loaded machine can hold the write lock for seconds
-        rows = con.execute(
-            "SELECT r.status, r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-            "WHERE t.key = 'point_id' AND r.lifecycle_stage = 'active'"
-        ).fetchall()
-        con.close()
-    except sqlite3.Error:
-        return [], []
+    rows: list = []
+    for attempt in range(4):  # a loaded machine can hold the write lock (or a killed writer's journal) for seconds
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+            rows = con.execute(
+                "SELECT r.status, r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                "WHERE t.key = 'point_id' AND r.lifecycle_stage = 'active'"
+            ).fetchall()
+            con.close()
+            break
+        except sqlite3.Error:
+            if attempt == 3:
+                return [], []
+            time.sleep(2)
     return [s for s, _ in rows], [u for s, u in rows if s == "RUNNING" and (ckpt_root / u / "member.pt").is_file()]
 
 
