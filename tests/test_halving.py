@@ -187,3 +187,25 @@ def test_fanova_ranks_the_hyperparameter_the_score_depends_on() -> None:
     table = importance_table(runs, runs.iloc[0:0], ("train.lr", "train.momentum")).set_index("param")
     assert table.loc["train.lr", "importance"] > 0.8 > table.loc["train.momentum", "importance"]
     assert table["importance"].sum() == pytest.approx(1.0) and set(table["n_trials"]) == {24}
+
+
+@requires_data
+def test_batch_models_off_trains_each_seed_alone_and_the_search_as_one_population(tmp_path: Path, store: str) -> None:
+    """--batch-models off: the seeds stage's points train alone (each recorded FINISHED when it stops,
+    not when its slowest batch-mate does); the search stays one population, which halving ranks."""
+    from rnnbench.sweep.runner import run_sweep
+
+    spec = spec_from_dict({**SPEC, "grid": {"model.cell": ["tanh"]},
+                           "halving": {**SPEC["halving"], "seeds": [0, 1, 2]}})
+    lines: list[str] = []
+    summary = run_sweep(spec, [f"tracking.checkpoint_dir={tmp_path / 'ck'}"], workers=1, progress=False,
+                        batch_models="off", echo=lines.append)
+    assert summary.ok and summary.total == 4 + 3
+    assert any("--batch-models off applies to the seeds stage" in line for line in lines)
+    client = MlflowClient(store)
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("hv").experiment_id], "tags.sweep = 'hv'")
+            if "cell" in r.data.tags]
+    population = {(r.data.tags["stage"], r.data.params["train.seed"]): r.data.tags["population"] for r in runs
+                  if r.data.tags["stage"] == "final" or r.data.params["train.seed"] == "0"}
+    assert {k: v for k, v in population.items() if k[0] == "search"} == {("search", "0"): "4"}
+    assert {k: v for k, v in population.items() if k[0] == "final"} == {("final", "1"): "1", ("final", "2"): "1"}

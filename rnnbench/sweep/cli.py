@@ -26,7 +26,7 @@ def command(
         None, "--only", help="run one chunk: a grid key cut to a value, e.g. task.name=jsb (repeatable)"
     ),
     batch_models: str = typer.Option(
-        "auto", "--batch-models", help="train points that differ only in per-member keys (seed, lr, ...) as one population: auto (where CUDA is), on, off"
+        "auto", "--batch-models", help="train points that differ only in per-member keys (seed, lr, ...) as one population: auto (where CUDA is), on, off (a halving sweep's search always trains as populations; off trains its seeds alone)"
     ),
 ) -> None:
     """Run a grid/random sweep; re-running it skips FINISHED points and resumes interrupted ones.

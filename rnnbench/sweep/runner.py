@@ -139,7 +139,8 @@ def run_sweep(
             summary = _plan_and_run(spec, overrides, points, shared, executor, workers, progress, dry_run, echo,
                                     _batching_on(batch_models, executor))
         else:
-            summary = _search_then_seeds(spec, overrides, points, shared, executor, workers, progress, dry_run, echo)
+            summary = _search_then_seeds(spec, overrides, points, shared, executor, workers, progress, dry_run, echo,
+                                         seeds_batched=batch_models != "off")
         if not dry_run and summary.outcomes:
             _publish_aggregates(spec.name, shared["tracking_uri"], echo)
         return summary
@@ -161,16 +162,21 @@ def _publish_aggregates(sweep: str, uri: str, echo: Callable[[str], None]) -> No
 
 def _search_then_seeds(
     spec: SweepSpec, overrides: list[str] | None, points: list[Point], shared: dict[str, Any], executor: str,
-    workers: int | None, progress: bool, dry_run: bool, echo: Callable[[str], None],
+    workers: int | None, progress: bool, dry_run: bool, echo: Callable[[str], None], seeds_batched: bool = True,
 ) -> SweepSummary:
     """A halving sweep (spec.py): the search stage's populations with successive halving, then each
-    grid point's seeds at the sample it chose. Both stages train as populations (halving ranks the
-    members of one); re-running carries on where either stage stopped."""
+    grid point's seeds at the sample it chose. The search always trains as populations (halving ranks
+    the members of one); the seeds do too unless `seeds_batched` is False (--batch-models off: each
+    seed alone, so that each is recorded FINISHED as soon as it stops and none waits for a slower
+    batch-mate). Re-running carries on where either stage stopped."""
     from rnnbench.sweep.halving import choose
     from rnnbench.sweep.spec import final_points, grid_key
 
     assert spec.halving is not None
     rule = (tuple(spec.halving.rungs), spec.halving.reduction)
+    if not seeds_batched:
+        echo("note: --batch-models off applies to the seeds stage; the search stage trains each grid point's "
+             "samples as one population (successive halving ranks its members)")
     echo(f"sweep {spec.name}, search stage: {len(points)} points (successive halving at epochs "
          f"{', '.join(map(str, rule[0]))}, keeping 1/{rule[1]})")
     search = _plan_and_run(spec, overrides, points, shared, executor, workers, progress, dry_run, echo, True, rule)
@@ -196,7 +202,7 @@ def _search_then_seeds(
         search.total += len(by_grid) * len(spec.halving.seeds)
         return search
     check_points(final)
-    seeds = _plan_and_run(spec, overrides, final, shared, executor, workers, progress, dry_run, echo, True,
+    seeds = _plan_and_run(spec, overrides, final, shared, executor, workers, progress, dry_run, echo, seeds_batched,
                           batched_stage=True)
     missing = (len(by_grid) - len(chosen)) * len(spec.halving.seeds)
     search.total += seeds.total + missing
