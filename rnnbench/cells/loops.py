@@ -183,10 +183,8 @@ def run(
     impl: str = "auto",
     state: list[State] | None = None,
     lengths: torch.Tensor | None = None,
-    outputs: bool = True,
 ) -> tuple[torch.Tensor, list[State]]:
     """K models' stacked layers over x (K, B, T, D) -> (top layer's h_t (K, B, T, H), final state per layer).
-    (outputs=False: see `final_states`; the first element is then None.)
 
     steps (K,) int64: member k's own length (1..T); its outputs after that are zeros and its final
     state is the one after its own last step, so with zero padding member k's numbers (and gradients)
@@ -195,6 +193,15 @@ def run(
     short sequences, and every output at a valid step is unchanged (the recurrence is causal).
     state: per layer a tuple of (K, B, H) tensors (zeros when None). Layer l's h_t is layer l+1's x_t.
     """
+    out, finals = _stack(cell, layers, x, steps, impl, state, lengths, outputs=True)
+    assert out is not None
+    return out, finals
+
+
+def _stack(cell: str | type[Cell], layers: list[Weights], x: torch.Tensor, steps: torch.Tensor | None, impl: str,
+           state: list[State] | None, lengths: torch.Tensor | None, outputs: bool,
+           ) -> tuple[torch.Tensor | None, list[State]]:
+    """`run`, and with outputs=False `final_states` (the top layer's outputs are then None)."""
     cls = get_cell(cell)
     K, B, T, _ = x.shape
     which = implementation(cls, x.device, x.dtype, impl)
@@ -229,7 +236,7 @@ def final_states(
     """`run`'s final state per layer without the top layer's outputs: the reference loop keeps none of
     its T steps (what a task that reads only each sequence's last step needs of a reservoir of 20,000
     units: its (K, B, T, H) outputs would be GBs). The same numbers as `run`'s final states."""
-    return run(cell, layers, x, steps, impl, None, lengths, outputs=False)[1]
+    return _stack(cell, layers, x, steps, impl, None, lengths, outputs=False)[1]
 
 
 FUSED_LOSS_ELEMENTS = 1 << 21
