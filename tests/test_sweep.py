@@ -260,6 +260,13 @@ def test_cli_end_to_end_then_rerun_runs_nothing(tmp_path: Path, store: str) -> N
     said.clear()
     run_sweep(load_spec(spec), ["train.max_epochs=2"], dry_run=True, echo=said.append)
     assert "4 new" in said[0] and "4 earlier points" in said[1]
+    # one chunk (--only) of the same spec: the other chunk's points are not "earlier points not in this spec"
+    from rnnbench.sweep.spec import restrict
+
+    said.clear()
+    whole = load_spec(spec)
+    run_sweep(restrict(whole, ["model.cell=lstm"]), ["train.max_epochs=1"], dry_run=True, echo=said.append, chunk_of=whole)
+    assert "2 already FINISHED" in said[0] and not any("earlier points" in line for line in said)
 
 
 @pytest.mark.parametrize(

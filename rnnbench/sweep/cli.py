@@ -36,11 +36,10 @@ def command(
     from rnnbench.sweep.runner import run_sweep
     from rnnbench.sweep.spec import load_spec, restrict
 
-    sweep = load_spec(spec)
-    if only:
-        sweep = restrict(sweep, only)
+    whole = load_spec(spec)
+    sweep = restrict(whole, only) if only else whole
     summary = run_sweep(sweep, overrides or [], executor=executor, workers=workers, progress=progress, dry_run=dry_run,
-                        batch_models=batch_models, exported=exported)
+                        batch_models=batch_models, exported=exported, chunk_of=whole if only else None)
     if dry_run:
         return
     for line in summary.lines():

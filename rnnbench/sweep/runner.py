@@ -78,10 +78,13 @@ class SweepSummary:
         return out
 
 
+DRIVER_ONLY = ("exported", "sweep_point_ids")  # keys of `shared` the driver reads and no run records
+
+
 def _job(point: Point, decision: Decision, experiment_id: str, tags: dict[str, str], shared: dict[str, Any],
          halving: tuple[tuple[int, ...], int] | None = None) -> Job:
     config = point.config.to_dict()
-    tracking = {k: v for k, v in shared.items() if k != "exported"}
+    tracking = {k: v for k, v in shared.items() if k not in DRIVER_ONLY}
     config["tracking"] = {**config["tracking"], **tracking, "run_name": point.label}
     point_tags = {**tags, "point_id": point.point_id}
     if point.sample is not None:
@@ -117,9 +120,11 @@ def run_sweep(
     batch_models: str = "auto",
     echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
     exported: str | Path | None = None,
+    chunk_of: SweepSpec | None = None,
 ) -> SweepSummary:
     """Run every point of `spec` not yet FINISHED in the store (or in the exports in `exported`, the
-    folder `rnnbench export` writes); see the module docstring."""
+    folder `rnnbench export` writes); see the module docstring. `chunk_of`: the whole spec when `spec`
+    is one chunk of it (--only): its other chunks' points are not "earlier points not in this spec"."""
     from rnnbench.sweep.executors import EXECUTORS
 
     if executor not in EXECUTORS:
@@ -133,6 +138,8 @@ def run_sweep(
         if not Path(exported).is_dir():
             raise RnnbenchError(f"--exported {exported}: not a folder")
         shared["exported"] = str(exported)
+    if chunk_of is not None and chunk_of.halving is None:
+        shared["sweep_point_ids"] = sorted(p.point_id for p in expand(chunk_of, overrides))
     check_points(points)
     with nullcontext() if dry_run else _one_driver(shared["tracking_uri"], spec.name):
         if spec.halving is None:
@@ -222,7 +229,7 @@ def _plan_and_run(
     client, experiment_id, existing = _open_store(shared, spec.name, create=not dry_run)
     planned = [PlannedPoint(p, decide(existing.get(p.point_id, []), shared["checkpoint_dir"])) for p in points]
     summary = SweepSummary(spec.name, shared["tracking_uri"], shared["experiment"], experiment_id, None, len(points), 0)
-    summary.foreign_points = len(set(existing) - {p.point_id for p in points})
+    summary.foreign_points = len(set(existing) - {p.point_id for p in points} - set(shared.get("sweep_point_ids", ())))
     summary.already_done = sum(pp.decision.action == "done" for pp in planned)
     counts = {a: sum(pp.decision.action == a for pp in planned) for a in ("done", "resume", "retry", "new")}
     echo(
