@@ -231,9 +231,10 @@ def learning_curves(chosen: pd.DataFrame, histories: pd.DataFrame, out_dir: Path
                 ax.set_ylim(min(lows), top)
             title = _title(setting, variant)
             axes[0].set(xlabel="updates" if x == "updates" else "epoch", ylabel=f"validation {metric}{cut}",
-                        title=f"{title}: mean and 95% bootstrap band over seeds")
+                        title="mean and 95% bootstrap band over seeds")
             axes[1].set(xlabel="wall-clock seconds (training)", ylabel=f"validation {metric}",
-                        title=f"{title}: each seed against time")
+                        title="each seed against time")
+            fig.suptitle(title, fontsize=11)  # once, above both: in each panel's title a long setting ran into the other's
             # one legend below both panels: inside a panel it hides the curves it names
             handles, labels = axes[0].get_legend_handles_labels()
             if axes[0].get_legend() is not None:
