@@ -139,7 +139,7 @@ def run_sweep(
             raise RnnbenchError(f"--exported {exported}: not a folder")
         shared["exported"] = str(exported)
     if chunk_of is not None and chunk_of.halving is None:
-        shared["sweep_point_ids"] = sorted(p.point_id for p in expand(chunk_of, overrides))
+        shared["sweep_point_ids"] = frozenset(p.point_id for p in expand(chunk_of, overrides))
     check_points(points)
     with nullcontext() if dry_run else _one_driver(shared["tracking_uri"], spec.name):
         if spec.halving is None:
@@ -229,7 +229,7 @@ def _plan_and_run(
     client, experiment_id, existing = _open_store(shared, spec.name, create=not dry_run)
     planned = [PlannedPoint(p, decide(existing.get(p.point_id, []), shared["checkpoint_dir"])) for p in points]
     summary = SweepSummary(spec.name, shared["tracking_uri"], shared["experiment"], experiment_id, None, len(points), 0)
-    summary.foreign_points = len(set(existing) - {p.point_id for p in points} - set(shared.get("sweep_point_ids", ())))
+    summary.foreign_points = len(set(existing) - {p.point_id for p in points} - shared.get("sweep_point_ids", frozenset()))
     summary.already_done = sum(pp.decision.action == "done" for pp in planned)
     counts = {a: sum(pp.decision.action == a for pp in planned) for a in ("done", "resume", "retry", "new")}
     echo(
