@@ -25,7 +25,8 @@ import yaml
 
 from rnnbench.errors import RnnbenchError
 
-TIMING = {"seconds_per_epoch", "seconds_to_best", "time_steps_per_second", "setup_seconds", "epoch_seconds", "wall_seconds"}
+TIMING = {"seconds_per_epoch", "seconds_to_best", "time_steps_per_second", "setup_seconds", "core_seconds", "epoch_seconds",
+          "epoch_core_seconds", "wall_seconds"}
 BASE = {
     "model": {"cell": "gru", "hidden_size": 8},
     "task": {"name": "copy", "seq_len": 5, "n_train": 64, "n_val": 16, "n_test": 16},

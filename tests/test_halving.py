@@ -142,6 +142,27 @@ def test_costs_count_a_population_once_and_flag_runs_cut_while_improving() -> No
     assert sorted(cut_while_improving(runs)["run_id"]) == ["b", "d"]  # d: no tag, at its max_epochs, best at the end
 
 
+def test_costs_add_up_each_runs_recorded_share_wherever_it_ran() -> None:
+    """Runs with `core_seconds` (per-epoch shares) cost their sum, however many populations they ran
+    in; an older run without it in the same part falls back to its population's longest member."""
+    import pandas as pd
+
+    from rnnbench.analysis.costs import cost_table
+
+    runs = pd.DataFrame({
+        "run_id": ["a", "b", "c"], "status": "FINISHED", "sweep": "s", "setting": "jsb", "cell": "gru", "variant": "",
+        "candidate": "lr=1", "stage": "final", "population_id": ["p", "p", "q"], "population": ["2", "2", "1"],
+        "machine": "cpu x", "epochs": [10.0, 20.0, 4.0], "seconds_per_epoch": [1.0, 1.0, 1.0],
+        "setup_seconds": [3.0, 3.0, 1.0], "threads_used": ["2", "2", "1"],
+        # b resumed alone after p ended: its later epochs are charged in full, not hidden behind a's
+        "core_seconds": [12.0, 31.0, None],
+    })
+    row = cost_table(runs).set_index("stage").loc["final"]
+    assert row["populations"] == 2 and row["runs"] == 3
+    assert row["core_hours"] * 3600 == pytest.approx(12.0 + 31.0 + 5.0)
+    assert row["serial_hours"] * 3600 == pytest.approx((12.0 + 31.0) / 2 + 5.0)
+
+
 def test_the_expected_best_of_n_samples_is_the_unbiased_estimator() -> None:
     """E[min of n drawn without replacement] over every subset, by brute force, equals the estimator."""
     import itertools

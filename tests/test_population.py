@@ -23,7 +23,7 @@ from rnnbench.errors import RnnbenchError
 from rnnbench.training import loop
 from rnnbench.training.population import build
 
-TIMING = {"epoch_seconds", "wall_seconds"}
+TIMING = {"epoch_seconds", "epoch_core_seconds", "wall_seconds"}
 TINY = ["task.name=jsb", "task.max_sequences=12", "model.hidden_size=4", "train.batch_size=3",
         "train.precision='64'", "train.progress_bar=false", "train.gradient_flow=false",
         "train.limit_train_batches=3", "train.limit_eval_batches=2", "train.early_stopping_patience=null",
@@ -133,6 +133,24 @@ def test_a_pruner_stops_members_at_a_rung(tmp_path: Path) -> None:
     assert len(pruned) == 1 and pruned[0].epoch == 1
     assert [e for e, _ in calls] == [1, 2] and len(calls[1][1]) == 2  # epoch 3 ends every member (max_epochs)
     assert all(math.isfinite(v) for _, s in calls for v in s.values())
+
+
+@requires_data
+def test_each_epoch_is_charged_to_the_members_that_computed_it(tmp_path: Path) -> None:
+    """The report's costs add up `core_seconds`: each epoch's seconds x threads split over the members
+    in it (a member gone after epoch 1 leaves the later epochs to the others), plus a setup share."""
+    configs = member_configs("gru", tmp_path, [["train.seed=0"], ["train.seed=1", "train.max_epochs=1"], ["train.seed=2"]])
+    pop = build(configs, torch.device("cpu"), torch.float64, run_ids=["a", "b", "c"])
+    loop._fit(pop, {}, None)
+    final = loop._score(pop, [0, 1, 2], 6.0, {"recurrent": 0, "total": 0}, 4)
+    a, b, c = (m.history for m in pop.members)
+    assert (len(a), len(b), len(c)) == (3, 1, 3)
+    assert a[0]["epoch_core_seconds"] == pytest.approx(a[0]["epoch_seconds"] / 3)  # one thread, three members
+    assert b[0]["epoch_core_seconds"] == a[0]["epoch_core_seconds"]
+    for e in (1, 2):
+        assert a[e]["epoch_core_seconds"] == c[e]["epoch_core_seconds"] == pytest.approx(a[e]["epoch_seconds"] / 2)
+    for k, history in enumerate((a, b, c)):  # setup: 6 s over three members
+        assert final[k]["core_seconds"] == pytest.approx(sum(h["epoch_core_seconds"] for h in history) + 2.0)
 
 
 def _graphed_fit(configs: list[Config], device: str, capture: Any) -> Any:

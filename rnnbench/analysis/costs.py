@@ -1,6 +1,8 @@
 """What each part of a study cost, and which runs the budget cut while they were still improving.
 
-A population (runs trained together: tag `population_id`, or for runs recorded before that tag the
+A run recorded with `core_seconds` (each epoch's seconds x threads, split over the members that
+computed that epoch, plus its share of its population's setup) costs exactly that, wherever its
+epochs ran: resumed in another population, or alone. For older runs, a population (runs trained together: tag `population_id`, or for runs recorded before that tag the
 runs of one sweep, stage, task setting, cell and variant whose `population` tag says they were
 batched) shares one wall clock: its cost is its longest member's training time (epochs x seconds
 per epoch, validation included) plus its setup. Core-hours = that time x the torch threads it used
@@ -43,12 +45,20 @@ def cost_table(runs: pd.DataFrame) -> pd.DataFrame:
         _train=fin["epochs"].astype(float) * fin["seconds_per_epoch"].astype(float),
         _setup=fin["setup_seconds"].astype(float) if "setup_seconds" in fin else 0.0,
         _threads=pd.to_numeric(fin["threads_used"], errors="coerce").fillna(1.0) if "threads_used" in fin else 1.0,
+        _shared=pd.to_numeric(fin["core_seconds"], errors="coerce") if "core_seconds" in fin else math.nan,
     )
-    pops = fin.groupby(["sweep", "setting", "stage", "_pop"], sort=True).agg(
+    keys = ["sweep", "setting", "stage", "_pop"]
+    shared, old = fin[fin["_shared"].notna()], fin[fin["_shared"].isna()]
+    # A population's runs recorded with their shares add up; older ones cost the longest member.
+    new_pops = shared.assign(_serial=shared["_shared"] / shared["_threads"]).groupby(keys, sort=True).agg(
+        machine=("machine", "first"), runs=("run_id", "size"), seconds=("_serial", "sum"),
+        core_seconds=("_shared", "sum")).reset_index()
+    pops = old.groupby(keys, sort=True).agg(
         machine=("machine", "first"), runs=("run_id", "size"), train=("_train", "max"), setup=("_setup", "max"),
         threads=("_threads", "max")).reset_index()
     pops["seconds"] = pops["train"] + pops["setup"]
     pops["core_seconds"] = pops["seconds"] * pops["threads"]
+    pops = pd.concat([f for f in (pops[new_pops.columns], new_pops) if not f.empty], ignore_index=True)
     out = pops.groupby(["sweep", "setting", "stage"], sort=True).agg(
         machine=("machine", lambda m: ", ".join(sorted(set(m)))), populations=("_pop", "size"), runs=("runs", "sum"),
         serial_hours=("seconds", lambda s: s.sum() / 3600), core_hours=("core_seconds", lambda s: s.sum() / 3600)).reset_index()

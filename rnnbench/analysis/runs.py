@@ -11,7 +11,8 @@ Columns of the run frame:
   * params under their MLflow names (`model.cell`, `train.lr`, ...), typed: a column whose every
     value reads as a number becomes numeric ('None'/'null' become missing);
   * final metrics (step 0: `test_*`, `final_*`, `epochs`, `best_epoch`, ...): every logged metric
-    that is not a per-epoch curve (`train_*`, `val_*`, `epoch_seconds`, `wall_seconds`);
+    that is not a per-epoch curve (`train_*`, `val_*`, `epoch_seconds`, `epoch_core_seconds`,
+    `wall_seconds`, `updates`);
   * `metric`: the task's primary metric (copy `ce`, adding `mse`, music and speech `nll`).
 
 Runs without a `cell` and a `task` tag (e.g. a sweep's parent run) are not training runs and are
@@ -50,7 +51,7 @@ TAG_COLUMNS: dict[str, str] = {
 """MLflow tag -> frame column."""
 
 CURVE_PREFIXES = ("train_", "val_")
-CURVE_KEYS = ("epoch_seconds", "wall_seconds", "updates")
+CURVE_KEYS = ("epoch_seconds", "epoch_core_seconds", "wall_seconds", "updates")
 PRIMARY_METRIC_FALLBACK = {"copy": "ce", "adding": "mse"}  # anything else: "nll"
 _MISSING = {"", "None", "none", "null", "nan", "NaN"}
 

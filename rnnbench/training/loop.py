@@ -113,6 +113,9 @@ class MemberStopping(Callback):
         steps, time_steps = pop.steps.tolist(), pop.train_steps.tolist()
         improved = []
         monitor = f"val_{pop.task.primary_metric}"
+        # The epoch's cost split over the members that computed it (the report's costs add these up:
+        # a run resumed in another population is charged for each epoch where it ran).
+        share = torch.get_num_threads() / len(pop.ids)
         for row, i in enumerate(pop.ids):
             m = pop.members[i]
             m.time_steps = time_steps[row]
@@ -121,6 +124,7 @@ class MemberStopping(Callback):
                 improved.append(False)
                 continue
             record = {**train[row], **val[row], "epoch_seconds": now - self.timer.epoch_t0,
+                      "epoch_core_seconds": share * (now - self.timer.epoch_t0),
                       "wall_seconds": m.wall_offset + now - self.timer.fit_t0, "updates": float(steps[row])}
             del m.history[m.epoch:]  # an epoch re-run after a resume replaces its earlier record
             m.history.append(record)
@@ -470,6 +474,7 @@ def _score(pop: Population, done: list[int], setup_seconds: float, counts: dict[
         for i, values in zip(pop.ids, pop.split_values(split)):
             final[i].update(values)
     pop.scoring = None
+    setup_share = setup_seconds * torch.get_num_threads() / len(pop.members)
     for i in done:
         m = pop.members[i]
         seconds = [h["epoch_seconds"] for h in m.history]
@@ -478,6 +483,7 @@ def _score(pop: Population, done: list[int], setup_seconds: float, counts: dict[
             epochs=float(len(m.history)), best_epoch=float(best),
             best_val=float(m.best_score) if math.isfinite(m.best_score) else math.nan,
             seconds_per_epoch=sum(seconds) / len(seconds) if seconds else math.nan,
+            core_seconds=sum(h.get("epoch_core_seconds", math.nan) for h in m.history) + setup_share,
             seconds_to_best=m.history[best]["wall_seconds"] if 0 <= best < len(m.history) else math.nan,
             time_steps_per_second=m.time_steps / max(m.train_seconds, 1e-9), setup_seconds=setup_seconds,
             n_params_recurrent=float(counts["recurrent"]), n_params_total=float(counts["total"]), hidden_size=float(hidden),

@@ -131,7 +131,8 @@ def finish_members(pop: Population, records: dict[int, dict[str, float]], second
     """The members' one record (epoch 0), their best weights the fitted ones, their status stopped."""
     for row, i in enumerate(pop.ids):
         m = pop.members[i]
-        record = {**records[i], "epoch_seconds": seconds, "wall_seconds": seconds, "updates": 0.0}
+        record = {**records[i], "epoch_seconds": seconds, "wall_seconds": seconds, "updates": 0.0,
+                  "epoch_core_seconds": seconds * torch.get_num_threads() / len(pop.ids)}
         m.history = [record]
         m.best_score = record.get(f"val_{pop.task.primary_metric}", math.nan)
         m.best_epoch, m.epoch, m.wait = 0, 1, 0
