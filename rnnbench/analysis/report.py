@@ -625,9 +625,11 @@ def _extra_sections(search: pd.DataFrame, costs: pd.DataFrame, cut: pd.DataFrame
     if not costs.empty:
         total_core, total_serial = costs["core_hours"].sum(), costs["serial_hours"].sum()
         lines += ["", "## What each part cost", "",
-                  "Per part, each population's wall clock (its longest member's training, validation included, plus "
-                  "setup) summed: `serial_hours` as if the populations ran one after another, `core_hours` that "
-                  f"times the torch threads each used. In all: {total_serial:.2f} serial hours, {total_core:.2f} "
-                  "core-hours.", "", T.markdown_table(costs, {"serial_hours": ".2f", "core_hours": ".2f"})]
+                  "Per part, summed: `core_hours`, each run's recorded `core_seconds` (every epoch's seconds, "
+                  "validation included, times the torch threads, split over the members that trained in it, plus "
+                  "a share of its population's setup), or for runs recorded before that metric their population's "
+                  "wall clock (its longest member plus setup) times its threads; `serial_hours`, the same without "
+                  f"the threads: as if the populations ran one after another. In all: {total_serial:.2f} serial "
+                  f"hours, {total_core:.2f} core-hours.", "", T.markdown_table(costs, {"serial_hours": ".2f", "core_hours": ".2f"})]
     return ("\n".join(lines).rstrip("\n") + "\n") if lines else ""
 
