@@ -58,7 +58,10 @@ def cost_table(runs: pd.DataFrame) -> pd.DataFrame:
         threads=("_threads", "max")).reset_index()
     pops["seconds"] = pops["train"] + pops["setup"]
     pops["core_seconds"] = pops["seconds"] * pops["threads"]
-    pops = pd.concat([f for f in (pops[new_pops.columns], new_pops) if not f.empty], ignore_index=True)
+    parts = [f for f in (pops[new_pops.columns], new_pops) if not f.empty]
+    if not parts:  # e.g. only runs outside any sweep
+        return pd.DataFrame(columns=cols)
+    pops = pd.concat(parts, ignore_index=True)
     out = pops.groupby(["sweep", "setting", "stage"], sort=True).agg(
         machine=("machine", lambda m: ", ".join(sorted(set(m)))), populations=("_pop", "size"), runs=("runs", "sum"),
         serial_hours=("seconds", lambda s: s.sum() / 3600), core_hours=("core_seconds", lambda s: s.sum() / 3600)).reset_index()
