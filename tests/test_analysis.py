@@ -521,6 +521,23 @@ def test_every_curves_panel_is_labelled(drawn: list) -> None:
         assert any(t.get_text() for t in ax.get_yticklabels())
 
 
+def test_curves_that_go_below_zero_keep_a_linear_axis(drawn: list) -> None:
+    """A density's NLL (speech) falls from +5 to -6.5 nats: on a log axis (its positive values span more
+    than a decade) every point below zero would vanish off the bottom."""
+    from rnnbench.analysis import figures as F
+
+    chosen = pd.DataFrame([{"run_id": f"r{s}", "setting": "fsdd", "variant": "", "cell": "gru", "seed": s,
+                            "status": "FINISHED", "metric": "nll"} for s in (0, 1)])
+    histories = pd.DataFrame([{"run_id": f"r{s}", "key": k, "epoch": e, "value": v}
+                              for s in (0, 1) for e in range(4)
+                              for k, v in (("val_nll", (5.0, 0.3, -2.0, -6.5)[e] + s / 2), ("wall_seconds", e + 1.0), ("updates", 10 * e))])
+    F.learning_curves(chosen, histories, Path("unused"))
+    for ax in drawn[0].axes:
+        assert ax.get_yscale() == "linear"
+        low, high = ax.get_ylim()
+        assert low <= -6.5 and high >= 5.5  # every point inside the panel
+
+
 def test_success_never_pools_runs_of_different_protocols() -> None:
     """Copy on 2,000 and on 20,000 training sequences at the same T are two protocols: two rows."""
     from rnnbench.analysis.report import success_frame

@@ -157,10 +157,17 @@ class SeabornBootstrap:
         return float(lo), float(hi)
 
 
+def _log_fits(values: pd.Series, ratio: float) -> bool:
+    """A log axis when the finite values span more than `ratio`; never when one is <= 0 (a density's
+    NLL, e.g. speech, goes below zero, and a log axis would drop those points off its bottom)."""
+    v = values[np.isfinite(values)]
+    return bool(len(v)) and bool((v > 0).all()) and v.max() / v.min() > ratio
+
+
 def _maybe_log(ax: Any, values: pd.Series) -> None:
-    v = values[np.isfinite(values) & (values > 0)]
-    if len(v) and v.max() / v.min() > 10:  # a spike or a solved task would flatten the rest on a linear axis
+    if _log_fits(values, 10):  # a spike or a solved task would flatten the rest on a linear axis
         ax.set_yscale("log")
+        v = values[np.isfinite(values)]
         if v.max() / v.min() < 100:
             # Under two decades matplotlib labels every minor tick in 2 x 10^-1 style, and they crowd:
             # label 1, 2 and 5 of each decade as plain numbers instead, and leave the minor ticks bare.
@@ -405,8 +412,7 @@ def tuning_budget_figure(table: pd.DataFrame, out_dir: Path) -> list[Path]:
             top = int(g["of"].max())
             title = _title(setting, variant)
             for ax, col in zip(axes, ("expected_val", "expected_test")):
-                v = g[col][np.isfinite(g[col]) & (g[col] > 0)]
-                if len(v) and v.max() / v.min() > 1.5:  # n = 1 averages in the hopeless samples: log keeps the rest visible
+                if _log_fits(g[col], 1.5):  # n = 1 averages in the hopeless samples: log keeps the rest visible
                     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
                     ax.set_yscale("log")
