@@ -9,7 +9,7 @@ Layout of the out directory:
   runs.csv                       every run: ids, tags, params, final metrics (no per-epoch curves);
                                  `repeat` marks reruns of one config and seed, left out of the analysis
   histories.csv.gz               per-epoch curves, long form: run_id, key, epoch, value
-  gradient_flow.csv, gates.csv   the gradient-flow probes' curves and gate statistics (when logged)
+  gradient_flow.csv.gz, gates.csv  the gradient-flow probes' curves and gate statistics (when logged)
   tables/*.csv, tables/*.md      summary, pairwise, chung2014, candidates, gradient_flow
   figures/*.png, figures/*.svg
 """
@@ -37,8 +37,8 @@ ID_COLUMNS = [
 ]
 SUBSET_OPTIONS = ("task.max_sequences", "task.max_recordings", "task.max_samples", "task.max_seconds")
 """Task options that take a subset of a corpus: a comparison with published numbers says so."""
-TOP_FILES = ("REPORT.md", "runs.csv", "histories.csv.gz", "histories.csv",  # (the last: its earlier, uncompressed name)
-             "gradient_flow.csv", "gates.csv")
+TOP_FILES = ("REPORT.md", "runs.csv", "histories.csv.gz", "gradient_flow.csv.gz", "gates.csv",
+             "histories.csv", "gradient_flow.csv")  # (the last two: their earlier, uncompressed names)
 GENERATED = {"tables": ("*.csv", "*.md"), "figures": ("*.png", "*.svg")}
 
 
@@ -381,7 +381,7 @@ def build_report(
         gates = probes[is_gates].dropna(axis=1, how="all") if is_gates.any() else pd.DataFrame()
         if not gates.empty:
             gates = gates.assign(probe=gates["probe"].str.replace(r"_gates$", "", regex=True))
-        T.write_csv(curves.sort_values(["run_id", "probe", "t"], kind="mergesort"), out / "gradient_flow.csv", "%.8g")
+        T.write_csv(curves.sort_values(["run_id", "probe", "t"], kind="mergesort"), out / "gradient_flow.csv.gz", "%.8g")  # MBs as text
         if not gates.empty:
             T.write_csv(gates.sort_values(["run_id", "probe", "layer", "gate"], kind="mergesort"), out / "gates.csv")
 
