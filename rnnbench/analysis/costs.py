@@ -2,10 +2,11 @@
 
 A run recorded with `core_seconds` (each epoch's seconds x threads, split over the members that
 computed that epoch, plus its share of its population's setup) costs exactly that, wherever its
-epochs ran: resumed in another population, or alone. For older runs, a population (runs trained together: tag `population_id`, or for runs recorded before that tag the
-runs of one sweep, stage, task setting, cell and variant whose `population` tag says they were
-batched) shares one wall clock: its cost is its longest member's training time (epochs x seconds
-per epoch, validation included) plus its setup. Core-hours = that time x the torch threads it used
+epochs ran: resumed in another population, or alone. For older runs, a population (runs trained
+together: tag `population_id`, or for runs recorded before that tag the runs of one sweep, stage,
+task setting, cell and variant whose `population` tag says they were batched) shares one wall
+clock: its cost is its longest member's training time (epochs x seconds per epoch, validation
+included) plus its setup. Core-hours = that time x the torch threads it used
 (param `threads_used`). Summed per part: sweep x task setting x stage (search, final, or none).
 """
 
